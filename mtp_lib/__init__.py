@@ -1,0 +1,8 @@
+"""mtp_lib: multi-token prediction analyses for any Hugging Face causal LM.
+
+The library behind the executable book of "On multi-token prediction for efficient LLM inference"
+(Mehra, Alonso Garcia, Mauch, 2025). One module a concern: ``models``, ``data``, ``results``,
+``marginal``, ``lens``, ``heads``, ``train``, ``decode``, ``metrics``, ``plots``, ``book``.
+"""
+
+__version__ = "0.1.0"
