@@ -428,25 +428,40 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
+def _hub_reachable(timeout: float = 5.0) -> tuple[bool, str]:
+    """A quick TCP check of the hub endpoint, so that no network fails in seconds, not after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return False, f"{host} unreachable: {err.strerror or err}"
+    return True, ""
+
+
 def _from_hub(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:  # the local cache first: no network traffic when the model is there
-        return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True),
+        # (adapter_kwargs: transformers does not pass local_files_only to its PEFT-adapter lookup)
+        return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True,
+                                                     adapter_kwargs={"local_files_only": True}),
                 AutoTokenizer.from_pretrained(name, local_files_only=True))
     except OSError:
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not offline:
+    reachable, reason = (False, "HF_HUB_OFFLINE is set") if offline else _hub_reachable()
+    if reachable:
         try:
             return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype),
                     AutoTokenizer.from_pretrained(name))
         except Exception as err:  # connection errors come in many types; summarise them
             reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        else:  # pragma: no cover
-            raise AssertionError
-    else:
-        reason = "HF_HUB_OFFLINE is set"
     raise ModelUnavailableError(
         f"{name!r} is neither in the local Hugging Face cache nor reachable on the hub ({reason}). "
         f"Download it where there is network (`huggingface-cli download {name}`), point HF_HOME at that "
