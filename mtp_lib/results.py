@@ -1,0 +1,161 @@
+"""Run-or-load cache for expensive results, keyed by their full configuration, with provenance.
+
+Every expensive computation of the book goes through :func:`cached`::
+
+    res = cached("fig1-marginal", {"model": "smollm2-135m", "top_p": 0.99, ...},
+                 compute=lambda: run_analysis(...), profile="cpu", version=1)
+    res.value        # what compute() returned (JSON round-tripped)
+    res.provenance   # git commit, package versions, device, date, wall time
+
+A result lives in one small JSON file ``data/results/<profile>/<name>-<key>.json``, where ``key`` hashes
+the configuration together with ``version``, the code version of the analysis: bump it when the
+analysis changes what it computes, and old results stop matching. Committed result files let anyone
+rebuild the book without recomputing; ``recompute=True`` ignores them and overwrites.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CachedResult", "cached", "config_key", "provenance", "repo_root", "results_dir", "to_jsonable"]
+
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def repo_root() -> Path:
+    """The checkout that holds this package (the folder above ``mtp_lib/``)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def results_dir(profile: str) -> Path:
+    """``$MTP_RESULTS_DIR/<profile>`` if set, else ``<repo>/data/results/<profile>``."""
+    if not profile or not set(profile) <= _NAME_OK:
+        raise ValueError(f"profile={profile!r} must be a non-empty name of lowercase letters, digits, '-', '_'")
+    base = os.environ.get("MTP_RESULTS_DIR")
+    return (Path(base) if base else repo_root() / "data" / "results") / profile
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Tensors, arrays and numpy scalars to lists and numbers; dataclasses to dicts; NaN/inf kept as strings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # torch.Tensor, numpy arrays and scalars
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, Path):
+        return obj.name
+    raise TypeError(f"cannot store a {type(obj).__name__} in a result; return dicts, lists, numbers, strings or tensors")
+
+
+def config_key(config: Mapping[str, Any], version: int) -> str:
+    """A stable 16-hex-digit hash of the configuration and the analysis' code version."""
+    canonical = json.dumps({"config": to_jsonable(config), "version": version}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _git(*args: str) -> str | None:
+    root = repo_root()
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("mtp_lib", "torch", "transformers", "peft", "accelerate"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def device_name(device: Any = None) -> str:
+    """A human name for the device a result was computed on (GPU model, or CPU and core count)."""
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def provenance(*, device: Any = None, wall_time_s: float | None = None) -> dict[str, Any]:
+    """Who computed a result: git commit (and whether the tree had changes), versions, device, date."""
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": commit,
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "versions": _versions(),
+        "device": device_name(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s": None if wall_time_s is None else round(wall_time_s, 3),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedResult:
+    """A value with its configuration, provenance and file; ``loaded`` says it came from the cache."""
+
+    name: str
+    config: dict[str, Any]
+    value: Any
+    provenance: dict[str, Any]
+    path: Path
+    loaded: bool
+
+
+def cached(name: str, config: Mapping[str, Any], compute: Callable[[], Any], *, profile: str, version: int = 1,
+           recompute: bool = False, device: Any = None) -> CachedResult:
+    """Load the result of ``compute`` for this configuration, or compute and store it.
+
+    ``config`` must hold everything the result depends on (model, data, parameters); ``version`` is the
+    analysis' code version. ``device`` (for provenance) is where ``compute`` runs. The stored value is
+    the JSON form of what ``compute`` returns (see :func:`to_jsonable`), and the same form is returned
+    on both paths, so code that reads a fresh result reads a loaded one the same way.
+    """
+    if not name or not set(name) <= _NAME_OK:
+        raise ValueError(f"name={name!r} must be lowercase letters, digits, '-', '_' or '.'")
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config must be a mapping, got {type(config).__name__}")
+    cfg = to_jsonable(config)
+    key = config_key(cfg, version)
+    path = results_dir(profile) / f"{name}-{key}.json"
+    if path.is_file() and not recompute:
+        stored = json.loads(path.read_text())
+        if stored.get("config") != cfg or stored.get("version") != version:
+            raise RuntimeError(f"{path.name} does not hold the configuration it is named after; delete it")
+        return CachedResult(name, cfg, stored["result"], stored["provenance"], path, loaded=True)
+    start = time.perf_counter()
+    value = to_jsonable(compute())
+    prov = provenance(device=device, wall_time_s=time.perf_counter() - start)
+    record = {"name": name, "version": version, "config": cfg, "provenance": prov, "result": value}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return CachedResult(name, cfg, value, prov, path, loaded=False)
