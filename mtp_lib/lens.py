@@ -207,17 +207,29 @@ def layer_log_probs(model: nn.Module, input_ids: Any, *, dtype: torch.dtype = to
 # Reductions
 
 
-def nucleus_sizes(log_probs: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
+def nucleus_sizes(log_probs: torch.Tensor, top_p: Sequence[float], *, start_k: int = 256) -> torch.Tensor:
     """Size of the top-p nucleus of each distribution: [len(top_p), ...] int64.
 
     The nucleus is the smallest set of most likely tokens whose total probability reaches p, so its
-    size is 1 + the number of sorted cumulative sums below p (at most V).
+    size is 1 + the number of sorted cumulative sums below p (at most V). Exact, without sorting the
+    whole vocabulary: the ``start_k`` most likely tokens are sorted first, and k grows eightfold for
+    the distributions whose top k do not yet reach max(top_p).
     """
     values = _check_top_p(top_p)
-    probs = log_probs.exp().sort(dim=-1, descending=True).values
-    cum = probs.cumsum(dim=-1)
+    if not isinstance(start_k, int) or start_k < 1:
+        raise ValueError(f"start_k must be a positive int, got {start_k!r}")
     vocab = log_probs.shape[-1]
-    return torch.stack([((cum < p).sum(dim=-1) + 1).clamp_max(vocab) for p in values])
+    probs = log_probs.exp().reshape(-1, vocab)
+    sizes = torch.empty(len(values), probs.shape[0], dtype=torch.long, device=probs.device)
+    todo = torch.arange(probs.shape[0], device=probs.device)
+    k = min(start_k, vocab)
+    while todo.numel() > 0:
+        cum = probs[todo].topk(k, dim=-1, sorted=True).values.cumsum(dim=-1)
+        done = cum[:, -1] >= max(values) if k < vocab else torch.ones_like(todo, dtype=torch.bool)
+        for i, p in enumerate(values):  # beyond k the cumulative sum only grows: the count is final
+            sizes[i, todo[done]] = ((cum[done] < p).sum(dim=-1) + 1).clamp_max(vocab)
+        todo, k = todo[~done], min(vocab, 8 * k)
+    return sizes.reshape(len(values), *log_probs.shape[:-1])
 
 
 def _target_rank(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -261,3 +261,19 @@ def test_invalid_input_raises_clear_errors() -> None:
     for call, words in cases:
         with pytest.raises(ValueError, match=words):
             call()
+
+
+def test_nucleus_sizes_growing_top_k_equals_full_sort() -> None:
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    vocab = 300
+    # peaked and flat distributions side by side, so some need k to grow up to the whole vocabulary
+    temps = torch.tensor([0.2, 1.0, 5.0, 50.0, 1e4]).repeat_interleave(4)
+    logp = torch.log_softmax(torch.randn(len(temps), vocab, generator=g, dtype=torch.float64) * 5 / temps[:, None], -1)
+    top_p = (0.5, 0.9, 0.99, 0.999)
+    want = np.stack([reference_nucleus(logp.numpy(), p) for p in top_p])
+    for start_k in (1, 3, 256, vocab):
+        got = lens.nucleus_sizes(logp, top_p, start_k=start_k)
+        np.testing.assert_array_equal(got.numpy(), want, err_msg=f"seed={seed} start_k={start_k}")
+    with pytest.raises(ValueError, match="start_k"):
+        lens.nucleus_sizes(logp, top_p, start_k=0)
