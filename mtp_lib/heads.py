@@ -1,0 +1,478 @@
+"""Multi-token prediction heads on a pretrained causal LM (the paper's Section 3).
+
+:class:`MTPModel` splits a model of L decoder layers into a *backbone* (embedding and layers
+1..L-1) and ``n_heads`` heads. Head n predicts x_{t+n} from the context X<=t:
+
+    p(x_{t+n} | X<=t) = softmax(f_u(head_n(z^{L-1}_t)))
+
+where f_u is the model's own final norm, unembedding and any logit soft-capping, shared by all
+heads and frozen. Two head types:
+
+- ``head_type="layer"`` (the paper): each head is a copy of the last decoder layer. Head 1 starts as
+  the original last layer, so at initialization it reproduces the model's next-token output; the
+  other heads start from the model family's random initialization. With
+  ``weighted_hidden_states=True`` (WHS) head n reads softmax(w_n / 0.1) . [z^1 .. z^{L-1}] instead of
+  z^{L-1}, with w_n in R^{L-1} initialized to 0.1 (uniform mixture; the embedding output is not
+  included).
+- ``head_type="medusa"`` (Medusa-1, for comparison): the backbone is the whole model; head 1 is the
+  model's own next-token output (no parameters) and head n >= 2 is a residual block
+  h + SiLU(W h + b) (W zero-initialized) on the final normed hidden state h, followed by the shared
+  unembedding. So Medusa block k (head k + 1) predicts x_{t+k+1}, and "head n predicts x_{t+n}" holds
+  for both types.
+
+Nothing is copied that need not be: the backbone shares the given model's parameters (its module
+tree is a shallow copy with new containers), so building an MTPModel leaves the model unchanged and
+costs the memory of the heads only. Moving the MTPModel to another device or dtype moves those shared
+parameters too.
+
+Each layer head is a one-layer version of the model's own base model (same rotary embeddings, masks,
+sliding/global layer types and KV cache as the original), fed with ``inputs_embeds=z``; GPT-2's
+position embeddings are switched off there, since z already carries them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtp_lib.models import Adapter, get_adapter
+
+__all__ = [
+    "HEAD_TYPES",
+    "HiddenStateMix",
+    "LayerHead",
+    "MTPCache",
+    "MTPModel",
+    "MTPOutput",
+    "MedusaHead",
+    "NextTokenHead",
+    "shallow_module_copy",
+]
+
+HEAD_TYPES = ("layer", "medusa")
+WHS_TEMPERATURE = 0.1
+WHS_INIT = 0.1
+
+
+def shallow_module_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s whole module tree that shares its parameters and buffers.
+
+    Every module is copied (new ``_modules``, ``_parameters``, ``_buffers`` and hook dicts); the
+    tensors are not. Replacing a submodule of the copy (as ``peft`` does to add LoRA), registering a
+    hook on it or switching it to train mode leaves the original untouched; changing a shared
+    tensor's values in place does not.
+    """
+    new = copy.copy(module)
+    for name, value in list(vars(module).items()):
+        if isinstance(value, (dict, set)):  # _parameters, _buffers, _modules, hooks, ...
+            setattr(new, name, copy.copy(value))
+    for name, child in module._modules.items():
+        new._modules[name] = None if child is None else shallow_module_copy(child)
+    return new
+
+
+def _config_with_layers(config: Any, layer_types: list[str] | None, n_layers: int) -> Any:
+    """A copy of ``config`` describing ``n_layers`` layers (of ``layer_types`` where the family has them)."""
+    new = copy.deepcopy(config)
+    new.num_hidden_layers = n_layers
+    if layer_types is not None:
+        new.layer_types = list(layer_types)
+    return new
+
+
+class _NoPositions(nn.Module):
+    """Stands in for GPT-2's position embedding in a head: z already carries the positions."""
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), device=position_ids.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Heads
+
+
+class HiddenStateMix(nn.Module):
+    """Weighted hidden states: softmax(w / T) . [z^1 .. z^{L-1}], w initialized to 0.1 (uniform)."""
+
+    def __init__(self, n_layers: int, *, temperature: float = WHS_TEMPERATURE, init: float = WHS_INIT,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers={n_layers} must be >= 1 for weighted hidden states")
+        self.temperature = temperature
+        self.weight = nn.Parameter(torch.full((n_layers,), init, dtype=dtype, device=device))
+
+    def weights(self) -> torch.Tensor:
+        """The mixing weights softmax(w / T), shape [L-1], summing to 1."""
+        return torch.softmax(self.weight.float() / self.temperature, dim=0)
+
+    def forward(self, hidden: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if len(hidden) != self.weight.numel():
+            raise ValueError(f"got {len(hidden)} hidden states, expected {self.weight.numel()} (z^1 .. z^(L-1))")
+        w = self.weights().to(hidden[0].dtype)
+        out = hidden[0] * w[0]
+        for w_l, z_l in zip(w[1:], hidden[1:]):
+            out = out + w_l * z_l
+        return out
+
+
+class LayerHead(nn.Module):
+    """A copy of the model's last decoder layer, run through a one-layer version of its base model.
+
+    ``body`` is the model's base model (``model.model``, ``model.gpt_neox``, ...) with one layer, no
+    token embedding and an identity final norm: the final norm is applied by :class:`MTPModel`.
+    ``mix`` (WHS) mixes the backbone's layer outputs into the head's input; without it the head reads
+    z^{L-1}.
+    """
+
+    def __init__(self, body: nn.Module, mix: HiddenStateMix | None = None) -> None:
+        super().__init__()
+        self.body = body
+        self.mix = mix
+
+    def forward(self, hidden: tuple[torch.Tensor, ...], *, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor, cache: Any | None, use_cache: bool) -> torch.Tensor:
+        """``hidden`` = (z^1, ..., z^{L-1}) (only the last is read without WHS) -> the head's z^L (unnormed).
+
+        ``cache`` (a one-layer HF cache) is extended in place.
+        """
+        x = self.mix(hidden) if self.mix is not None else hidden[-1]
+        out = self.body(inputs_embeds=x, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=cache, use_cache=use_cache)
+        return out.last_hidden_state
+
+
+class MedusaHead(nn.Module):
+    """Medusa-1's residual block h + SiLU(W h + b), W zero-initialized (b keeps nn.Linear's init)."""
+
+    def __init__(self, hidden_size: int, *, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size, dtype=dtype, device=device)
+        nn.init.zeros_(self.linear.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + nn.functional.silu(self.linear(h))
+
+
+class NextTokenHead(nn.Module):
+    """Head 1 of a Medusa model: the model's own next-token prediction (identity, no parameters)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache and output
+
+
+@dataclasses.dataclass
+class MTPCache:
+    """KV caches of an :class:`MTPModel`: one for the backbone and one per head (None for Medusa heads).
+
+    For speculative decoding, :meth:`crop` drops rejected draft tokens. Full-attention caches can be
+    cropped to any length. Sliding-window layers (Gemma 3) keep only their window: such a cache can be
+    cropped once it has passed the window only if it was made by ``MTPModel.new_cache(rollback=True)``,
+    and then only back to where the last forward call started (enough to reject a draft).
+    """
+
+    backbone: Any
+    heads: list[Any]
+    rollback: bool = False
+    start: int = 0  # the cached length when the last forward call began
+
+    def caches(self) -> list[Any]:
+        return [c for c in [self.backbone, *self.heads] if c is not None]
+
+    def get_seq_length(self) -> int:
+        """How many tokens the cache holds."""
+        return int(self.backbone.get_seq_length())
+
+    def _full_sliding_layers(self) -> list[Any]:
+        """Sliding-window cache layers that have reached their window."""
+        return [layer for c in self.caches() for layer in getattr(c, "layers", [])
+                if getattr(layer, "is_sliding", False) and layer.get_seq_length() >= layer.sliding_window]
+
+    def begin(self) -> None:
+        """Called by :meth:`MTPModel.forward` before it extends the cache: trims recorded pasts."""
+        if self.rollback:
+            for layer in self._full_sliding_layers():
+                layer.crop(0)  # back to the window (a rollback cache keeps more until cropped)
+        self.start = self.get_seq_length()
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens (``0 <= length <= get_seq_length()``)."""
+        current = self.get_seq_length()
+        if not 0 <= length <= current:
+            raise ValueError(f"length={length} must be between 0 and the cached length {current}")
+        if self._full_sliding_layers() and (not self.rollback or length < self.start):
+            raise ValueError(
+                f"length={length}: sliding-window layers past their window can only drop tokens of the last "
+                f"forward call (back to {self.start}), and only in a cache made by new_cache(rollback=True)")
+        for cache in self.caches():
+            cache.crop(length - current)  # a negative count removes that many tokens
+
+
+@dataclasses.dataclass
+class MTPOutput:
+    """What :meth:`MTPModel.forward` returns.
+
+    ``logits``: [n_heads, B, T', V] (T' = the positions asked for), None with ``return_logits=False``.
+    ``states``: [n_heads, B, T', H] the normed head outputs that the unembedding reads.
+    ``cache``: the updated :class:`MTPCache` with ``use_cache=True``, else None.
+    """
+
+    logits: torch.Tensor | None
+    states: torch.Tensor
+    cache: MTPCache | None
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+
+class MTPModel(nn.Module):
+    """A causal LM turned into a backbone plus ``n_heads`` multi-token prediction heads.
+
+    ``MTPModel(model)(input_ids).logits`` has shape [n_heads, B, T, V]; ``logits[n - 1, :, t]``
+    predicts x_{t+n}. ``heads[n - 1]`` is head n. ``seed`` fixes the random initialization of heads
+    2..n (the global RNG is left as it was). See the module docstring for the two head types.
+    """
+
+    def __init__(self, model: nn.Module, n_heads: int = 2, weighted_hidden_states: bool = False,
+                 head_type: str = "layer", *, seed: int = 0) -> None:
+        super().__init__()
+        adapter = get_adapter(model)
+        if not isinstance(n_heads, int) or n_heads < 1:
+            raise ValueError(f"n_heads={n_heads!r} must be a positive integer (the paper uses 2)")
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type={head_type!r} must be one of {HEAD_TYPES}")
+        if weighted_hidden_states and head_type != "layer":
+            raise ValueError("weighted_hidden_states=True needs head_type='layer' (Medusa heads read the "
+                             "final hidden state)")
+        n_layers = adapter.n_layers(model)
+        if n_layers < 2:
+            raise ValueError(f"the model has {n_layers} decoder layer(s); MTP heads need at least 2")
+        self.adapter: Adapter = adapter
+        self.n_heads = n_heads
+        self.head_type = head_type
+        self.weighted_hidden_states = bool(weighted_hidden_states)
+        self.n_layers = n_layers
+        self.seed = seed
+        self.hidden_size = int(adapter.unembed(model).weight.shape[-1])
+        self.vocab_size = int(adapter.unembed(model).weight.shape[0])
+        self.softcap: float | None = getattr(model.config, "final_logit_softcapping", None) or None
+
+        base = adapter.base(model)
+        config = base.config
+        all_types: list[str] | None = getattr(config, "layer_types", None)
+        n_backbone = n_layers - 1 if head_type == "layer" else n_layers
+        self.backbone = self._backbone(base, n_backbone, all_types)
+        self.final_norm = shallow_module_copy(adapter.final_norm(model))
+        self.unembed = shallow_module_copy(adapter.unembed(model))
+
+        last = adapter.layers(model)[n_layers - 1]
+        ref = next(last.parameters())
+        heads: list[nn.Module] = []
+        with torch.random.fork_rng(devices=[ref.device] if ref.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for n in range(1, n_heads + 1):
+                if head_type == "medusa":
+                    heads.append(NextTokenHead() if n == 1 else
+                                 MedusaHead(self.hidden_size, dtype=ref.dtype, device=ref.device))
+                    continue
+                layer = copy.deepcopy(last, memo={id(config): config, id(model.config): model.config})
+                if n > 1:
+                    for sub in layer.modules():
+                        model._init_weights(sub)
+                mix = (HiddenStateMix(n_layers - 1, dtype=ref.dtype, device=ref.device)
+                       if weighted_hidden_states else None)
+                types = None if all_types is None else [all_types[n_layers - 1]]
+                heads.append(LayerHead(self._head_body(base, layer, types), mix))
+        self.heads = nn.ModuleList(heads)
+
+    # -- construction ------------------------------------------------------------------------------
+
+    def _backbone(self, base: nn.Module, n_layers: int, layer_types: list[str] | None) -> nn.Module:
+        """A shallow copy of the base model with its first ``n_layers`` layers and no final norm."""
+        a = self.adapter
+        backbone = shallow_module_copy(base)
+        layers = getattr(backbone, a.layers_attr)
+        setattr(backbone, a.layers_attr, nn.ModuleList(list(layers)[:n_layers]))
+        setattr(backbone, a.norm_attr, nn.Identity())
+        backbone.config = _config_with_layers(base.config, None if layer_types is None else layer_types[:n_layers],
+                                              n_layers)
+        return backbone
+
+    def _head_body(self, base: nn.Module, layer: nn.Module, layer_types: list[str] | None) -> nn.Module:
+        """A one-layer base model around ``layer``: no embedding, no dropout on its input, no final norm."""
+        a = self.adapter
+        for sub in layer.modules():  # the head has its own one-layer KV cache
+            if isinstance(getattr(sub, "layer_idx", None), int):
+                sub.layer_idx = 0
+        embed = base.get_input_embeddings()
+        body = copy.copy(base)
+        for name, value in list(vars(base).items()):
+            if isinstance(value, (dict, set)):
+                setattr(body, name, copy.copy(value))
+        for name, child in base._modules.items():
+            if name == a.layers_attr:
+                new: nn.Module | None = nn.ModuleList([layer])
+            elif name == a.norm_attr:
+                new = nn.Identity()
+            elif child is None or child is embed:
+                new = None
+            elif name == "wpe":  # GPT-2 adds position embeddings to inputs_embeds
+                new = _NoPositions()
+            elif isinstance(child, nn.Dropout):
+                new = nn.Identity()
+            elif any(True for _ in child.parameters()):
+                raise ValueError(f"{type(base).__name__}.{name} has parameters that a head cannot share; "
+                                 "add its handling to mtp_lib.heads.MTPModel._head_body")
+            else:  # rotary embeddings and other parameter-free helpers
+                new = shallow_module_copy(child)
+            body._modules[name] = new
+        body.config = _config_with_layers(base.config, layer_types, 1)
+        return body
+
+    # -- description -------------------------------------------------------------------------------
+
+    def options(self) -> dict[str, Any]:
+        """The constructor arguments and the model shape, as saved beside the heads."""
+        return {"n_heads": self.n_heads, "head_type": self.head_type,
+                "weighted_hidden_states": self.weighted_hidden_states, "seed": self.seed,
+                "family": self.adapter.family, "n_layers": self.n_layers, "hidden_size": self.hidden_size,
+                "vocab_size": self.vocab_size}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.options().items())
+
+    def whs_weights(self) -> torch.Tensor:
+        """The WHS mixing weights of every head, [n_heads, L-1] (rows sum to 1)."""
+        if not self.weighted_hidden_states:
+            raise ValueError("this MTPModel was built with weighted_hidden_states=False")
+        return torch.stack([head.mix.weights() for head in self.heads])  # type: ignore[union-attr]
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def new_cache(self, *, rollback: bool = False) -> MTPCache:
+        """An empty cache. ``rollback=True`` lets sliding-window layers be cropped past their window."""
+        from transformers import DynamicCache
+
+        backbone = DynamicCache(config=self.backbone.config)
+        heads = [DynamicCache(config=h.body.config) if isinstance(h, LayerHead) else None for h in self.heads]
+        cache = MTPCache(backbone, heads, rollback=rollback)
+        if rollback:
+            for c in [backbone, *heads]:
+                if c is not None:
+                    c.activate_past_recording()
+        return cache
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: MTPCache | None = None,
+                use_cache: bool = False, last_only: bool = False,
+                logits_positions: slice | torch.Tensor | None = None,
+                return_logits: bool = True) -> MTPOutput:
+        """Run the backbone once and every head on its output.
+
+        ``input_ids`` [B, T]: the new tokens (after those in ``cache``). ``attention_mask`` [B, past + T]
+        (1 = token, 0 = padding) and ``position_ids`` [B, T] as for the HF model; positions default to
+        past .. past + T - 1. ``use_cache=True`` returns the updated cache (a new one when ``cache`` is
+        None). The heads always run on every position (their caches need it); only the unembedding is
+        restricted, to the last position (``last_only``) or to ``logits_positions`` (a slice or an
+        index tensor over T), which saves the [n_heads, B, T, V] logits in decoding and training.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if last_only and logits_positions is not None:
+            raise ValueError("pass either last_only=True or logits_positions, not both")
+        if cache is not None and not use_cache:
+            raise ValueError("a cache was given with use_cache=False; pass use_cache=True to extend it")
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        if cache is not None:
+            cache.begin()
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        whs = self.weighted_hidden_states
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=None if cache is None else cache.backbone, use_cache=use_cache,
+                            output_hidden_states=whs)
+        hidden: tuple[torch.Tensor, ...] = tuple(out.hidden_states[1:]) if whs else (out.last_hidden_state,)
+        if whs and len(hidden) != self.n_layers - 1:
+            raise RuntimeError(f"backbone returned {len(hidden)} layer outputs, expected {self.n_layers - 1}")
+
+        keep: slice | torch.Tensor = slice(-1, None) if last_only else (
+            slice(None) if logits_positions is None else logits_positions)
+        states = []
+        if self.head_type == "medusa":
+            h = self.final_norm(hidden[-1][:, keep])
+            states = [head(h) for head in self.heads]
+        else:
+            for n, head in enumerate(self.heads):
+                z = head(hidden, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=None if cache is None else cache.heads[n], use_cache=use_cache)
+                states.append(self.final_norm(z[:, keep]))
+        stacked = torch.stack(states)
+        logits = self.unembed_states(stacked) if return_logits else None
+        return MTPOutput(logits=logits, states=stacked, cache=cache if use_cache else None)
+
+    def unembed_states(self, states: torch.Tensor) -> torch.Tensor:
+        """Logits from normed head outputs: the shared unembedding and any final soft-capping."""
+        logits = self.unembed(states)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    # -- saving ------------------------------------------------------------------------------------
+
+    def save_heads(self, path: str | Path) -> Path:
+        """Save the heads alone (their weights and WHS weights, not the backbone) as safetensors."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.heads.state_dict().items()}
+        save_file(tensors, str(path), metadata={"mtp_options": json.dumps(self.options())})
+        return path
+
+    def load_heads(self, path: str | Path) -> None:
+        """Load heads saved by :meth:`save_heads` into this model (same options and model shape)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"path={str(path)!r} is not a file saved by MTPModel.save_heads")
+        with safe_open(str(path), framework="pt") as f:
+            saved = json.loads((f.metadata() or {}).get("mtp_options", "{}"))
+        mine = self.options()
+        differ = {k: (saved.get(k), v) for k, v in mine.items() if k != "seed" and saved.get(k) != v}
+        if differ:
+            raise ValueError(f"heads in {path.name} do not fit this MTPModel: (saved, here) = {differ}")
+        ref = next(self.backbone.parameters())
+        state = {k: v.to(ref.device) for k, v in load_file(str(path)).items()}
+        self.heads.load_state_dict(state, strict=True)
+
+    @classmethod
+    def from_saved(cls, model: nn.Module, path: str | Path) -> MTPModel:
+        """Build an MTPModel on ``model`` with the options stored in ``path`` and load the heads."""
+        from safetensors import safe_open
+
+        if not Path(path).is_file():
+            raise ValueError(f"path={str(path)!r} is not a file saved by MTPModel.save_heads")
+        with safe_open(str(path), framework="pt") as f:
+            opts = json.loads((f.metadata() or {}).get("mtp_options", "{}"))
+        if not opts:
+            raise ValueError(f"{Path(path).name} has no MTP options in its metadata: not saved by save_heads")
+        mtp = cls(model, n_heads=opts["n_heads"], weighted_hidden_states=opts["weighted_hidden_states"],
+                  head_type=opts["head_type"], seed=opts.get("seed", 0))
+        mtp.load_heads(path)
+        return mtp
