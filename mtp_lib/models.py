@@ -17,13 +17,14 @@ quantized models. They are converted once into a plain model folder under :func:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -469,13 +470,39 @@ def _from_hub(name: str, dtype: torch.dtype) -> tuple[Any, Any]:
     )
 
 
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool) -> Iterator[None]:
+    """Silence transformers' weight-loading progress bars and advisory warnings (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    if not quiet:
+        yield
+        return
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(name: str, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None,
-               *, progress: Callable[[str], None] | None = None) -> LoadedModel:
+               *, progress: Callable[[str], None] | None = None, quiet: bool = True) -> LoadedModel:
     """Load a causal LM by offline alias, hub id (``EleutherAI/pythia-410m``) or local folder.
 
     ``device="auto"`` picks CUDA when available; ``dtype=None`` gives float32 on CPU and bfloat16 on
-    GPU. The model is returned in eval mode.
+    GPU. The model is returned in eval mode. ``progress`` receives messages about slow steps (the
+    one-time GGUF conversion; default: print); ``quiet`` hides transformers' loading bars and warnings.
     """
+    with _quiet_transformers(quiet):
+        return _load_model(name, device, dtype, progress)
+
+
+def _load_model(name: str, device: str | torch.device | None, dtype: str | torch.dtype | None,
+                progress: Callable[[str], None] | None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     say = progress or (lambda msg: print(msg, flush=True))

@@ -41,8 +41,8 @@ def picker(views: Mapping[str, Any], *, description: str = "", kind: str = "drop
     children = [v if isinstance(v, w.Widget) else w.HTML(str(v)) for v in views.values()]
     stack = w.Stack(children=children, selected_index=0)
     if kind == "dropdown":
-        selector: Any = w.Dropdown(options=[(n, i) for i, n in enumerate(names)], value=0, description=description)
-        w.jslink((selector, "value"), (stack, "selected_index"))
+        selector: Any = w.Dropdown(options=names, index=0, description=description)
+        w.jslink((selector, "index"), (stack, "selected_index"))  # Dropdown.value is not synced; index is
         return w.VBox([selector, stack])
     if kind == "slider":
         selector = w.IntSlider(min=0, max=len(names) - 1, value=0, description=description, readout=False)
