@@ -264,22 +264,30 @@ def test_iwslt_branch(monkeypatch):
 
 
 def test_strip_osis_never_glues_words(build_data):
-    """Random words wrapped in random OSIS markup come back as the same words, one space apart."""
+    """Random words wrapped in random OSIS markup come back as the same words, one space apart.
+
+    Removed elements other than word wrappers separate words even without whitespace around them;
+    two ``<w>`` elements (or a ``<w>`` and bare text) with nothing between them are one word, so the
+    generator always puts a space there.
+    """
     seed = fresh_seed()
     rng = random.Random(seed)
     vocab = ["God", "created", "the", "heavens", "and", "earth", "Yahweh’s", "Spirit", "día", "Jehová"]
     words = [rng.choice(vocab) for _ in range(rng.randint(1, 30))]
-    pieces = []
+    pieces: list[str] = []
     for i, word in enumerate(words):
-        if i:
-            pieces.append(rng.choice([" ", "", "\n"]) if pieces[-1].endswith(">") else " ")
-        pieces.append(rng.choice([
+        piece = rng.choice([
             f'<w lemma="strong:H0430">{word}</w>',
             f'{word}<note placement="foot"><reference>1:1 </reference>Or, {rng.choice(vocab)}</note>',
             f'<l level="1" sID="x{i}"/>{word}<l eID="x{i}" level="1"/>',
             f'<div type="x-milestone" subType="x-preverse" sID="pv{i}"/>{word}',
             f'<transChange type="added">{word}</transChange>',
-        ]))
+        ])
+        if pieces:
+            word_to_word = pieces[-1].endswith("</w>") and not piece.startswith(("<l ", "<div", "<transChange"))
+            bare_end = not pieces[-1].endswith(">")
+            pieces.append(" " if word_to_word or bare_end else rng.choice([" ", "", "\n"]))
+        pieces.append(piece)
     osis = "".join(pieces)
     assert build_data.strip_osis(osis) == " ".join(words), f"seed={seed}: {osis}"
 
