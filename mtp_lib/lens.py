@@ -308,6 +308,14 @@ class LensStats:
         columns["rank_next2"] = self.rank_next2.reshape(-1).numpy()
         return pd.DataFrame(columns)
 
+    def subset(self, index: torch.Tensor) -> LensStats:
+        """The columns (positions) picked by ``index``: a boolean mask [P] or integer indices."""
+        index = torch.as_tensor(index)
+        pick = lambda x: x[..., index]  # noqa: E731
+        return LensStats(positions=pick(self.positions), sequence=pick(self.sequence), kl=pick(self.kl),
+                         entropy=pick(self.entropy), nucleus={p: pick(v) for p, v in self.nucleus.items()},
+                         rank_next=pick(self.rank_next), rank_next2=pick(self.rank_next2))
+
     @staticmethod
     def concat(parts: Sequence[LensStats]) -> LensStats:
         """Join statistics of several calls along positions (same model, same top_p)."""

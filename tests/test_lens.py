@@ -235,6 +235,10 @@ def test_many_sequences_concatenate() -> None:
     assert joined.positions.tolist() == list(range(12)) + [2, 5], msg
     torch.testing.assert_close(joined.kl, torch.cat([first.kl, second.kl], 1), msg=msg)
     assert torch.equal(joined.rank_next2, torch.cat([first.rank_next2, second.rank_next2], 1)), msg
+    second_only = joined.subset(joined.sequence == 1)
+    assert second_only.positions.tolist() == [2, 5], msg
+    torch.testing.assert_close(second_only.kl, second.kl, msg=msg)
+    assert torch.equal(joined.subset(torch.tensor([12, 13])).rank_next, second.rank_next), msg
     frame = joined.to_dataframe()
     assert len(frame) == joined.n_layers * 14 and set(frame["layer"]) == set(range(1, joined.n_layers + 1)), msg
     np.testing.assert_allclose(joined.depth.numpy(), np.arange(1, joined.n_layers + 1) / joined.n_layers)
