@@ -22,6 +22,18 @@ arithmetic runs in float32 (or the ``dtype`` you pass), whatever the model's dty
 unembedding run in the model's dtype, as in its own forward pass, so the last layer reproduces the
 model's output.
 
+Typical use, on the evaluated positions of :mod:`mtp_lib.data` samples::
+
+    stats = lens_stats_many(model, [s.input_ids for s in samples],
+                            positions=[sorted(set(context_ends(s, 1)) | set(context_ends(s, 2))) for s in samples])
+    stats.kl.mean(dim=1)                       # Figure 2: one value per layer, against stats.depth
+    stats.top_k_accuracy(5, "next")            # logit-lens top-5 accuracy for x_{t+1}, per layer
+    stats.top_k_accuracy(5, "next2")           # ... and for x_{t+2}
+    stats.to_dataframe()                       # one row per layer and position, for seaborn
+
+(To score exactly the paper's last-20 targets, pick each target's own context end with
+:meth:`LensStats.subset` before averaging.)
+
 Comparable with the paper (Mehra et al. 2025, Section 2.2, Figures 2-3): the definition of p_l (final
 norm before W_u, layer outputs 1..L), KL(p_l || p_L) in nats against normalized depth, entropy in nats.
 Not comparable: the models (the book runs SmolLM2, Gemma 3 and tiny random models, the paper Pythia
@@ -119,8 +131,8 @@ def _check_positions(positions: Any, length: int) -> torch.Tensor:
     return pos
 
 
-def _check_top_p(top_p: Sequence[float]) -> tuple[float, ...]:
-    values = tuple(float(p) for p in top_p)
+def _check_top_p(top_p: float | Sequence[float]) -> tuple[float, ...]:
+    values = (float(top_p),) if isinstance(top_p, (int, float)) else tuple(float(p) for p in top_p)
     for p in values:
         if not 0.0 < p <= 1.0:
             raise ValueError(f"top_p values must lie in (0, 1], got {p}")
@@ -145,17 +157,18 @@ def hidden_states(model: nn.Module, input_ids: Any) -> torch.Tensor:
     These are residual-stream states before the final norm (``output_hidden_states`` of Hugging Face
     models is not that: its last entry is already normed). Captured with forward hooks on the
     adapter's decoder layers during one forward pass of the decoder stack (no unembedding), without
-    gradients. The tensor is in the model's dtype and on its device.
+    gradients. The tensor is in the model's dtype, on the device of its unembedding.
     """
     adapter = get_adapter(model)
     ids = as_token_ids(input_ids, vocab_size(model)).to(_model_device(model))
     layers = adapter.layers(model)
     captured: list[torch.Tensor | None] = [None] * len(layers)
+    head_device = adapter.unembed(model).weight.device  # layers may sit on several devices
 
     def hook(index: int) -> Any:
         def save(module: nn.Module, args: Any, output: Any) -> None:
             out = output[0] if isinstance(output, (tuple, list)) else output
-            captured[index] = out.detach()
+            captured[index] = out.detach().to(head_device)
         return save
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
@@ -178,8 +191,8 @@ def lens_log_probs(model: nn.Module, hidden: torch.Tensor, *, dtype: torch.dtype
     f_u (final norm, unembedding, soft-capping) runs in the model's dtype; the softmax in ``dtype``.
     """
     adapter = adapter or get_adapter(model)
-    param = next(model.parameters())
-    logits = adapter.logits(model, hidden.to(device=param.device, dtype=param.dtype))
+    weight = adapter.unembed(model).weight
+    logits = adapter.logits(model, hidden.to(device=weight.device, dtype=weight.dtype))
     return torch.log_softmax(logits.to(dtype), dim=-1)
 
 

@@ -19,6 +19,14 @@ unembedding of a large vocabulary (Gemma: 262k) dominates, so each step unembeds
 positions at a time (``max_elements``) and accumulates gradients. The model is never modified: the
 probe trains against a frozen copy of its final norm and unembedding.
 
+Typical use::
+
+    data = collect_probe_data(model, [s.input_ids for s in samples], offsets=(1, 2))
+    train, test = data.split(test_fraction=0.25, seed=0)           # by whole texts
+    second = layerwise_probes(model, train, test, offset=2, steps=300, seed=0)
+    tuned = layerwise_probes(model, train, test, offset=1, steps=300, seed=0)
+    second.to_dataframe()   # per layer: top-5 accuracy and nll of the lens and of the probe
+
 Comparable with the paper: nothing directly. Mehra et al. (2025) use the logit lens only (KL to the
 final layer, Figure 2) and never probe x_{t+2}; these probes go beyond it. Their top-5 accuracies are
 teacher-forced on reference text like the paper's, but a probe is one affine map per layer trained
