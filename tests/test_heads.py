@@ -16,6 +16,15 @@ FAMILIES = ["gpt_neox", "llama", "gemma", "gpt2"]
 SHAPES = [(f, 4) for f in FAMILIES] + [("gemma", 6)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy machine two threads spin-wait ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def fresh_seed() -> int:
     return random.SystemRandom().randrange(2**31)
 

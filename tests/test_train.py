@@ -1,0 +1,312 @@
+"""mtp_lib.train on tiny models: labels, losses, LoRA, freezing, resume, evaluation, the baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from mtp_lib.heads import MTPModel, shallow_module_copy
+from mtp_lib.models import build_tiny_model, get_adapter
+from mtp_lib.train import (
+    RECIPES,
+    TrainConfig,
+    _Objective,
+    accuracy,
+    add_lora,
+    balance_losses,
+    collate,
+    evaluate,
+    load_trained,
+    merge_lora,
+    recipe,
+    train,
+)
+
+FAMILIES = ["gpt_neox", "llama", "gemma", "gpt2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy machine two threads spin-wait ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fresh_seed() -> int:
+    return random.SystemRandom().randrange(2**31)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeSample:
+    input_ids: list[int]
+    target_start: int
+    id: str = "fake"
+
+
+def pattern_samples(seed: int, n: int, min_len: int = 28, max_len: int = 40) -> list[FakeSample]:
+    """Arithmetic progressions mod 256 after a random prefix: learnable by a tiny model in a few steps."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        length = rng.randint(min_len, max_len)
+        start = rng.randint(3, length - 21)
+        a, d = rng.randrange(256), rng.randint(1, 4)
+        prefix = [rng.randrange(256) for _ in range(start)]
+        out.append(FakeSample(prefix + [(a + d * k) % 256 for k in range(length - start)], start, f"s{i}"))
+    return out
+
+
+def small(name: str, **overrides) -> TrainConfig:
+    base = dict(lr=3e-3, effective_batch_size=8, micro_batch_size=4)
+    return recipe(name, **{**base, **overrides})
+
+
+def reference_losses(mtp: MTPModel, samples: list[FakeSample]) -> torch.Tensor:
+    """Per-head mean CE over target tokens, one sample at a time, by explicit loops over positions."""
+    total = torch.zeros(mtp.n_heads, dtype=torch.float64)
+    count = torch.zeros(mtp.n_heads)
+    with torch.no_grad():
+        for s in samples:
+            ids = torch.tensor([s.input_ids])
+            logp = torch.log_softmax(mtp(ids).logits.double(), -1)[:, 0]
+            for n in range(1, mtp.n_heads + 1):
+                for t in range(len(s.input_ids) - n):
+                    if t + n >= s.target_start:
+                        total[n - 1] -= logp[n - 1, t, s.input_ids[t + n]]
+                        count[n - 1] += 1
+    return total / count
+
+
+def test_collate_labels_brute_force() -> None:
+    seed = fresh_seed()
+    samples = pattern_samples(seed, 5)
+    batch = collate(samples, n_heads=3)
+    T = max(len(s.input_ids) for s in samples)
+    assert batch.input_ids.shape == (5, T) and batch.labels.shape == (3, 5, T)
+    for b, s in enumerate(samples):
+        L = len(s.input_ids)
+        assert batch.attention_mask[b].tolist() == [1] * L + [0] * (T - L)
+        assert batch.input_ids[b, :L].tolist() == s.input_ids
+        for n in range(1, 4):
+            for t in range(T):
+                want = s.input_ids[t + n] if s.target_start <= t + n < L else -100
+                assert batch.labels[n - 1, b, t] == want, f"head {n}, sample {b}, t {t}, seed {seed}"
+    with pytest.raises(ValueError, match="target_start"):
+        collate([FakeSample([1, 2, 3], 3)], 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_objective_losses_match_reference(family: str) -> None:
+    seed = fresh_seed()
+    model = build_tiny_model(family, seed=seed % 1000).double()
+    mtp = MTPModel(model, n_heads=3, weighted_hidden_states=True, seed=seed)
+    samples = pattern_samples(seed, 4)
+    batch = collate(samples, 3)
+    with torch.no_grad():
+        mean, rms, counts = _Objective(mtp, "mtp")(batch.input_ids, batch.attention_mask, batch.labels)
+    torch.testing.assert_close(mean.double(), reference_losses(mtp, samples), rtol=1e-6, atol=1e-6,
+                               msg=f"seed {seed}")
+    assert counts.tolist() == [(batch.labels[n] != -100).sum().item() for n in range(3)]
+    assert (rms >= mean).all()  # RMS >= mean for non-negative values
+
+
+def test_balance_losses() -> None:
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand(3, generator=g, dtype=torch.float64) * 5).requires_grad_()
+    rms = torch.rand(3, generator=g, dtype=torch.float64) * 5 + 0.1
+    loss = balance_losses(means, rms)
+    loss.backward()
+    want = [rms[0] / rms[n] for n in range(3)]
+    torch.testing.assert_close(loss.detach(), sum(w * m for w, m in zip(want, means.detach())), msg=f"seed {seed}")
+    torch.testing.assert_close(means.grad, torch.stack(want), msg=f"seed {seed}")
+    zero = balance_losses(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]))
+    assert zero.item() == 1.0  # a head without targets counts 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_targets_exist_and_merge(family: str) -> None:
+    seed = fresh_seed()
+    model = build_tiny_model(family, seed=seed % 1000).double()
+    adapter = get_adapter(model)
+    L = adapter.n_layers(model)
+    mtp = MTPModel(model, n_heads=2)
+    add_lora(mtp.backbone, adapter.lora_targets, seed=seed)
+    from peft.tuners.lora import LoraLayer
+
+    names = [n for n, m in mtp.named_modules() if isinstance(m, LoraLayer)]
+    assert len(names) == (L - 1) * len(adapter.lora_targets), names
+    assert all(n.startswith("backbone.") and n.rsplit(".", 1)[-1] in adapter.lora_targets for n in names)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    # the NTP baseline: LoRA on every layer of a shallow copy; merging gives the same function
+    net = add_lora(shallow_module_copy(model), adapter.lora_targets, seed=seed)
+    assert sum(isinstance(m, LoraLayer) for m in net.modules()) == L * len(adapter.lora_targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    ids = torch.randint(0, 256, (2, 12), generator=g)
+    with torch.no_grad():
+        before = model(ids).logits
+        adapted = net(ids).logits
+        merged = merge_lora(net)
+        assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+        torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-10, atol=1e-10, msg=f"seed {seed}")
+        assert (adapted - before).abs().max() > 1e-4
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0, msg="merge changed the model")
+    with pytest.raises(ValueError, match="LoRA targets"):
+        add_lora(shallow_module_copy(model), ["no_such_proj"])
+
+
+@pytest.mark.parametrize("name", ["heads_only", "vanilla_joint", "diff_lr_whs", "medusa"])
+def test_training_lowers_loss_and_keeps_frozen_parts(name: str) -> None:
+    seed = fresh_seed()
+    model = build_tiny_model("llama", seed=seed % 1000)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    train_set, held_out = pattern_samples(seed, 32), pattern_samples(seed + 1, 8)
+    config = small(name, seed=seed % 1000, lr=1e-2)
+    before = reference_losses(MTPModel(model, n_heads=2, head_type=config.head_type,
+                                       weighted_hidden_states=config.weighted_hidden_states, seed=config.seed),
+                              held_out)
+    initial = MTPModel(model, n_heads=2, head_type=config.head_type,
+                       weighted_hidden_states=config.weighted_hidden_states, seed=config.seed)
+    result = train(model, train_set, config, progress=False)
+    mtp = result.model
+    after = reference_losses(mtp, held_out)
+    trained = slice(1, None) if name == "medusa" else slice(None)  # Medusa's head 1 is the model itself
+    assert (after[trained] < before[trained] - 0.02).all(), f"{name}: {before} -> {after}, seed {seed}"
+    assert len([e for e in result.history if "loss" in e]) == 4  # 32 samples / 8 per step
+    # the given model and every frozen part of the MTP model are bit for bit unchanged
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, frozen[k]), f"model {k} changed, seed {seed}"
+    adapter = get_adapter(model)
+    for part, ref in [(mtp.final_norm, adapter.final_norm(model)), (mtp.unembed, adapter.unembed(model))]:
+        for (n, p), q in zip(part.named_parameters(), ref.parameters()):
+            assert torch.equal(p, frozen_param(frozen, model, q)), f"{n} changed"
+    for n, p in mtp.backbone.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, frozen_param(frozen, model, p)), f"backbone {n} changed, seed {seed}"
+    lora = {n: p for n, p in mtp.backbone.named_parameters() if "lora_B" in n}
+    assert bool(lora) == config.joint and all(p.abs().max() > 0 for p in lora.values())
+    for (n, p), q in zip(mtp.heads.named_parameters(), initial.heads.parameters()):
+        if p.numel() > 1 or name != "medusa":
+            assert not torch.equal(p, q), f"head parameter {n} did not train, seed {seed}"
+    assert all(p.requires_grad for p in model.parameters())  # the model's flags are restored
+
+
+def frozen_param(frozen: dict[str, torch.Tensor], model: torch.nn.Module, p: torch.Tensor) -> torch.Tensor:
+    """The saved value of the model's parameter that ``p`` is (by storage)."""
+    for name, q in model.named_parameters():
+        if q.data_ptr() == p.data_ptr():
+            return frozen[name]
+    raise AssertionError("not a parameter of the model")
+
+
+@pytest.mark.parametrize("name,stops", [("head_warmup_diff_lr", (1, 3)), ("ntp_baseline", (1,))])
+def test_resume_gives_the_same_result(tmp_path, name: str, stops: tuple[int, ...]) -> None:
+    """Interrupt after each of ``stops`` steps (counted over both phases; 2 steps a phase), resume in a
+    fresh call each time: the same history and weights as an uninterrupted run."""
+    seed = fresh_seed()
+    family = random.Random(seed).choice(FAMILIES)
+    samples = pattern_samples(seed, 16)
+    config = small(name, seed=seed % 1000, checkpoint_every=1)
+    full = train(build_tiny_model(family), samples, config, progress=False, out_dir=tmp_path / "a")
+
+    class Interrupt(Exception):
+        pass
+
+    steps = 0
+    stop_at = iter(stops)
+    target = next(stop_at)
+
+    def stop(entry: dict) -> None:
+        nonlocal steps, target
+        steps += "loss" in entry
+        if steps == target:
+            target = next(stop_at, -1)
+            raise Interrupt
+
+    for _ in stops:
+        with pytest.raises(Interrupt):
+            train(build_tiny_model(family), samples, config, progress=False, out_dir=tmp_path / "b", callback=stop)
+    resumed = train(build_tiny_model(family), samples, config, progress=False, out_dir=tmp_path / "b",
+                    callback=stop)
+    assert target == -1  # every interruption happened (a step interrupted before its checkpoint is redone)
+    assert resumed.history == full.history, f"{family}, seed {seed}"
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume ({family}, seed {seed})"
+    reloaded = load_trained(build_tiny_model(family), tmp_path / "a")
+    ids = torch.tensor([samples[0].input_ids])
+    with torch.no_grad():
+        want, got = full.model(ids).logits, reloaded(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{family}, seed {seed}")
+    with pytest.raises(ValueError, match="another config"):
+        train(build_tiny_model(family), samples, dataclasses.replace(config, lr=1e-3), out_dir=tmp_path / "b")
+
+
+def test_ntp_baseline_is_a_plain_model(tmp_path) -> None:
+    seed = fresh_seed()
+    model = build_tiny_model("gpt_neox", seed=seed % 1000)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, pattern_samples(seed, 16), small("ntp_baseline"), progress=False)
+    tuned = result.model
+    assert type(tuned) is type(model)
+    from peft.tuners.lora import LoraLayer
+
+    assert not any(isinstance(m, LoraLayer) for m in tuned.modules())
+    assert tuned.state_dict().keys() == model.state_dict().keys()
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, frozen[k])]
+    assert changed and all("query_key_value.weight" in k for k in changed), changed
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())
+
+
+def test_evaluate_matches_brute_force() -> None:
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    model = build_tiny_model(rng.choice(FAMILIES), seed=seed % 1000).double()
+    mtp = MTPModel(model, n_heads=3, seed=seed)
+    samples = pattern_samples(seed, 5, min_len=30, max_len=45)
+    k, last = rng.randint(1, 8), rng.randint(1, 20)
+    hits = evaluate(mtp, samples, k=k, last=last, batch_size=2)
+    assert len(hits) == 5 and all(h.shape == (3, last) and h.dtype == torch.bool for h in hits)
+    with torch.no_grad():
+        for s, h in zip(samples, hits):
+            logits = mtp(torch.tensor([s.input_ids])).logits[:, 0]
+            L = len(s.input_ids)
+            for n in range(1, 4):
+                for m, j in enumerate(range(L - last, L)):
+                    order = torch.argsort(logits[n - 1, j - n], descending=True).tolist()
+                    assert h[n - 1, m] == (order.index(s.input_ids[j]) < k), f"k {k}, seed {seed}"
+    acc = accuracy(hits)
+    assert acc == pytest.approx(torch.stack(hits).float().mean(dim=(0, 2)).tolist())
+
+
+def test_recipes_and_invalid_configs() -> None:
+    assert set(RECIPES) == {"heads_only", "vanilla_joint", "head_warmup", "diff_lr", "head_warmup_diff_lr",
+                            "diff_lr_whs", "medusa", "ntp_baseline"}
+    assert not RECIPES["heads_only"].joint and RECIPES["vanilla_joint"].joint
+    assert RECIPES["head_warmup"].head_warmup_epochs == 1 and RECIPES["diff_lr"].head_lr_multiplier == 4
+    assert RECIPES["diff_lr_whs"].weighted_hidden_states and RECIPES["medusa"].head_type == "medusa"
+    assert all(c.effective_batch_size == 64 and c.weight_decay == 0.01 and c.lora_rank == 8
+               for c in RECIPES.values())
+    with pytest.raises(ValueError, match="recipe"):
+        recipe("no_such_recipe")
+    with pytest.raises(ValueError, match="unknown TrainConfig"):
+        recipe("diff_lr", learning_rate=1e-4)
+    for bad, match in [(dict(effective_batch_size=60), "multiple"), (dict(objective="x"), "objective"),
+                       (dict(head_warmup_epochs=1), "joint=True"), (dict(n_heads=0), "n_heads"),
+                       (dict(lr=0.0), "lr"), (dict(mixed_precision="fp8"), "mixed_precision")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="ntp"):
+        recipe("ntp_baseline", n_heads=2)
+    with pytest.raises(ValueError, match="no full batch"):
+        train(build_tiny_model("gpt2"), pattern_samples(0, 7), small("heads_only"), progress=False)
