@@ -1,0 +1,511 @@
+"""Multi-token prediction by marginalization: what a next-token model already knows about later tokens.
+
+A causal LM gives p(x_{t+1} | x<=t). The token after it follows by summing over the intermediate one:
+
+    p(x_{t+2} | x<=t) = sum_y p(x_{t+2} | x<=t, y) p(y | x<=t)
+
+and the d-th token by the same recursion over d-1 intermediate tokens. The sum runs over the top-p
+*nucleus* of each intermediate distribution (the smallest set of most probable tokens whose mass
+reaches ``top_p``, the token that crosses the threshold included), with the weights renormalized over
+it; ``top_p=1.0`` is the exact marginal over the whole vocabulary.
+
+How it runs (:func:`marginalize`):
+
+1. the sample runs once, filling a KV cache of its ``T`` tokens;
+2. every kept candidate of every position (and, for ``depth >= 3``, of every deeper level) is one
+   token of a *packed* extra step: a chunk of candidates runs as a single sequence after the cache,
+   each token with its own position id (``t + level``) and a tree attention mask that lets it see the
+   cache up to its own context end ``t``, its ancestors in the tree and itself; the cache is cropped
+   back to ``T`` after each chunk;
+3. the unembedding runs on a bounded number of candidates at a time, and each block is reduced at
+   once into the ``[P, V]`` marginals (log-sum-exp across blocks, see :func:`_accumulate`).
+
+Memory stays bounded by ``max_tokens_per_chunk`` (the packed step) and ``max_logits_elements`` (the
+logits block), whatever the nucleus size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtp_lib.models import get_adapter
+
+__all__ = ["MarginalResult", "Nucleus", "marginalize", "nucleus", "nucleus_size"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Nucleus (top-p) sets
+
+
+@dataclasses.dataclass(frozen=True)
+class Nucleus:
+    """The top-p candidates of a batch of distributions, flattened row by row.
+
+    Within a row the candidates come most probable first. ``log_weights`` are the renormalized
+    log-probabilities (they sum to one over a row's candidates in probability space).
+    """
+
+    rows: torch.Tensor  # [N] long: which input row each candidate belongs to
+    tokens: torch.Tensor  # [N] long: the candidate token ids
+    log_weights: torch.Tensor  # [N] float64: log p(token) - log(mass kept in its row)
+    sizes: torch.Tensor  # [R] long: candidates per row
+    log_mass: torch.Tensor  # [R] float64: log of the probability mass the nucleus kept
+
+
+def _check_top_p(top_p: float, name: str = "top_p") -> float:
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"{name}={top_p!r} must be a number in (0, 1]; use 1.0 for the whole vocabulary")
+    return float(top_p)
+
+
+def _as_log_probs(log_probs: torch.Tensor, name: str = "log_probs") -> torch.Tensor:
+    """Normalized log-probabilities in float32 or wider (logits are accepted and normalized too)."""
+    if not isinstance(log_probs, torch.Tensor) or not log_probs.is_floating_point() or log_probs.ndim == 0:
+        raise ValueError(f"{name} must be a floating tensor of shape [..., V]")
+    if log_probs.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension")
+    dtype = torch.promote_types(log_probs.dtype, torch.float32)
+    return torch.log_softmax(log_probs.to(dtype), dim=-1)
+
+
+def _row_blocks(n_rows: int, n_cols: int, budget: int) -> Iterator[slice]:
+    step = max(1, budget // max(1, n_cols))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+def _nested_nucleus(log_probs: torch.Tensor, top_ps: Sequence[float], budget: int = 2**24
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nuclei of ``log_probs [R, V]`` (normalized) at several ``top_ps`` (ascending) in one sort.
+
+    The nucleus at a smaller top-p is a prefix of the one at a larger top-p (same order), so the
+    candidates are those of the largest and each gets one log weight per top-p (``-inf`` where that
+    nucleus leaves it out). Returns ``rows [N]``, ``tokens [N]``, ``log_weights [N, m]`` (float64),
+    ``sizes [R, m]`` and ``log_mass [R, m]`` (float64). Rows are processed in blocks of about
+    ``budget`` elements so that the sort stays bounded in memory.
+    """
+    rows_out, toks_out, lw_out, sizes_out, mass_out = [], [], [], [], []
+    n_rows, vocab = log_probs.shape
+    for blk in _row_blocks(n_rows, vocab, budget):
+        sorted_lp, order = log_probs[blk].sort(dim=-1, descending=True)
+        probs = sorted_lp.double().exp()
+        cum = probs.cumsum(dim=-1)
+        before = cum - probs  # mass of the more probable tokens
+        n_finite = torch.isfinite(sorted_lp).sum(dim=-1)
+        sizes = torch.stack([
+            n_finite if q >= 1.0 else torch.minimum((before < q).sum(dim=-1), n_finite) for q in top_ps
+        ], dim=-1).clamp(min=1)
+        log_mass = cum.gather(1, sizes - 1).log()
+        n_max = sizes[:, -1]
+        rows = torch.repeat_interleave(torch.arange(len(n_max), device=n_max.device), n_max)
+        starts = torch.cumsum(n_max, 0) - n_max
+        ranks = torch.arange(len(rows), device=rows.device) - starts[rows]
+        lw = sorted_lp[rows, ranks].double()[:, None] - log_mass[rows]
+        lw = lw.masked_fill(ranks[:, None] >= sizes[rows], -math.inf)
+        rows_out.append(rows + blk.start)
+        toks_out.append(order[rows, ranks])
+        lw_out.append(lw)
+        sizes_out.append(sizes)
+        mass_out.append(log_mass)
+    return (torch.cat(rows_out), torch.cat(toks_out), torch.cat(lw_out), torch.cat(sizes_out),
+            torch.cat(mass_out))
+
+
+def nucleus(log_probs: torch.Tensor, top_p: float) -> Nucleus:
+    """The top-p nucleus of each row of ``log_probs`` (``[V]`` or ``[R, V]``; logits are fine too).
+
+    The nucleus is the smallest set of most probable tokens whose mass reaches ``top_p``: the token
+    that crosses the threshold is included, and a row keeps at least one token. ``top_p=1.0`` keeps
+    every token of nonzero probability. Masses are summed in float64.
+    """
+    top_p = _check_top_p(top_p)
+    lp = _as_log_probs(log_probs)
+    flat = lp.reshape(-1, lp.shape[-1])
+    rows, tokens, lw, sizes, log_mass = _nested_nucleus(flat, [top_p])
+    return Nucleus(rows=rows, tokens=tokens, log_weights=lw[:, 0], sizes=sizes[:, 0], log_mass=log_mass[:, 0])
+
+
+def nucleus_size(log_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """How many tokens the top-p nucleus of each distribution holds: ``[..., V] -> [...]`` (long)."""
+    top_p = _check_top_p(top_p)
+    lp = _as_log_probs(log_probs)
+    flat = lp.reshape(-1, lp.shape[-1])
+    out = []
+    for blk in _row_blocks(flat.shape[0], flat.shape[1], 2**24):
+        sorted_lp = flat[blk].sort(dim=-1, descending=True).values
+        n_finite = torch.isfinite(sorted_lp).sum(dim=-1)
+        if top_p >= 1.0:
+            out.append(n_finite)
+            continue
+        probs = sorted_lp.double().exp()
+        before = probs.cumsum(dim=-1) - probs
+        out.append(torch.minimum((before < top_p).sum(dim=-1), n_finite).clamp(min=1))
+    return torch.cat(out).reshape(lp.shape[:-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclasses.dataclass
+class MarginalResult:
+    """What :func:`marginalize` returns.
+
+    ``log_probs[i, 0]`` is log p(x_{t+1} | x<=t) and ``log_probs[i, d]`` the marginal
+    log p(x_{t+d+1} | x<=t) for the context end ``t = positions[i]``, all in float32 on the model's
+    device. ``n_candidates[i]`` is the size of the next-token nucleus at ``top_p`` (the candidates
+    fed for depth 2), ``log_mass[i]`` the log of the mass that nucleus kept. ``n_nodes[l]`` counts
+    the candidate paths of length ``l + 1`` that were fed (all positions together), and
+    ``n_tokens_fed`` the tokens of all packed candidate steps (ancestors recomputed for depth >= 3).
+    """
+
+    log_probs: torch.Tensor  # [P, depth, V] float32
+    n_candidates: torch.Tensor  # [P] long
+    positions: torch.Tensor  # [P] long
+    log_mass: torch.Tensor  # [P] float32
+    top_p: float
+    depth: int
+    n_nodes: tuple[int, ...]
+    n_tokens_fed: int
+    n_chunks: int
+    extra_log_probs: dict[float, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def at(self, top_p: float) -> torch.Tensor:
+        """The ``[P, depth, V]`` log-probabilities at ``top_p``: the main one or one of ``extra_top_p``."""
+        if float(top_p) == self.top_p:
+            return self.log_probs
+        if float(top_p) in self.extra_log_probs:
+            return self.extra_log_probs[float(top_p)]
+        raise ValueError(f"top_p={top_p!r} was not computed; available: {[self.top_p, *self.extra_log_probs]}. "
+                         "Pass it in marginalize(..., extra_top_p=[...]).")
+
+    def nucleus_size(self, top_p: float) -> torch.Tensor:
+        """Size of the next-token nucleus at any ``top_p`` (cheap: from ``log_probs[:, 0]``): ``[P]``."""
+        return nucleus_size(self.log_probs[:, 0], top_p)
+
+
+# --------------------------------------------------------------------------------------------------
+# The packed candidate step
+
+
+def _mask_for(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask ``[1, 1, S, K]`` from a boolean one (True = may attend): works for sdpa and eager."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+@dataclasses.dataclass
+class _Context:
+    """The sample after its one forward pass, and what the candidate steps need to know about the model."""
+
+    model: nn.Module
+    adapter: Any
+    cache: Any  # transformers DynamicCache holding the T context tokens
+    n_ctx: int
+    dtype: torch.dtype
+    layer_types: tuple[str, ...] | None  # set when the model takes one mask per layer type
+    window: int | None  # sliding window of the sliding layers (or of every layer when layer_types is None)
+
+
+def _run_context(model: nn.Module, adapter: Any, input_ids: torch.Tensor) -> tuple[_Context, torch.Tensor]:
+    from transformers import DynamicCache
+
+    config = model.config
+    # A plain DynamicCache keeps every token in every layer, also in sliding-window layers: the
+    # masks below enforce the window themselves, so that cache keys are indexed by absolute position.
+    cache = DynamicCache()
+    out = adapter.base(model)(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is not None and "sliding_attention" in layer_types:
+        unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+        if unknown:
+            raise ValueError(f"model layer types {sorted(unknown)} are not supported by marginalize")
+        layer_types = tuple(sorted(set(layer_types)))
+    else:
+        layer_types = None
+        window = window if window and config.model_type in ("mistral",) else None
+    ctx = _Context(model=model, adapter=adapter, cache=cache, n_ctx=input_ids.shape[1],
+                   dtype=out.last_hidden_state.dtype, layer_types=layer_types, window=window)
+    return ctx, out.last_hidden_state[0]
+
+
+def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, paths: torch.Tensor
+                    ) -> tuple[torch.Tensor, int]:
+    """Hidden states (final-normed) of the leaves ``paths [K, l]`` of contexts ``positions[npos]``,
+    and the number of tokens fed.
+
+    The leaves and their distinct ancestors form one packed sequence of ``S`` tokens after the cache:
+    token at tree level ``k`` of context end ``t`` gets position ``t + k`` and may attend to cache keys
+    ``0..t`` and to its ancestors and itself. Leaves must be grouped by ancestor (as built).
+    """
+    device = npos.device
+    n_leaves, depth = paths.shape
+    tokens, tok_t, tok_level, inverses, offsets = [], [], [], [], []
+    offset = 0
+    for k in range(1, depth + 1):
+        if k < depth:
+            key = torch.cat([npos[:, None], paths[:, :k]], dim=1)
+            uniq, inv = torch.unique_consecutive(key, dim=0, return_inverse=True)
+            uniq_pos, uniq_tok = uniq[:, 0], uniq[:, k]
+        else:  # leaves are distinct
+            inv = torch.arange(n_leaves, device=device)
+            uniq_pos, uniq_tok = npos, paths[:, k - 1]
+        tokens.append(uniq_tok)
+        tok_t.append(positions[uniq_pos])
+        tok_level.append(torch.full_like(uniq_pos, k))
+        inverses.append(inv)
+        offsets.append(offset)
+        offset += len(uniq_tok)
+    tokens_all, t_all = torch.cat(tokens), torch.cat(tok_t)
+    pos_ids = t_all + torch.cat(tok_level)
+    n_tok, n_ctx = len(tokens_all), ctx.n_ctx
+
+    allowed = torch.zeros(n_tok, n_ctx + n_tok, dtype=torch.bool, device=device)
+    allowed[:, :n_ctx] = torch.arange(n_ctx, device=device)[None, :] <= t_all[:, None]
+    for k in range(depth):  # token at level k+1 sees its ancestors at levels 1..k+1 (itself included)
+        for k2 in range(k + 1):
+            allowed[offsets[k] + inverses[k], n_ctx + offsets[k2] + inverses[k2]] = True
+    key_pos = torch.cat([torch.arange(n_ctx, device=device), pos_ids])
+    if ctx.window is not None:
+        in_window = (pos_ids[:, None] - key_pos[None, :]) < ctx.window
+        sliding = _mask_for(allowed & in_window, ctx.dtype)
+    full = _mask_for(allowed, ctx.dtype)
+    mask: Any
+    if ctx.layer_types is not None:
+        mask = {"full_attention": full, "sliding_attention": sliding}
+    else:
+        mask = sliding if ctx.window is not None else full
+
+    out = ctx.adapter.base(ctx.model)(input_ids=tokens_all[None], position_ids=pos_ids[None], attention_mask=mask,
+                                      past_key_values=ctx.cache, use_cache=True)
+    ctx.cache.crop(-n_tok)
+    return out.last_hidden_state[0, offsets[-1]:], n_tok
+
+
+# --------------------------------------------------------------------------------------------------
+# Reducing a block of candidate logits into the marginals
+
+
+_DENSE_SEGMENTS = 64  # up to this many (position, top-p) pairs a block is summed by one small matmul
+
+
+def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
+    """Add ``sum_i w_i softmax(logits_i)`` to ``acc [m, P, V]`` (log space) for the segments of ``npos``.
+
+    ``logits [R, V]`` of candidates ``i`` of positions ``npos [R]`` (non-decreasing), with log weights
+    ``log_w [R, m]``, one column per top-p. Per segment (the candidates of one position) and top-p
+    this is ``logsumexp_i (log_w_i + log_softmax(logits_i))``, computed with one exponential per
+    element: each row is shifted by its own maximum (so ``exp`` lies in (0, 1]) and each segment by
+    its largest row weight, then the rows are summed. Entries whose sum underflows the floating type
+    (a marginal about ``e^-87`` below the segment's largest weighted probability in float32) are
+    recomputed exactly with ``logsumexp``, so the result is a log-space sum throughout. Blocks are
+    combined with ``logaddexp``. Returns the normalized log-probabilities ``[R, V]`` of the rows.
+    """
+    dtype = acc.dtype
+    row_max = logits.amax(dim=-1, keepdim=True).to(dtype)
+    e = torch.sub(logits, row_max).exp_()  # promoted to acc's dtype
+    row_sum = e.sum(dim=-1)
+    lse = row_max[:, 0] + row_sum.log()
+    b = log_w.to(dtype) - row_sum.log()[:, None]  # log(w_i / sum_v e_i): w_i p_i(v) = exp(b_i) e_i(v)
+
+    uniq, inv, counts = torch.unique_consecutive(npos, return_inverse=True, return_counts=True)
+    n_seg, m = len(uniq), b.shape[1]
+    shift = torch.full((n_seg, m), -math.inf, dtype=dtype, device=b.device)
+    shift.scatter_reduce_(0, inv[:, None].expand(-1, m), b, reduce="amax")
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    a = (b - shift[inv]).exp()  # [R, m], in [0, 1]
+    if n_seg * m <= _DENSE_SEGMENTS:
+        coef = torch.zeros(m, n_seg, len(npos), dtype=dtype, device=b.device)
+        coef[:, inv, torch.arange(len(npos), device=b.device)] = a.T
+        total = (coef.reshape(m * n_seg, -1) @ e).reshape(m, n_seg, -1)
+    else:
+        total = torch.zeros(m, n_seg, e.shape[1], dtype=dtype, device=e.device)
+        for j in range(m):
+            total[j].index_add_(0, inv, e * a[:, j, None])
+    log_total = total.log_() + shift.T[:, :, None]
+
+    under = total < torch.finfo(dtype).tiny
+    if bool(under.any()):
+        starts = torch.cumsum(counts, 0) - counts
+        w = log_w.to(dtype)
+        for j, g in under.any(dim=-1).nonzero().tolist():
+            rows = slice(int(starts[g]), int(starts[g] + counts[g]))
+            if not bool(torch.isfinite(w[rows, j]).any()):
+                continue  # no candidate of this segment is in this nucleus: -inf is exact
+            cols = under[j, g].nonzero()[:, 0]
+            y = logits[rows][:, cols].to(dtype) - lse[rows, None] + w[rows, j, None]
+            log_total[j, g, cols] = torch.logsumexp(y, dim=0)
+
+    acc[:, uniq] = torch.logaddexp(acc[:, uniq], log_total)
+    return logits.to(dtype) - lse[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# The public entry point
+
+
+def _check_input_ids(input_ids: Any, vocab: int) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a LongTensor of shape [1, T], got {type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must have shape [1, T] (one sample; loop over samples), got {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: give at least one token of context")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"input_ids holds token ids outside [0, {vocab}) (min {lo}, max {hi})")
+    return input_ids.long()
+
+
+def _check_positions(positions: Any, n_ctx: int) -> torch.Tensor:
+    if positions is None:
+        return torch.arange(n_ctx)
+    pos = torch.as_tensor(positions)
+    if pos.is_floating_point() or pos.dtype == torch.bool or pos.ndim > 1:
+        raise ValueError("positions must be a 1-D sequence of integer context ends t (0 <= t < T)")
+    pos = pos.reshape(-1).long()
+    if len(pos) == 0:
+        raise ValueError("positions is empty: give at least one context end t, or None for all")
+    if int(pos.min()) < 0 or int(pos.max()) >= n_ctx:
+        raise ValueError(f"positions must lie in [0, {n_ctx - 1}] (the context ends in input_ids), "
+                         f"got min {int(pos.min())}, max {int(pos.max())}")
+    return pos
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def marginalize(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    depth: int = 2,
+    top_p: float = 0.99,
+    positions: Sequence[int] | torch.Tensor | None = None,
+    extra_top_p: Sequence[float] = (),
+    max_tokens_per_chunk: int = 1024,
+    max_logits_elements: int = 2**25,
+    progress: bool = False,
+) -> MarginalResult:
+    """Next-token and marginal d-th-token distributions of a causal LM, for each context end.
+
+    Args:
+        model: a Hugging Face causal LM of a family :func:`mtp_lib.models.get_adapter` knows
+            (GPT-NeoX, Llama, Gemma 1-3, GPT-2). It is run in eval mode without gradients and left
+            as it was.
+        input_ids: one sample, ``[1, T]`` (or ``[T]``) token ids.
+        depth: how many tokens ahead: ``log_probs[:, d]`` for ``d < depth`` (1 = next token only).
+        top_p: nucleus of every intermediate distribution, in (0, 1]; 1.0 sums over the whole vocabulary.
+        positions: context ends ``t`` (0-based indices into ``input_ids``) to evaluate, in this order;
+            None = all ``0..T-1``.
+        extra_top_p: more top-p values (each <= ``top_p``) computed in the same pass: their nuclei are
+            prefixes of the main one. Read them with :meth:`MarginalResult.at`.
+        max_tokens_per_chunk: packed tokens per candidate step (memory ~ this x (T + this) for the mask).
+        max_logits_elements: candidates x vocabulary per logits block (float32 buffers of this size).
+        progress: show a tqdm bar per tree level.
+
+    Returns:
+        :class:`MarginalResult` with ``log_probs [P, depth, V]`` (float32) and ``n_candidates [P]``.
+
+    Cost: one forward pass of the sample, plus one packed token per candidate path (for depth 2 the
+    sum of the nucleus sizes), plus their unembedding.
+    """
+    adapter = get_adapter(model)
+    vocab = int(adapter.unembed(model).weight.shape[0])
+    depth = _check_int(depth, "depth", 1)
+    top_p = _check_top_p(top_p)
+    extras = sorted({_check_top_p(q, "extra_top_p") for q in extra_top_p} - {top_p})
+    if extras and extras[-1] > top_p:
+        raise ValueError(f"extra_top_p values must be <= top_p={top_p} (their nuclei are prefixes of the main one); "
+                         f"got {extras[-1]}. Raise top_p instead.")
+    top_ps = [*extras, top_p]
+    max_tokens_per_chunk = _check_int(max_tokens_per_chunk, "max_tokens_per_chunk", 1)
+    max_logits_elements = _check_int(max_logits_elements, "max_logits_elements", 1)
+    device = next(model.parameters()).device
+    input_ids = _check_input_ids(input_ids, vocab).to(device)
+    n_ctx = input_ids.shape[1]
+    pos = _check_positions(positions, n_ctx).to(device)
+    if adapter.family == "gpt2":  # learned absolute positions: no room beyond the table
+        limit = int(model.config.n_positions)
+        if n_ctx + depth - 1 > limit:
+            raise ValueError(f"input_ids of {n_ctx} tokens with depth={depth} needs positions up to "
+                             f"{n_ctx + depth - 2}, beyond this GPT-2's {limit}: shorten the input")
+
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            ctx, hidden = _run_context(model, adapter, input_ids)
+            acc_dtype = torch.promote_types(ctx.dtype, torch.float32)
+            n_pos, m = len(pos), len(top_ps)
+            acc = torch.full((m, n_pos, depth, vocab), -math.inf, dtype=acc_dtype, device=device)
+
+            # level 0: the next-token distributions, and the first candidates
+            node_pos, node_paths, node_w = [], [], []
+            sizes0, mass0 = [], []
+            for blk in _row_blocks(n_pos, vocab, max_logits_elements):
+                logits = adapter.logits(model, hidden[pos[blk]], normed=True)
+                lp = torch.log_softmax(logits.to(acc_dtype), dim=-1)
+                acc[:, blk, 0] = lp
+                rows, toks, lw, sizes, log_mass = _nested_nucleus(lp, top_ps, max_logits_elements)
+                node_pos.append(rows + blk.start)
+                node_paths.append(toks[:, None])
+                node_w.append(lw)
+                sizes0.append(sizes[:, -1])
+                mass0.append(log_mass[:, -1])
+            npos, paths, log_w = torch.cat(node_pos), torch.cat(node_paths), torch.cat(node_w)
+            n_candidates, log_mass0 = torch.cat(sizes0), torch.cat(mass0)
+
+            n_nodes: list[int] = []
+            n_tokens_fed = n_chunks = 0
+            for level in range(1, depth):
+                n_nodes.append(len(npos))
+                grow = level + 1 < depth
+                next_pos, next_paths, next_w = [], [], []
+                per_chunk = max(1, max_tokens_per_chunk // level)
+                bar = tqdm(total=len(npos), desc=f"marginalize: level {level + 1} of {depth}", disable=not progress,
+                           leave=False)
+                for start in range(0, len(npos), per_chunk):
+                    sl = slice(start, min(len(npos), start + per_chunk))
+                    c_pos, c_paths, c_w = npos[sl], paths[sl], log_w[sl]
+                    hid, n_tok = _candidate_step(ctx, pos, c_pos, c_paths)
+                    n_chunks += 1
+                    n_tokens_fed += n_tok
+                    for blk in _row_blocks(len(c_pos), vocab, max_logits_elements):
+                        logits = adapter.logits(model, hid[blk], normed=True)
+                        log_q = _accumulate(acc[:, :, level], logits, c_pos[blk], c_w[blk])
+                        if grow:
+                            rows, toks, lw, _, _ = _nested_nucleus(log_q, top_ps, max_logits_elements)
+                            next_pos.append(c_pos[blk][rows])
+                            next_paths.append(torch.cat([c_paths[blk][rows], toks[:, None]], dim=1))
+                            # a path is in the nucleus at top-p q only if every step is: weights add up
+                            next_w.append(c_w[blk][rows] + lw)
+                    bar.update(sl.stop - sl.start)
+                bar.close()
+                if grow:
+                    npos, paths, log_w = torch.cat(next_pos), torch.cat(next_paths), torch.cat(next_w)
+    finally:
+        model.train(was_training)
+
+    log_probs = acc.float()
+    return MarginalResult(
+        log_probs=log_probs[-1], n_candidates=n_candidates, positions=pos, log_mass=log_mass0.float(),
+        top_p=top_p, depth=depth, n_nodes=tuple(n_nodes), n_tokens_fed=n_tokens_fed, n_chunks=n_chunks,
+        extra_log_probs={q: log_probs[j] for j, q in enumerate(extras)},
+    )
