@@ -180,6 +180,9 @@ class MTPCache:
     cropped to any length. Sliding-window layers (Gemma 3) keep only their window: such a cache can be
     cropped once it has passed the window only if it was made by ``MTPModel.new_cache(rollback=True)``,
     and then only back to where the last forward call started (enough to reject a draft).
+
+    :meth:`MTPModel.forward` reads ``backbone`` and ``heads``, and calls ``begin()`` and
+    ``get_seq_length()``: any object with those can stand in (e.g. static caches for CUDA graphs).
     """
 
     backbone: Any
@@ -280,7 +283,7 @@ class MTPModel(nn.Module):
         last = adapter.layers(model)[n_layers - 1]
         ref = next(last.parameters())
         heads: list[nn.Module] = []
-        with torch.random.fork_rng(devices=[ref.device] if ref.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(seed)
             for n in range(1, n_heads + 1):
                 if head_type == "medusa":

@@ -31,6 +31,16 @@ tensors; the backbone shares the frozen weights (see :mod:`mtp_lib.heads`). It r
 optimizer steps and resumes from the last checkpoint, giving the same result as an uninterrupted
 run. Samples are any objects with ``input_ids`` (list of ints) and ``target_start`` (index of the
 first target token), e.g. :class:`mtp_lib.data.Sample`.
+
+Example (a short CPU run)::
+
+    lm = load_model("smollm2-135m")
+    train_set = translation_samples(lm.tokenizer, 256, split="train")
+    eval_set = translation_samples(lm.tokenizer, 50, split="validation")
+    config = recipe("diff_lr", lr=1e-4, effective_batch_size=8, micro_batch_size=4, max_steps=30)
+    result = train(lm.model, train_set, config, eval_samples=eval_set, out_dir="runs/diff_lr")
+    accuracy(evaluate(result.model, eval_set))   # top-5 accuracy of head 1, head 2
+    tuned = train(lm.model, train_set, recipe("ntp_baseline", ...)).model   # a plain HF model
 """
 
 from __future__ import annotations
@@ -244,8 +254,8 @@ def collate(samples: Sequence[TrainSample], n_heads: int, pad_id: int = 0) -> Ba
     labels = torch.full((n_heads, len(samples), T), IGNORE, dtype=torch.long)
     for b, s in enumerate(samples):
         n_tok, start = lengths[b], int(s.target_start)
-        if not 0 < start < n_tok:
-            raise ValueError(f"sample {b}: target_start={start} must lie in 1..len(input_ids)-1 = {n_tok - 1}")
+        if not 0 <= start < n_tok:
+            raise ValueError(f"sample {b}: target_start={start} must lie in 0..len(input_ids)-1 = {n_tok - 1}")
         ids[b, :n_tok] = torch.as_tensor(list(s.input_ids), dtype=torch.long)
         mask[b, :n_tok] = 1
         for n in range(1, n_heads + 1):
@@ -278,7 +288,7 @@ def add_lora(module: nn.Module, targets: Sequence[str], *, rank: int = 8, alpha:
                     if any(n.endswith("." + t) for t in targets))
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         fan_in_fan_out=gpt2_conv, bias="none")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         inject_adapter_in_model(config, module)
     return module
@@ -465,8 +475,10 @@ def _eval_losses(objective: _Objective, samples: Sequence[TrainSample], n_heads:
 @dataclasses.dataclass
 class TrainResult:
     """``model``: the trained :class:`MTPModel`, or for ``objective="ntp"`` a plain HF model with
-    the LoRA merged. ``history``: one record per optimizer step (``phase``, ``step``, ``lr``,
-    ``loss`` per head) and per evaluation (``eval_loss``, ``eval_top5`` per head)."""
+    the LoRA merged (both in eval mode, in the model's dtype). ``history``: one record per optimizer
+    step (``phase``, ``step`` within the phase, ``lr`` = the base LR used in that step, heads getting
+    ``head_lr_multiplier`` times it, mean training ``loss`` per head) and per evaluation
+    (``eval_loss`` per head, and ``eval_top5`` per head for MTP)."""
 
     model: nn.Module
     config: TrainConfig
@@ -498,6 +510,14 @@ def _set_trainable(objective: _Objective, phase: _Phase) -> list[nn.Parameter]:
     if not params:
         raise ValueError(f"phase {phase.name!r} has no trainable parameters")
     return params
+
+
+def _release(acc: Any, *prepared: Any) -> None:
+    """Drop the accelerator's references to a finished phase's model wrapper and optimizer."""
+    for name in ("_models", "_optimizers"):
+        kept = getattr(acc, name, None)
+        if isinstance(kept, list):
+            kept[:] = [x for x in kept if all(x is not p for p in prepared)]
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -601,7 +621,7 @@ def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig,
                 optimizer.load_state_dict(saved["optimizer"])
                 scheduler.load_state_dict(saved["scheduler"])
             wrapped, optimizer = acc.prepare(objective, optimizer)
-            bar = tqdm(total=total, initial=step0, desc=f"{config.objective}:{phase.name}",
+            bar = tqdm(total=total, initial=step0, desc=f"train ({phase.name})",
                        disable=not progress or not acc.is_main_process)
 
             def checkpoint(step: int) -> None:
@@ -649,6 +669,7 @@ def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig,
             bar.close()
             run_eval(phase, total)
             checkpoint(total)
+            _release(acc, wrapped, optimizer)
             saved = None
     finally:
         for p in net.parameters():
