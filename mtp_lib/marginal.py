@@ -194,10 +194,7 @@ class MarginalResult:
 # The packed candidate step
 
 
-def _mask_for(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4D mask ``[1, 1, S, K]`` from a boolean one (True = may attend): works for sdpa and eager."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+_CACHE_COPY_BUDGET = 2**30  # bytes: each row of a candidate step holds its own copy of the context's KV cache
 
 
 @dataclasses.dataclass
@@ -206,21 +203,28 @@ class _Context:
 
     model: nn.Module
     adapter: Any
-    cache: Any  # transformers DynamicCache holding the T context tokens
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values of the T context tokens
     n_ctx: int
     dtype: torch.dtype
     layer_types: tuple[str, ...] | None  # set when the model takes one mask per layer type
     window: int | None  # sliding window of the sliding layers (or of every layer when layer_types is None)
 
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the whole context cache (all layers)."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
+
 
 def _run_context(model: nn.Module, adapter: Any, input_ids: torch.Tensor) -> tuple[_Context, torch.Tensor]:
+    """One forward pass of the sample: final-normed hidden states ``[T, d]`` and its KV cache."""
     from transformers import DynamicCache
 
     config = model.config
     # A plain DynamicCache keeps every token in every layer, also in sliding-window layers: the
     # masks below enforce the window themselves, so that cache keys are indexed by absolute position.
     cache = DynamicCache()
-    out = adapter.base(model)(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    out = adapter.base(model)(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                              past_key_values=cache, use_cache=True)
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     if layer_types is not None and "sliding_attention" in layer_types:
@@ -230,121 +234,145 @@ def _run_context(model: nn.Module, adapter: Any, input_ids: torch.Tensor) -> tup
         layer_types = tuple(sorted(set(layer_types)))
     else:
         layer_types = None
-        window = window if window and config.model_type in ("mistral",) else None
-    ctx = _Context(model=model, adapter=adapter, cache=cache, n_ctx=input_ids.shape[1],
-                   dtype=out.last_hidden_state.dtype, layer_types=layer_types, window=window)
+        window = window if window and config.model_type == "mistral" else None  # one window for all layers
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    ctx = _Context(model=model, adapter=adapter, kv=kv, n_ctx=input_ids.shape[1], dtype=out.last_hidden_state.dtype,
+                   layer_types=layer_types, window=window)
     return ctx, out.last_hidden_state[0]
 
 
-def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, paths: torch.Tensor
-                    ) -> tuple[torch.Tensor, int]:
-    """Hidden states (final-normed) of the leaves ``paths [K, l]`` of contexts ``positions[npos]``,
-    and the number of tokens fed.
+def _mask_for(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask ``[B, 1, L, K]`` from a boolean ``[B, L, K]`` (True = may attend): sdpa and eager take it."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
-    The leaves and their distinct ancestors form one packed sequence of ``S`` tokens after the cache:
-    token at tree level ``k`` of context end ``t`` gets position ``t + k`` and may attend to cache keys
-    ``0..t`` and to its ancestors and itself. Leaves must be grouped by ancestor (as built).
+
+def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, paths: torch.Tensor,
+                    leaves_per_row: int) -> tuple[torch.Tensor, int]:
+    """Final-normed hidden states ``[K, d]`` of the leaves ``paths [K, l]`` of context ends
+    ``positions[npos]``, and the number of tokens fed.
+
+    The leaves are cut into rows of ``leaves_per_row``; each row is one packed sequence after its own
+    copy of the context cache, holding its leaves and their distinct ancestors (ancestors shared by
+    two rows are computed in both). A token at tree level ``k`` of context end ``t`` gets position
+    ``t + k`` and may attend to cache keys ``0..t``, to its ancestors and to itself (and to nothing
+    outside the sliding window in sliding-window layers). Rows are padded to one length; padding
+    tokens attend only to themselves and are dropped. Leaves must be grouped by ancestor, as built.
     """
+    from transformers import DynamicCache
+
     device = npos.device
     n_leaves, depth = paths.shape
-    tokens, tok_t, tok_level, inverses, offsets = [], [], [], [], []
+    leaf_row = torch.arange(n_leaves, device=device) // leaves_per_row
+    n_rows = int(leaf_row[-1]) + 1
+    # the distinct prefixes of each row, level by level (the last level: the leaves themselves)
+    rows, toks, ts, levels, inverses, offsets = [], [], [], [], [], []
     offset = 0
     for k in range(1, depth + 1):
         if k < depth:
-            key = torch.cat([npos[:, None], paths[:, :k]], dim=1)
+            key = torch.cat([leaf_row[:, None], npos[:, None], paths[:, :k]], dim=1)
             uniq, inv = torch.unique_consecutive(key, dim=0, return_inverse=True)
-            uniq_pos, uniq_tok = uniq[:, 0], uniq[:, k]
-        else:  # leaves are distinct
+            u_row, u_pos, u_tok = uniq[:, 0], uniq[:, 1], uniq[:, -1]
+        else:
             inv = torch.arange(n_leaves, device=device)
-            uniq_pos, uniq_tok = npos, paths[:, k - 1]
-        tokens.append(uniq_tok)
-        tok_t.append(positions[uniq_pos])
-        tok_level.append(torch.full_like(uniq_pos, k))
+            u_row, u_pos, u_tok = leaf_row, npos, paths[:, -1]
+        rows.append(u_row)
+        toks.append(u_tok)
+        ts.append(positions[u_pos])
+        levels.append(torch.full_like(u_pos, k))
         inverses.append(inv)
         offsets.append(offset)
-        offset += len(uniq_tok)
-    tokens_all, t_all = torch.cat(tokens), torch.cat(tok_t)
-    pos_ids = t_all + torch.cat(tok_level)
-    n_tok, n_ctx = len(tokens_all), ctx.n_ctx
+        offset += len(u_tok)
+    g_row, g_tok, g_t = torch.cat(rows), torch.cat(toks), torch.cat(ts)
+    g_pos = g_t + torch.cat(levels)
+    n_tok = len(g_tok)
+    # each token's slot in its row
+    order = torch.argsort(g_row, stable=True)
+    counts = torch.bincount(g_row, minlength=n_rows)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(g_row)
+    slot[order] = torch.arange(n_tok, device=device) - starts[g_row[order]]
+    length = int(counts.max())
 
-    allowed = torch.zeros(n_tok, n_ctx + n_tok, dtype=torch.bool, device=device)
-    allowed[:, :n_ctx] = torch.arange(n_ctx, device=device)[None, :] <= t_all[:, None]
-    for k in range(depth):  # token at level k+1 sees its ancestors at levels 1..k+1 (itself included)
-        for k2 in range(k + 1):
-            allowed[offsets[k] + inverses[k], n_ctx + offsets[k2] + inverses[k2]] = True
-    key_pos = torch.cat([torch.arange(n_ctx, device=device), pos_ids])
-    if ctx.window is not None:
-        in_window = (pos_ids[:, None] - key_pos[None, :]) < ctx.window
-        sliding = _mask_for(allowed & in_window, ctx.dtype)
+    input_ids = torch.zeros(n_rows, length, dtype=torch.long, device=device)  # padding: token 0 at position 0
+    pos_ids = torch.zeros(n_rows, length, dtype=torch.long, device=device)
+    ctx_end = torch.full((n_rows, length), -1, dtype=torch.long, device=device)  # padding sees no context
+    input_ids[g_row, slot] = g_tok
+    pos_ids[g_row, slot] = g_pos
+    ctx_end[g_row, slot] = g_t
+
+    n_ctx = ctx.n_ctx
+    allowed = torch.zeros(n_rows, length, n_ctx + length, dtype=torch.bool, device=device)
+    allowed[:, :, :n_ctx] = torch.arange(n_ctx, device=device) <= ctx_end[:, :, None]
+    allowed[:, :, n_ctx:] = torch.eye(length, dtype=torch.bool, device=device)
+    for k in range(1, depth):  # a token at level k + 1 sees its ancestors at levels 1..k
+        for k2 in range(k):
+            allowed[leaf_row, slot[offsets[k] + inverses[k]], n_ctx + slot[offsets[k2] + inverses[k2]]] = True
     full = _mask_for(allowed, ctx.dtype)
-    mask: Any
-    if ctx.layer_types is not None:
-        mask = {"full_attention": full, "sliding_attention": sliding}
-    else:
-        mask = sliding if ctx.window is not None else full
+    mask: Any = full
+    if ctx.window is not None:
+        key_pos = torch.cat([torch.arange(n_ctx, device=device).expand(n_rows, -1), pos_ids], dim=1)
+        sliding = _mask_for(allowed & ((pos_ids[:, :, None] - key_pos[:, None, :]) < ctx.window), ctx.dtype)
+        mask = {"full_attention": full, "sliding_attention": sliding} if ctx.layer_types else sliding
 
-    out = ctx.adapter.base(ctx.model)(input_ids=tokens_all[None], position_ids=pos_ids[None], attention_mask=mask,
-                                      past_key_values=ctx.cache, use_cache=True)
-    ctx.cache.crop(-n_tok)
-    return out.last_hidden_state[0, offsets[-1]:], n_tok
+    cache = DynamicCache(ddp_cache_data=[(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1))
+                                         for k, v in ctx.kv])
+    out = ctx.adapter.base(ctx.model)(input_ids=input_ids, position_ids=pos_ids, attention_mask=mask,
+                                      past_key_values=cache, use_cache=True)
+    leaf_slot = slot[offsets[-1]:]
+    return out.last_hidden_state[leaf_row, leaf_slot], n_tok
 
 
 # --------------------------------------------------------------------------------------------------
 # Reducing a block of candidate logits into the marginals
 
 
-_DENSE_SEGMENTS = 64  # up to this many (position, top-p) pairs a block is summed by one small matmul
+_DENSE_SEGMENTS = 16  # up to this many (position, top-p) pairs a block is summed by one small matmul
 
 
-def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
+def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log_w: torch.Tensor) -> None:
     """Add ``sum_i w_i softmax(logits_i)`` to ``acc [m, P, V]`` (log space) for the segments of ``npos``.
 
     ``logits [R, V]`` of candidates ``i`` of positions ``npos [R]`` (non-decreasing), with log weights
     ``log_w [R, m]``, one column per top-p. Per segment (the candidates of one position) and top-p
-    this is ``logsumexp_i (log_w_i + log_softmax(logits_i))``, computed with one exponential per
-    element: each row is shifted by its own maximum (so ``exp`` lies in (0, 1]) and each segment by
-    its largest row weight, then the rows are summed. Entries whose sum underflows the floating type
-    (a marginal about ``e^-87`` below the segment's largest weighted probability in float32) are
-    recomputed exactly with ``logsumexp``, so the result is a log-space sum throughout. Blocks are
-    combined with ``logaddexp``. Returns the normalized log-probabilities ``[R, V]`` of the rows.
+    this is ``logsumexp_i (log_w_i + log_softmax(logits_i))``. It is computed from one softmax per row:
+    each segment is shifted by its largest log weight, the weighted probabilities summed, and the
+    shift added back to the log; blocks combine with ``logaddexp``. Entries whose sum underflows the
+    floating type (marginals below about ``e^-87`` of the segment's largest weight, in float32) are
+    recomputed exactly with ``logsumexp``, so no finite log-probability is lost.
     """
     dtype = acc.dtype
-    row_max = logits.amax(dim=-1, keepdim=True).to(dtype)
-    e = torch.sub(logits, row_max).exp_()  # promoted to acc's dtype
-    row_sum = e.sum(dim=-1)
-    lse = row_max[:, 0] + row_sum.log()
-    b = log_w.to(dtype) - row_sum.log()[:, None]  # log(w_i / sum_v e_i): w_i p_i(v) = exp(b_i) e_i(v)
-
+    probs = torch.softmax(logits, dim=-1, dtype=dtype)
     uniq, inv, counts = torch.unique_consecutive(npos, return_inverse=True, return_counts=True)
-    n_seg, m = len(uniq), b.shape[1]
-    shift = torch.full((n_seg, m), -math.inf, dtype=dtype, device=b.device)
-    shift.scatter_reduce_(0, inv[:, None].expand(-1, m), b, reduce="amax")
+    n_seg, m = len(uniq), log_w.shape[1]
+    w = log_w.to(dtype)
+    shift = torch.full((n_seg, m), -math.inf, dtype=dtype, device=w.device)
+    shift.scatter_reduce_(0, inv[:, None].expand(-1, m), w, reduce="amax")
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    a = (b - shift[inv]).exp()  # [R, m], in [0, 1]
+    coef = (w - shift[inv]).exp()  # [R, m], in [0, 1]
     if n_seg * m <= _DENSE_SEGMENTS:
-        coef = torch.zeros(m, n_seg, len(npos), dtype=dtype, device=b.device)
-        coef[:, inv, torch.arange(len(npos), device=b.device)] = a.T
-        total = (coef.reshape(m * n_seg, -1) @ e).reshape(m, n_seg, -1)
+        dense = torch.zeros(m, n_seg, len(npos), dtype=dtype, device=w.device)
+        dense[:, inv, torch.arange(len(npos), device=w.device)] = coef.T
+        total = (dense.reshape(m * n_seg, -1) @ probs).reshape(m, n_seg, -1)
     else:
-        total = torch.zeros(m, n_seg, e.shape[1], dtype=dtype, device=e.device)
+        total = torch.zeros(m, n_seg, probs.shape[1], dtype=dtype, device=probs.device)
         for j in range(m):
-            total[j].index_add_(0, inv, e * a[:, j, None])
-    log_total = total.log_() + shift.T[:, :, None]
+            total[j].index_add_(0, inv, probs * coef[:, j, None])
+    log_total = torch.log(total) + shift.T[:, :, None]
 
     under = total < torch.finfo(dtype).tiny
     if bool(under.any()):
         starts = torch.cumsum(counts, 0) - counts
-        w = log_w.to(dtype)
         for j, g in under.any(dim=-1).nonzero().tolist():
             rows = slice(int(starts[g]), int(starts[g] + counts[g]))
             if not bool(torch.isfinite(w[rows, j]).any()):
                 continue  # no candidate of this segment is in this nucleus: -inf is exact
             cols = under[j, g].nonzero()[:, 0]
-            y = logits[rows][:, cols].to(dtype) - lse[rows, None] + w[rows, j, None]
+            lse = torch.logsumexp(logits[rows].to(dtype), dim=-1)
+            y = logits[rows][:, cols].to(dtype) - lse[:, None] + w[rows, j, None]
             log_total[j, g, cols] = torch.logsumexp(y, dim=0)
 
     acc[:, uniq] = torch.logaddexp(acc[:, uniq], log_total)
-    return logits.to(dtype) - lse[:, None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,8 +425,9 @@ def marginalize(
     top_p: float = 0.99,
     positions: Sequence[int] | torch.Tensor | None = None,
     extra_top_p: Sequence[float] = (),
-    max_tokens_per_chunk: int = 1024,
-    max_logits_elements: int = 2**25,
+    max_tokens_per_chunk: int | None = None,
+    tokens_per_row: int | None = None,
+    max_logits_elements: int | None = None,
     progress: bool = False,
 ) -> MarginalResult:
     """Next-token and marginal d-th-token distributions of a causal LM, for each context end.
@@ -414,8 +443,13 @@ def marginalize(
             None = all ``0..T-1``.
         extra_top_p: more top-p values (each <= ``top_p``) computed in the same pass: their nuclei are
             prefixes of the main one. Read them with :meth:`MarginalResult.at`.
-        max_tokens_per_chunk: packed tokens per candidate step (memory ~ this x (T + this) for the mask).
-        max_logits_elements: candidates x vocabulary per logits block (float32 buffers of this size).
+        max_tokens_per_chunk: candidate tokens per forward pass (None: 1024 on CPU, 16384 on GPU).
+        tokens_per_row: length of one packed sequence of the step; a step runs ``max_tokens_per_chunk
+            / tokens_per_row`` of them as a batch, each after its own copy of the context's KV cache
+            (bounded to about 1 GiB). Each token attends to ``T + tokens_per_row`` keys.
+            None: 128 on CPU, 256 on GPU.
+        max_logits_elements: candidates x vocabulary per logits block (float32 buffers of this size;
+            None: 2**25 on CPU, 2**27 on GPU).
         progress: show a tqdm bar per tree level.
 
     Returns:
@@ -433,9 +467,14 @@ def marginalize(
         raise ValueError(f"extra_top_p values must be <= top_p={top_p} (their nuclei are prefixes of the main one); "
                          f"got {extras[-1]}. Raise top_p instead.")
     top_ps = [*extras, top_p]
-    max_tokens_per_chunk = _check_int(max_tokens_per_chunk, "max_tokens_per_chunk", 1)
-    max_logits_elements = _check_int(max_logits_elements, "max_logits_elements", 1)
     device = next(model.parameters()).device
+    gpu = device.type != "cpu"
+    max_tokens_per_chunk = _check_int(max_tokens_per_chunk if max_tokens_per_chunk is not None
+                                      else (16384 if gpu else 1024), "max_tokens_per_chunk", 1)
+    tokens_per_row = _check_int(tokens_per_row if tokens_per_row is not None else (256 if gpu else 128),
+                                "tokens_per_row", 1)
+    max_logits_elements = _check_int(max_logits_elements if max_logits_elements is not None
+                                     else (2**27 if gpu else 2**25), "max_logits_elements", 1)
     input_ids = _check_input_ids(input_ids, vocab).to(device)
     n_ctx = input_ids.shape[1]
     pos = _check_positions(positions, n_ctx).to(device)
@@ -474,23 +513,27 @@ def marginalize(
 
             n_nodes: list[int] = []
             n_tokens_fed = n_chunks = 0
+            row_len = min(tokens_per_row, max_tokens_per_chunk)
+            n_rows = max(1, min(max_tokens_per_chunk // row_len, _CACHE_COPY_BUDGET // max(1, ctx.kv_bytes)))
             for level in range(1, depth):
                 n_nodes.append(len(npos))
                 grow = level + 1 < depth
                 next_pos, next_paths, next_w = [], [], []
-                per_chunk = max(1, max_tokens_per_chunk // level)
+                leaves_per_row = max(1, row_len // level)  # room for each leaf's ancestors
+                per_chunk = n_rows * leaves_per_row
                 bar = tqdm(total=len(npos), desc=f"marginalize: level {level + 1} of {depth}", disable=not progress,
                            leave=False)
                 for start in range(0, len(npos), per_chunk):
                     sl = slice(start, min(len(npos), start + per_chunk))
                     c_pos, c_paths, c_w = npos[sl], paths[sl], log_w[sl]
-                    hid, n_tok = _candidate_step(ctx, pos, c_pos, c_paths)
+                    hid, n_tok = _candidate_step(ctx, pos, c_pos, c_paths, leaves_per_row)
                     n_chunks += 1
                     n_tokens_fed += n_tok
                     for blk in _row_blocks(len(c_pos), vocab, max_logits_elements):
                         logits = adapter.logits(model, hid[blk], normed=True)
-                        log_q = _accumulate(acc[:, :, level], logits, c_pos[blk], c_w[blk])
+                        _accumulate(acc[:, :, level], logits, c_pos[blk], c_w[blk])
                         if grow:
+                            log_q = torch.log_softmax(logits.to(acc_dtype), dim=-1)
                             rows, toks, lw, _, _ = _nested_nucleus(log_q, top_ps, max_logits_elements)
                             next_pos.append(c_pos[blk][rows])
                             next_paths.append(torch.cat([c_paths[blk][rows], toks[:, None]], dim=1))

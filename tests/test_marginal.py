@@ -110,7 +110,7 @@ def test_depth2_matches_brute_force(family: str) -> None:
     for top_p in (1.0, rng.uniform(0.5, 0.95)):
         positions = [rng.randrange(n_ctx), n_ctx - 1] + ([rng.randrange(8)] if top_p < 1 else [])
         result = MG.marginalize(model, ids, depth=2, top_p=top_p, positions=positions,
-                                max_tokens_per_chunk=rng.randint(50, 400),
+                                max_tokens_per_chunk=rng.randint(50, 400), tokens_per_row=rng.randint(1, 200),
                                 max_logits_elements=rng.randint(1, 300) * TINY_VOCAB)
         assert result.positions.tolist() == positions, f"seed {seed}"
         assert result.log_probs.shape == (len(positions), 2, TINY_VOCAB), f"seed {seed}"
@@ -128,7 +128,8 @@ def test_depth3_matches_brute_force(family: str) -> None:
     positions = [rng.randrange(n_ctx), n_ctx - 1]
     top_p = rng.uniform(*SMALL_TOP_P[family])
     result = MG.marginalize(model, ids, depth=3, top_p=top_p, positions=positions,
-                            max_tokens_per_chunk=rng.randint(8, 64), max_logits_elements=rng.randint(1, 40) * TINY_VOCAB)
+                            max_tokens_per_chunk=rng.randint(8, 64), tokens_per_row=rng.randint(1, 40),
+                            max_logits_elements=rng.randint(1, 40) * TINY_VOCAB)
     assert len(result.n_nodes) == 2 and result.n_tokens_fed >= result.n_nodes[1], f"seed {seed}"
     _assert_matches(result, model, ids, top_p, seed)
 
@@ -164,7 +165,8 @@ def test_depth3_exact_over_the_whole_vocabulary(family: str) -> None:
     ids = torch.randint(0, vocab, (1, n_ctx), generator=torch.Generator().manual_seed(seed))
     positions = [n_ctx - 1, rng.randrange(n_ctx)]
     result = MG.marginalize(model, ids, depth=3, top_p=1.0, positions=positions,
-                            max_tokens_per_chunk=rng.randint(50, 700), max_logits_elements=rng.randint(1, 200) * vocab)
+                            max_tokens_per_chunk=rng.randint(50, 700), tokens_per_row=rng.randint(2, 300),
+                            max_logits_elements=rng.randint(1, 200) * vocab)
     assert result.n_nodes == (2 * vocab, 2 * vocab**2), f"seed {seed}"
     _assert_matches(result, model, ids, 1.0, seed)
     # the marginals are distributions
@@ -180,7 +182,7 @@ def test_eager_attention_gives_the_same(family: str) -> None:
     n_ctx = rng.randint(5, 40)
     ids = torch.randint(0, TINY_VOCAB, (1, n_ctx), generator=torch.Generator().manual_seed(seed))
     result = MG.marginalize(model, ids, depth=3, top_p=rng.uniform(*SMALL_TOP_P[family]), positions=[n_ctx - 1, 0],
-                            max_tokens_per_chunk=rng.randint(16, 128))
+                            max_tokens_per_chunk=rng.randint(16, 128), tokens_per_row=rng.randint(1, 64))
     _assert_matches(result, model, ids, result.top_p, seed)
 
 
@@ -193,7 +195,7 @@ def test_float32_model_close_to_float64_reference(family: str) -> None:
     n_ctx = rng.randint(20, 90)
     ids = torch.randint(0, TINY_VOCAB, (1, n_ctx), generator=torch.Generator().manual_seed(seed))
     result = MG.marginalize(model32, ids, depth=2, top_p=1.0, positions=[rng.randrange(n_ctx), n_ctx - 1],
-                            max_tokens_per_chunk=rng.randint(64, 300))
+                            max_tokens_per_chunk=rng.randint(64, 300), tokens_per_row=rng.randint(16, 300))
     _assert_matches(result, model64, ids, 1.0, seed, atol=2e-4)
 
 
@@ -223,7 +225,8 @@ def test_extra_top_p_equal_separate_runs() -> None:
     qs = sorted(rng.uniform(lo, hi) for _ in range(2))
     top_p = rng.uniform(qs[-1], hi)
     result = MG.marginalize(model, ids, depth=depth, top_p=top_p, extra_top_p=qs, positions=positions,
-                            max_tokens_per_chunk=rng.randint(8, 100), max_logits_elements=rng.randint(1, 50) * TINY_VOCAB)
+                            max_tokens_per_chunk=rng.randint(8, 100), tokens_per_row=rng.randint(1, 50),
+                            max_logits_elements=rng.randint(1, 50) * TINY_VOCAB)
     for q in qs:
         alone = MG.marginalize(model, ids, depth=depth, top_p=q, positions=positions)
         torch.testing.assert_close(result.at(q), alone.log_probs, atol=1e-5, rtol=1e-5, msg=lambda m: f"seed {seed}: {m}")
@@ -320,6 +323,7 @@ def test_nucleus_is_the_smallest_set_reaching_top_p() -> None:
     ({"positions": [0.5]}, "positions"),
     ({"extra_top_p": [0.95], "top_p": 0.9}, "extra_top_p"), ({"extra_top_p": [0.0]}, "extra_top_p"),
     ({"max_tokens_per_chunk": 0}, "max_tokens_per_chunk"), ({"max_logits_elements": 0}, "max_logits_elements"),
+    ({"tokens_per_row": 0}, "tokens_per_row"),
 ])
 def test_invalid_arguments_raise_value_error_naming_them(kwargs: dict, name: str) -> None:
     model = _tiny("llama", 0, torch.float32)
