@@ -1,0 +1,321 @@
+"""Speed of mtp_lib.marginal.marginalize against the naive method, and against the FLOP floor.
+
+Rows, on the same model, text and positions in one run:
+
+  marginalize   mtp_lib.marginal.marginalize: the sample once with a KV cache, then every nucleus
+                candidate of every position as one token of packed tree steps on that cache
+                (one row per --configs entry: max_tokens_per_chunk x tokens_per_row)
+  naive         for each position, one forward pass of the context for p(x_{t+1}), then one full
+                forward pass of context + candidate per candidate (batch 1, no cache,
+                ``logits_to_keep=1``), log-softmax and a weighted log-sum-exp into the marginal.
+                With ``--naive-candidates K`` (default) only the K most probable candidates of each
+                position are timed and the time per candidate is extrapolated to the whole nucleus
+                (the output says so); when K covers a nucleus, that position is run whole and its
+                marginal compared with marginalize's.
+
+The FLOP floor: the FLOPs of the candidate steps alone (2 x parameters in the decoder layers'
+matmuls per candidate token, attention of each candidate over its context and itself, the
+unembedding 2 x d x V per candidate) divided by the device's matmul rate, measured on a large GEMM
+in the model's dtype. ``ratio_to_floor`` = marginalize time / floor time (total, context pass
+included) and ``candidates_ratio_to_floor`` the same without the context pass (timed alone).
+
+    python benchmarks/marginal.py --quick                                   # CPU, under a minute
+    python benchmarks/marginal.py --device cuda --model smollm2-135m --dtype bfloat16 --out smol.json
+    python benchmarks/marginal.py --device cuda --model gemma3-270m --dtype bfloat16 --out gemma.json
+
+Text: Brown Corpus passages from ``data/open_ended`` (mtp_lib.data), joined until ``--context``
+tokens. Positions: the last ``--positions`` context ends. The last line printed is
+``speedup_vs_naive=<x>`` (naive time / best marginalize time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtp_lib.marginal import MarginalResult, marginalize, nucleus
+from mtp_lib.models import LoadedModel, load_model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU run in under a minute (small context, 2 positions)")
+    p.add_argument("--model", default="smollm2-135m", help="alias, hub id or folder (mtp_lib.models.load_model)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: auto; cpu with --quick)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--context", type=int, help="tokens of text (default 512; quick 48)")
+    p.add_argument("--positions", type=int, help="context ends timed, the last ones (default 64; quick 2)")
+    p.add_argument("--top-p", type=float, default=0.99)
+    p.add_argument("--configs", help="max_tokens_per_chunk x tokens_per_row to time, comma separated "
+                                     "(default: 1024x128 on CPU; 16384x256,8192x128,32768x512 on GPU)")
+    p.add_argument("--max-logits-elements", type=int, help="marginalize's logits block (default: its own)")
+    p.add_argument("--naive-candidates", type=int, help="naive: candidates timed per position, then "
+                                                        "extrapolated (default 16; quick 4); 0 = all")
+    p.add_argument("--repeats", type=int, help="timed runs of marginalize per config, median (default 3; quick 1)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", type=Path, help="write the table and settings as JSON here")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.device = args.device or ("cpu" if quick else "auto")
+    args.context = args.context or (48 if quick else 512)
+    args.positions = args.positions or (2 if quick else 64)
+    args.naive_candidates = args.naive_candidates if args.naive_candidates is not None else (4 if quick else 16)
+    args.repeats = args.repeats or (1 if quick else 3)
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """FLOP/s of a large square GEMM in ``dtype`` (8192 on GPU, 2048 on CPU), best of a few runs."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 10 if device.type == "cuda" else 2
+    for _ in range(2):
+        a @ b
+    best = math.inf
+    for _ in range(3):
+        dt, _ = _timed(lambda: [a @ b for _ in range(reps)], device)
+        best = min(best, dt / reps)
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "seconds": best, "flops_per_s": 2 * n**3 / best}
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs of the candidate steps
+
+
+def _matmul_params(lm: LoadedModel) -> int:
+    """Weights of the matmuls in the decoder layers (nn.Linear and GPT-2's Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sum(mod.weight.numel() for mod in lm.adapter.layers(lm.model).modules()
+               if isinstance(mod, (nn.Linear, Conv1D)))
+
+
+def candidate_flops(lm: LoadedModel, result: MarginalResult) -> dict[str, float]:
+    """FLOPs of the depth-2 candidate steps: matmuls, attention over context + itself, unembedding."""
+    cfg = lm.model.config
+    n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    d_model = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    head_dim = getattr(cfg, "head_dim", None) or d_model // n_heads
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * lm.n_layers
+    window = getattr(cfg, "sliding_window", None)
+    n_cand = result.n_candidates.double().cpu()
+    keys_full = result.positions.double().cpu() + 2  # context 0..t and the candidate itself
+    keys_sliding = keys_full.clamp(max=window) if window else keys_full
+    attn_keys = sum(float((n_cand * (keys_sliding if lt == "sliding_attention" else keys_full)).sum())
+                    for lt in layer_types)
+    tokens = float(n_cand.sum())
+    matmul = 2.0 * _matmul_params(lm) * tokens
+    attention = 4.0 * n_heads * head_dim * attn_keys  # QK^T and AV
+    unembed = 2.0 * d_model * lm.vocab_size * tokens
+    return {"candidate_tokens": tokens, "matmul": matmul, "attention": attention, "unembedding": unembed,
+            "total": matmul + attention + unembed}
+
+
+# --------------------------------------------------------------------------------------------------
+# The naive method
+
+
+def naive(model: nn.Module, ids: torch.Tensor, positions: list[int], top_p: float, per_position: int,
+          device: torch.device) -> dict[str, Any]:
+    """One full forward pass per candidate, no cache; K candidates per position timed, the rest extrapolated."""
+    total_s = 0.0
+    timed_candidates = 0
+    all_candidates = 0
+    exact: dict[int, torch.Tensor] = {}
+
+    def forward(seq: torch.Tensor) -> torch.Tensor:
+        logits = model(seq, use_cache=False, logits_to_keep=1).logits[0, -1]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    with torch.inference_mode():
+        forward(ids[:, :8])  # warm-up
+        for t in positions:
+            ctx = ids[:, : t + 1]
+            dt_ctx, log_p = _timed(lambda: forward(ctx), device)
+            nuc = nucleus(log_p, top_p)
+            n = len(nuc.tokens)
+            k = n if per_position <= 0 else min(per_position, n)
+
+            def run(k: int = k, nuc: Any = nuc, ctx: torch.Tensor = ctx) -> torch.Tensor:
+                acc = torch.full_like(log_p, -math.inf)
+                for y, w in zip(nuc.tokens[:k].tolist(), nuc.log_weights[:k].tolist()):
+                    seq = torch.cat([ctx, torch.tensor([[y]], device=ctx.device)], dim=1)
+                    acc = torch.logaddexp(acc, forward(seq) + w)
+                return acc
+
+            dt, acc = _timed(run, device)
+            total_s += dt_ctx + dt / k * n
+            timed_candidates += k
+            all_candidates += n
+            if k == n:
+                exact[t] = acc
+    return {"seconds": total_s, "timed_candidates": timed_candidates, "candidates": all_candidates,
+            "extrapolated": timed_candidates < all_candidates, "exact": exact}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _text_ids(lm: LoadedModel, n_tokens: int) -> torch.Tensor:
+    from mtp_lib.data import load_open_ended
+
+    ids: list[int] = []
+    for text in load_open_ended():
+        ids += lm.tokenizer(text.text + "\n\n", add_special_tokens=not ids).input_ids
+        if len(ids) >= n_tokens:
+            break
+    if len(ids) < n_tokens:
+        raise SystemExit(f"--context {n_tokens}: the open-ended texts give only {len(ids)} tokens")
+    return torch.tensor([ids[:n_tokens]])
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import mtp_lib
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "mtp_lib": mtp_lib.__version__}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=lambda m: print(m, file=sys.stderr))
+    device, dtype = lm.device, next(lm.model.parameters()).dtype
+    ids = _text_ids(lm, args.context).to(device)
+    n_ctx = ids.shape[1]
+    if not 1 <= args.positions <= n_ctx:
+        raise SystemExit(f"--positions must be in [1, {n_ctx}]")
+    positions = list(range(n_ctx - args.positions, n_ctx))
+    default_configs = "16384x256,8192x128,32768x512" if device.type == "cuda" else "1024x128"
+    configs = [tuple(int(x) for x in c.split("x")) for c in (args.configs or default_configs).split(",")]
+
+    print(f"{lm.name} ({lm.info()['params'] / 1e6:.0f}M params, vocab {lm.vocab_size}) {str(dtype)[6:]} on "
+          f"{_device_name(device)}; context {n_ctx} tokens, {len(positions)} positions, top_p {args.top_p}",
+          file=sys.stderr)
+    rate = matmul_rate(device, dtype)
+
+    # marginalize: warm-up (a small nucleus), the context pass alone, then each config
+    marginalize(lm.model, ids, depth=2, top_p=min(args.top_p, 0.5), positions=positions[-1:])
+    with torch.inference_mode():
+        ctx_s = statistics.median(_timed(lambda: lm.adapter.base(lm.model)(input_ids=ids, use_cache=True), device)[0]
+                                  for _ in range(args.repeats))
+    rows: list[dict[str, Any]] = []
+    best: tuple[float, MarginalResult] | None = None
+    for chunk, row in configs:
+        times, result = [], None
+        for _ in range(args.repeats):
+            dt, result = _timed(lambda: marginalize(
+                lm.model, ids, depth=2, top_p=args.top_p, positions=positions, max_tokens_per_chunk=chunk,
+                tokens_per_row=row, max_logits_elements=args.max_logits_elements), device)
+            times.append(dt)
+        assert result is not None
+        sec = statistics.median(times)
+        rows.append({"method": "marginalize", "max_tokens_per_chunk": chunk, "tokens_per_row": row,
+                     "seconds": sec, "seconds_all": times, "candidates": int(result.n_candidates.sum()),
+                     "tokens_fed": result.n_tokens_fed, "chunks": result.n_chunks})
+        if best is None or sec < best[0]:
+            best = (sec, result)
+    assert best is not None
+    best_s, result = best
+
+    flops = candidate_flops(lm, result)
+    floor_s = flops["total"] / rate["flops_per_s"]
+    nv = naive(lm.model, ids, positions, args.top_p, args.naive_candidates, device)
+    diffs = [float((result.log_probs[positions.index(t), 1].exp() - acc.exp()).abs().max())
+             for t, acc in nv["exact"].items()]
+    max_diff = max(diffs) if diffs else None
+    rows.append({"method": "naive", "seconds": nv["seconds"], "candidates": nv["candidates"],
+                 "timed_candidates": nv["timed_candidates"], "extrapolated": nv["extrapolated"]})
+    speedup = nv["seconds"] / best_s
+    n_cand = result.n_candidates.double()
+    summary = {
+        "speedup_vs_naive": speedup,
+        "positions_per_s": len(positions) / best_s,
+        "candidates_per_s": float(n_cand.sum()) / best_s,
+        "context_pass_s": ctx_s,
+        "floor_s": floor_s,
+        "ratio_to_floor": best_s / floor_s,
+        "candidates_ratio_to_floor": max(best_s - ctx_s, 0.0) / floor_s,
+        "flops": flops,
+        "matmul": rate,
+        "nucleus": {"mean": float(n_cand.mean()), "median": float(n_cand.median()), "min": int(n_cand.min()),
+                    "max": int(n_cand.max()), f"mean_at_0.9": float(result.nucleus_size(0.9).double().mean())},
+        "naive_vs_marginalize_max_abs_prob_diff": max_diff,
+    }
+
+    # the table
+    print(f"\n{'method':<13} {'chunk x row':>12} {'seconds':>9} {'pos/s':>8} {'cand/s':>10} {'speedup':>8}")
+    for r in rows:
+        cfg = f"{r['max_tokens_per_chunk']}x{r['tokens_per_row']}" if r["method"] == "marginalize" else "-"
+        note = f"  (extrapolated from {r['timed_candidates']} of {r['candidates']} candidates)" \
+            if r.get("extrapolated") else ""
+        print(f"{r['method']:<13} {cfg:>12} {r['seconds']:>9.3f} {len(positions) / r['seconds']:>8.2f} "
+              f"{r['candidates'] / r['seconds']:>10.0f} {nv['seconds'] / r['seconds']:>7.1f}x{note}")
+    print(f"\nnucleus at top-{args.top_p}: mean {summary['nucleus']['mean']:.0f}, median "
+          f"{summary['nucleus']['median']:.0f}, range {summary['nucleus']['min']}-{summary['nucleus']['max']} candidates; "
+          f"top-0.9 mean {summary['nucleus']['mean_at_0.9']:.0f}")
+    print(f"matmul rate {rate['flops_per_s'] / 1e12:.2f} TFLOP/s ({rate['dtype']} GEMM {rate['n']}^3); candidate "
+          f"steps {flops['total'] / 1e12:.3f} TFLOP (matmuls {flops['matmul'] / flops['total']:.0%}, attention "
+          f"{flops['attention'] / flops['total']:.0%}, unembedding {flops['unembedding'] / flops['total']:.0%})")
+    print(f"floor {floor_s:.4f} s; marginalize {best_s:.4f} s = {summary['ratio_to_floor']:.2f}x the floor "
+          f"({summary['candidates_ratio_to_floor']:.2f}x without the {ctx_s:.4f} s context pass)")
+    if max_diff is not None:
+        print(f"naive vs marginalize on {len(nv['exact'])} whole positions: max |probability difference| {max_diff:.2e}")
+
+    if args.out:
+        record = {
+            "benchmark": "marginal", "device": str(device), "device_name": _device_name(device),
+            "versions": _versions(), "model": lm.info(), "dtype": str(dtype).replace("torch.", ""),
+            "settings": {"context": n_ctx, "positions": positions, "top_p": args.top_p, "depth": 2,
+                         "configs": [f"{c}x{r}" for c, r in configs], "max_logits_elements": args.max_logits_elements,
+                         "naive_candidates_per_position": args.naive_candidates, "repeats": args.repeats,
+                         "quick": args.quick, "text": "Brown Corpus passages (mtp_lib.data.load_open_ended)"},
+            "rows": rows, **summary,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1))
+        print(f"wrote {args.out}", file=sys.stderr)
+    print(f"speedup_vs_naive={speedup:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
