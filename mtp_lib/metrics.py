@@ -15,25 +15,27 @@ interval the book reports. Without groups, :func:`accuracy_with_ci` gives the Wi
 and :func:`mean_with_ci` a bootstrap over the values, both treating the values as independent.
 With fewer than two groups no between-sample spread can be estimated and the bounds are NaN.
 
-On top, two pandas helpers for the chapters: :func:`position_table` (one row per position and
-offset, per sample) and :func:`summarize` (per offset, with intervals).
+On top, pandas helpers for the chapters: :func:`position_table` (one row per position and offset,
+per sample), :func:`marginal_table` (the same for every top-p a marginalization computed) and
+:func:`summarize` (per offset, with intervals), :func:`per_sample`.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from mtp_lib.marginal import nucleus_size
+from mtp_lib.marginal import MarginalResult, nucleus_size
 
 __all__ = [
     "Interval",
     "accuracy_with_ci",
+    "marginal_table",
     "mean_with_ci",
     "nucleus_size",
     "per_sample",
@@ -203,14 +205,16 @@ def accuracy_with_ci(hits: Any, *, groups: Sequence[Hashable] | torch.Tensor | N
 
 
 def position_table(log_probs: torch.Tensor, targets: torch.Tensor, *, positions: Sequence[int] | torch.Tensor | None = None,
-                   sample: Hashable = 0, k: int = 5, top_ps: Sequence[float] = (0.99, 0.9)) -> Any:
+                   sample: Hashable = 0, k: int = 5, top_ps: Sequence[float] = (0.99, 0.9),
+                   columns: Mapping[str, Sequence[Any] | torch.Tensor] | None = None) -> Any:
     """One row per (position, offset) with a reference token: a pandas DataFrame.
 
     ``log_probs [P, D, V]`` (e.g. ``MarginalResult.log_probs``: offset ``d + 1`` predicts
     ``x_{t+d+1}``) and ``targets [P, D]`` from :func:`reference_targets` (``-1`` rows are dropped).
     Columns: ``sample``, ``position`` (the context end t), ``offset`` (1 = next token), ``target``,
     ``rank`` (:func:`target_rank`), ``hit`` (rank < k), and ``nucleus_<p>`` for each top-p: the size of
-    the next-token nucleus at t, i.e. the candidates the marginalization sums over.
+    the next-token nucleus at t, i.e. the candidates the marginalization sums over. ``columns``
+    adds more per-position values (one per row of ``log_probs``).
     """
     import pandas as pd
 
@@ -239,7 +243,32 @@ def position_table(log_probs: torch.Tensor, targets: torch.Tensor, *, positions:
     table["hit"] = table["rank"] < k
     for name, size in sizes.items():
         table[name] = size[rows_c].tolist()
+    for name, values in (columns or {}).items():
+        vals = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+        if len(vals) != n_pos:
+            raise ValueError(f"columns[{name!r}] must give one value per position ({n_pos}), got {len(vals)}")
+        table[name] = [vals[i] for i in rows_c.tolist()]
     return table
+
+
+def marginal_table(result: MarginalResult, input_ids: torch.Tensor, *, sample: Hashable = 0, k: int = 5,
+                   top_ps: Sequence[float] = (0.99, 0.9)) -> Any:
+    """:func:`position_table` of a :class:`~mtp_lib.marginal.MarginalResult`, one block per top-p it
+    computed (its ``top_p`` and ``extra_top_p``), with columns ``top_p`` and ``candidates`` (the
+    next-token nucleus at that top-p: what the marginal at offset 2 cost, in extra tokens).
+
+    ``summarize(table, by=["top_p"])`` then gives accuracy against top-p, with its cost.
+    """
+    import pandas as pd
+
+    targets = reference_targets(input_ids, result.positions, result.depth)
+    blocks = []
+    for q in sorted([result.top_p, *result.extra_log_probs]):
+        block = position_table(result.at(q), targets, positions=result.positions, sample=sample, k=k, top_ps=top_ps,
+                               columns={"candidates": result.nucleus_size(q)})
+        block.insert(1, "top_p", q)
+        blocks.append(block)
+    return pd.concat(blocks, ignore_index=True)
 
 
 def per_sample(table: Any) -> Any:
@@ -250,13 +279,14 @@ def per_sample(table: Any) -> Any:
 
 
 def summarize(table: Any, *, by: Sequence[str] = (), level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> Any:
-    """Per offset (and the ``by`` columns): accuracy and mean nucleus sizes with cluster-bootstrap
-    intervals over samples (:func:`accuracy_with_ci`, :func:`mean_with_ci` with ``groups=sample``)."""
+    """Per offset (and the ``by`` columns): accuracy and mean nucleus sizes (``nucleus_*`` and
+    ``candidates`` columns) with cluster-bootstrap intervals over samples (:func:`accuracy_with_ci`,
+    :func:`mean_with_ci` with ``groups=sample``; NaN bounds with a single sample)."""
     import pandas as pd
 
     if len(table) == 0:
         raise ValueError("table is empty")
-    nuc = [c for c in table.columns if c.startswith("nucleus_")]
+    nuc = [c for c in table.columns if c.startswith("nucleus_") or c == "candidates"]
     out = []
     for key, part in table.groupby([*by, "offset"], sort=True):
         key = key if isinstance(key, tuple) else (key,)

@@ -152,6 +152,28 @@ def test_tables_agree_with_the_tensor_functions() -> None:
     assert len(per) == 6 and per["positions"].sum() == len(full), f"seed {seed}"
 
 
+def test_marginal_table_has_one_block_per_top_p() -> None:
+    from mtp_lib.models import TINY_VOCAB, build_tiny_model
+
+    seed = _seed()
+    model = build_tiny_model("gpt_neox", n_layers=2, hidden=32, seed=seed)
+    ids = torch.randint(0, TINY_VOCAB, (1, 12), generator=torch.Generator().manual_seed(seed))
+    positions = [3, 7, 7, 11]  # duplicates are fine; the last lacks references
+    res = MG.marginalize(model, ids, depth=2, top_p=0.9, extra_top_p=[0.5], positions=positions)
+    table = M.marginal_table(res, ids, sample="a", k=2)
+    assert sorted(table["top_p"].unique()) == [0.5, 0.9], f"seed {seed}"
+    targets = M.reference_targets(ids, positions, 2)
+    for q in (0.5, 0.9):
+        block = table[table["top_p"] == q]
+        valid = targets >= 0
+        assert block["hit"].tolist() == M.topk_hits(res.at(q)[valid], targets[valid], k=2).tolist(), f"seed {seed}"
+        sizes = MG.nucleus_size(res.log_probs[:, 0], q)
+        assert block["candidates"].tolist() == sizes[valid.nonzero()[:, 0]].tolist(), f"seed {seed}"
+    summary = M.summarize(table, by=["top_p"], n_boot=100)
+    assert len(summary) == 4 and set(summary["top_p"]) == {0.5, 0.9} and "candidates_lo" in summary
+    assert math.isnan(summary["accuracy_lo"].iloc[0])  # one sample: no interval
+
+
 @pytest.mark.parametrize(("call", "name"), [
     (lambda: M.topk_hits(torch.randn(3, 5), torch.tensor([0, 1, 2]), k=0), "k"),
     (lambda: M.topk_hits(torch.randn(3, 5), torch.tensor([0, 1, 5]), k=1), "targets"),
@@ -165,6 +187,7 @@ def test_tables_agree_with_the_tensor_functions() -> None:
     (lambda: M.reference_targets(torch.tensor([[1, 2, 3]]), [0], 0), "depth"),
     (lambda: M.position_table(torch.randn(2, 5), torch.zeros(2, 1)), "log_probs"),
     (lambda: M.wilson_interval(1, 0), "n"),
+    (lambda: M.position_table(torch.randn(2, 1, 5), torch.zeros(2, 1, dtype=torch.long), columns={"c": [1]}), "columns"),
 ])
 def test_invalid_arguments_raise_value_error_naming_them(call: object, name: str) -> None:
     with pytest.raises(ValueError, match=name):
