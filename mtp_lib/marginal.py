@@ -219,7 +219,7 @@ def _run_context(model: nn.Module, adapter: Any, input_ids: torch.Tensor) -> tup
     """One forward pass of the sample: final-normed hidden states ``[T, d]`` and its KV cache."""
     from transformers import DynamicCache
 
-    config = model.config
+    config: Any = model.config
     # A plain DynamicCache keeps every token in every layer, also in sliding-window layers: the
     # masks below enforce the window themselves, so that cache keys are indexed by absolute position.
     cache = DynamicCache()
@@ -235,7 +235,8 @@ def _run_context(model: nn.Module, adapter: Any, input_ids: torch.Tensor) -> tup
     else:
         layer_types = None
         window = window if window and config.model_type == "mistral" else None  # one window for all layers
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    layers: list[Any] = list(cache.layers)
+    kv = [(layer.keys, layer.values) for layer in layers]
     ctx = _Context(model=model, adapter=adapter, kv=kv, n_ctx=input_ids.shape[1], dtype=out.last_hidden_state.dtype,
                    layer_types=layer_types, window=window)
     return ctx, out.last_hidden_state[0]
@@ -459,7 +460,8 @@ def marginalize(
     sum of the nucleus sizes), plus their unembedding.
     """
     adapter = get_adapter(model)
-    vocab = int(adapter.unembed(model).weight.shape[0])
+    config: Any = model.config
+    vocab = int(adapter.unembed(model).weight.shape[0])  # type: ignore[index]
     depth = _check_int(depth, "depth", 1)
     top_p = _check_top_p(top_p)
     extras = sorted({_check_top_p(q, "extra_top_p") for q in extra_top_p} - {top_p})
@@ -479,7 +481,7 @@ def marginalize(
     n_ctx = input_ids.shape[1]
     pos = _check_positions(positions, n_ctx).to(device)
     if adapter.family == "gpt2":  # learned absolute positions: no room beyond the table
-        limit = int(model.config.n_positions)
+        limit = int(config.n_positions)
         if n_ctx + depth - 1 > limit:
             raise ValueError(f"input_ids of {n_ctx} tokens with depth={depth} needs positions up to "
                              f"{n_ctx + depth - 2}, beyond this GPT-2's {limit}: shorten the input")

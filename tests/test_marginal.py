@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -35,9 +36,9 @@ def _seed() -> int:
     return random.SystemRandom().randrange(2**31)
 
 
-def _tiny(family: str, seed: int, dtype: torch.dtype = torch.float64, attn: str = "sdpa") -> torch.nn.Module:
+def _tiny(family: str, seed: int, dtype: torch.dtype = torch.float64, attn: str = "sdpa") -> Any:
     # 6 layers make the tiny Gemma-3 have both a full and sliding-window (64 tokens) layers
-    model = build_tiny_model(family, n_layers=6 if family == "gemma" else 3, hidden=32, seed=seed).to(dtype)
+    model: Any = build_tiny_model(family, n_layers=6 if family == "gemma" else 3, hidden=32, seed=seed).to(dtype)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
     return model
@@ -134,13 +135,15 @@ def test_depth3_matches_brute_force(family: str) -> None:
     _assert_matches(result, model, ids, top_p, seed)
 
 
-def _small_vocab_model(family: str, seed: int, vocab: int = 40) -> torch.nn.Module:
+def _small_vocab_model(family: str, seed: int, vocab: int = 40) -> Any:
     """A 2-layer model with a small vocabulary (V^2 paths stay cheap); the Gemma-3 one alternates a
     sliding layer of window 4 and a full layer, so the window cuts into short contexts."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    common: dict[str, Any] = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=64, bos_token_id=0, eos_token_id=1,
+                                  pad_token_id=1)
+    config: Any
     if family == "llama":
         config = LlamaConfig(**common)
     else:
