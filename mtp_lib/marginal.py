@@ -12,16 +12,24 @@ it; ``top_p=1.0`` is the exact marginal over the whole vocabulary.
 How it runs (:func:`marginalize`):
 
 1. the sample runs once, filling a KV cache of its ``T`` tokens;
-2. every kept candidate of every position (and, for ``depth >= 3``, of every deeper level) is one
-   token of a *packed* extra step: a chunk of candidates runs as a single sequence after the cache,
-   each token with its own position id (``t + level``) and a tree attention mask that lets it see the
-   cache up to its own context end ``t``, its ancestors in the tree and itself; the cache is cropped
-   back to ``T`` after each chunk;
+2. every kept candidate of every position (and, for ``depth >= 3``, every path of deeper levels)
+   becomes one token of a *packed* extra step. A step is a batch of rows; each row is one sequence
+   after its own copy of the context's cache, holding ``tokens_per_row`` candidate tokens (of any
+   positions), each with its own position id (``t + level``) and a tree attention mask that lets it
+   see the cache up to its own context end ``t``, its ancestors in the tree and itself. Rows keep
+   the attention of each token to ``T + tokens_per_row`` keys, the batch keeps the matmuls large;
 3. the unembedding runs on a bounded number of candidates at a time, and each block is reduced at
-   once into the ``[P, V]`` marginals (log-sum-exp across blocks, see :func:`_accumulate`).
+   once into the ``[P, V]`` marginals (see :func:`_accumulate`): one softmax per candidate, a
+   weighted sum per position shifted in log space, ``logaddexp`` across blocks.
 
-Memory stays bounded by ``max_tokens_per_chunk`` (the packed step) and ``max_logits_elements`` (the
-logits block), whatever the nucleus size.
+Memory stays bounded by ``max_tokens_per_chunk`` (one step), the cache copies (about 1 GiB) and
+``max_logits_elements`` (the logits block), whatever the nucleus size: small models keep thousands of
+candidates at top-p 0.99 (SmolLM2-135M: a mean of about 2,400 on English prose).
+
+Masks are additive float ``[B, 1, L, T + L]`` tensors (sdpa and eager attention both take them);
+models with sliding-window layers (Gemma 2/3) get one mask per layer type, and the cache keeps every
+context token in every layer so that the mask alone enforces the window. Learned absolute positions
+(GPT-2) work since each token carries its own position id.
 """
 
 from __future__ import annotations
