@@ -131,9 +131,10 @@ def test_layer_accuracy_panels_and_line_styles() -> None:
     for model, n in models.items():
         for layer in range(1, n + 1):
             for target in ("next", "2nd"):
+                probed = layer % 2 == 0 or layer == n  # probes on a subset of layers, like the CPU profile
                 rows.append({"model": model, "depth": layer / n, "method": "lens", "target": target,
-                             "accuracy": rng.uniform(), "nll": rng.uniform(0, 20)})
-                if layer % 2 == 0 or layer == n:  # probes on a subset of layers, like the CPU profile
+                             "accuracy": rng.uniform(), "nll": rng.uniform(0, 20) if probed else np.nan})
+                if probed:
                     rows.append({"model": model, "depth": layer / n, "method": "probe", "target": target,
                                  "accuracy": rng.uniform(), "nll": rng.uniform(0, 20)})
     scores = pd.DataFrame(rows)
@@ -143,12 +144,16 @@ def test_layer_accuracy_panels_and_line_styles() -> None:
         ax_acc, ax_nll = fig.axes[col], fig.axes[len(models) + col]
         assert ax_acc.get_title() == model
         labels = sorted(line.get_label() for line in ax_acc.get_lines())
-        assert labels == sorted(["lens, x_{t+1}", "lens, x_{t+2}", "probe, x_{t+1}", "probe, x_{t+2}"]), seed
+        names = {f"{m}, {P.TARGET_LABELS[t]}": (m, t) for m in ("lens", "probe") for t in ("next", "2nd")}
+        assert labels == sorted(names), seed
+        assert sorted(line.get_label() for line in ax_nll.get_lines()) == sorted(names), seed
         for line in ax_acc.get_lines() + ax_nll.get_lines():
-            method, target = line.get_label().split(", ")
+            method, target = names[line.get_label()]
             part = scores[(scores["model"] == model) & (scores["method"] == method)
-                          & (scores["target"] == ("next" if target == "x_{t+1}" else "2nd"))].sort_values("depth")
+                          & (scores["target"] == target)].sort_values("depth")
             column = "accuracy" if line.axes is ax_acc else "nll"
+            part = part[part[column].notna()]
+            assert np.allclose(line.get_xdata(), part["depth"]), f"seed {seed}: {model} {line.get_label()}"
             assert np.allclose(line.get_ydata(), part[column]), f"seed {seed}: {model} {line.get_label()}"
             assert line.get_linestyle() == ("--" if method == "probe" else "-")
     fig = P.layer_accuracy(scores.drop(columns=["nll"]), nll=False)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["PAPER_LABEL", "entropy_along_sentence", "kl_by_depth", "layer_accuracy", "read_paper_csv"]
+__all__ = ["PAPER_LABEL", "TARGET_LABELS", "entropy_along_sentence", "kl_by_depth", "layer_accuracy", "read_paper_csv"]
 
 PAPER_LABEL = "paper (Pythia), read off"
 _PAPER_COLOR = "0.45"
@@ -122,6 +122,7 @@ def entropy_along_sentence(entropy: pd.DataFrame, sentences: Mapping[str, str],
 
 
 _TARGET_COLORS = {"next": 0, "2nd": 1}
+TARGET_LABELS = {"next": "$x_{t+1}$", "2nd": "$x_{t+2}$"}
 _METHOD_STYLE = {"lens": dict(linestyle="-", marker=None), "probe": dict(linestyle="--", marker="o")}
 
 
@@ -129,8 +130,8 @@ def layer_accuracy(scores: pd.DataFrame, *, k: int = 5, nll: bool = True) -> Any
     """Per-layer top-k accuracy (and mean NLL) of the logit lens and of the linear probes.
 
     ``scores`` has columns ``model``, ``depth``, ``method`` ('lens' or 'probe'), ``target`` ('next'
-    for x_{t+1}, '2nd' for x_{t+2}), ``accuracy`` and, when ``nll`` is True, ``nll`` (NaN allowed: not
-    drawn). One column of panels per model; top row accuracy, bottom row NLL. Colour is the target,
+    for x_{t+1}, '2nd' for x_{t+2}), ``accuracy`` and, when ``nll`` is True, ``nll`` (a NaN point is left
+    out and the line joins its neighbours: e.g. a lens NLL known only at the probed layers). One column of panels per model; top row accuracy, bottom row NLL. Colour is the target,
     line style the method (solid: lens, dashed with markers: probe).
     """
     import matplotlib.pyplot as plt
@@ -155,12 +156,13 @@ def layer_accuracy(scores: pd.DataFrame, *, k: int = 5, nll: bool = True) -> Any
                               & (scores["target"] == target)].sort_values("depth")
                 if part.empty:
                     continue
-                label = f"{method}, {'x_{t+1}' if target == 'next' else 'x_{t+2}'}"
+                label = f"{method}, {TARGET_LABELS[target]}"
                 for row, column in enumerate(["accuracy", "nll"][:rows]):
                     values = part[column].to_numpy(dtype=float)
-                    if np.isnan(values).all():
-                        continue
-                    axes[row, col].plot(part["depth"], values, color=colors[ci], markersize=4, label=label, **style)
+                    drawn = ~np.isnan(values)  # e.g. a lens NLL known only at the probed layers
+                    if drawn.any():
+                        axes[row, col].plot(part["depth"].to_numpy()[drawn], values[drawn], color=colors[ci],
+                                            markersize=4, label=label, **style)
         axes[0, col].set_title(model)
         axes[0, col].set_ylabel(f"top-{k} accuracy")
         axes[0, col].set_ylim(0, 1)
