@@ -276,10 +276,10 @@ class MarginalOracleDrafter:
     head_type="medusa")``, whose head 1 is the model's own output) to compare like with like.
     """
 
-    def __init__(self, model: nn.Module, *, top_p: float = 0.99, max_tokens_per_chunk: int = 1024) -> None:
+    def __init__(self, model: nn.Module, *, top_p: float = 0.99, **marginalize_options: Any) -> None:
         self.model = model
         self.top_p = top_p
-        self.max_tokens_per_chunk = max_tokens_per_chunk
+        self.options = marginalize_options  # passed on to marginalize (chunk sizes)
 
     def __call__(self, tokens: Sequence[int], head_candidates: list[list[int]]) -> list[list[int]]:
         from mtp_lib.marginal import marginalize
@@ -291,7 +291,7 @@ class MarginalOracleDrafter:
         device = next(self.model.parameters()).device
         context = torch.tensor([list(tokens[:-1])], device=device)  # x<=t: the root x_{t+1} is left out
         res = marginalize(self.model, context, depth=depth + 1, top_p=self.top_p, positions=[context.shape[1] - 1],
-                          max_tokens_per_chunk=self.max_tokens_per_chunk)
+                          **self.options)
         return [res.log_probs[0, d].topk(k).indices.tolist() for d in range(1, depth + 1)]
 
 
@@ -425,7 +425,10 @@ class _StaticVerifier:
         self.k = max(tree.widths, default=0)
         configs = [view.backbone.config] + [h.body.config for h in view.heads if isinstance(h, LayerHead)]
         self.layout = mask_layout(configs)
-        self.cache = StaticMTPCache(view.n_heads, view.head_type == "layer", max_length)
+        # room for max_length tokens, rounded up so that the masks' last dimension suits fused attention kernels
+        self.buffer_len = -(-max_length // 64) * 64
+        n_backbone = len(getattr(view.backbone, view.adapter.layers_attr))
+        self.cache = StaticMTPCache(n_backbone, view.n_heads, view.head_type == "layer", self.buffer_len)
         self.depth = torch.tensor(tree.depths, device=self.device)
         self.ancestors = tree.ancestors().to(self.device)
         graphs = cuda_graphs and self.device.type == "cuda"
@@ -440,7 +443,7 @@ class _StaticVerifier:
         """``packed = [start, token_0 .. token_{S-1}]`` (device): write the tokens at slots start.. and predict."""
         start, tokens = packed[:1], packed[1:]
         self.cache.set_slots(start + torch.arange(tokens.shape[0], device=tokens.device))
-        mask = tree_masks(start, depth, ancestors, self.max_length, self.layout, self.dtype)
+        mask = tree_masks(start, depth, ancestors, self.buffer_len, self.layout, self.dtype)
         out = self.view(tokens[None], attention_mask=mask, position_ids=(start + depth)[None], cache=self.cache,
                         use_cache=True, return_logits=False)
         states = out.states[:, 0, -1:] if last_only else out.states[:, 0]

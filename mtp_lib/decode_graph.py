@@ -32,20 +32,21 @@ __all__ = ["GraphRunner", "MaskLayout", "StaticKVCache", "StaticMTPCache", "mask
 
 
 class StaticKVCache:
-    """Keys and values of the attention layers of one decoder stack, in fixed buffers.
+    """Keys and values of the ``n_layers`` attention layers of one decoder stack, in one fixed buffer.
 
-    Buffers are allocated at the first :meth:`update` of each layer (so their head count, head size,
-    dtype and device come from the model), with room for ``max_len`` tokens. Before each forward
-    call, :meth:`set_slots` says where its ``S`` tokens go (a device tensor ``[S]``); ``update``
-    writes them there in place and returns the whole buffers.
+    The buffer ``[2, n_layers, 1, kv_heads, max_len, head_dim]`` (keys, values) is allocated at the
+    first :meth:`update` (so head count, head size, dtype and device come from the model); every
+    layer must have the same shape, as in the supported families. Before each forward call,
+    :meth:`set_slots` says where its ``S`` tokens go (a device tensor ``[S]``); ``update`` writes
+    them there in place and returns the layer's whole keys and values. One buffer for all layers
+    lets :meth:`move` rearrange every layer in two kernels.
     """
 
-    def __init__(self, max_len: int) -> None:
-        if max_len < 1:
-            raise ValueError(f"max_len={max_len} must be >= 1")
-        self.max_len = max_len
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        if n_layers < 1 or max_len < 1:
+            raise ValueError(f"n_layers={n_layers} and max_len={max_len} must be >= 1")
+        self.n_layers, self.max_len = n_layers, max_len
+        self.kv: torch.Tensor | None = None
         self.slots: torch.Tensor | None = None
 
     def set_slots(self, slots: torch.Tensor) -> None:
@@ -53,25 +54,27 @@ class StaticKVCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys/values ``[1, H, S, D]`` at the current slots; return the full buffers."""
+        """Write the new keys/values ``[1, H, S, D]`` at the current slots; return the layer's full buffers."""
         if self.slots is None:
             raise RuntimeError("StaticKVCache.update before set_slots: the decoder sets the write slots")
-        if key_states.shape[0] != 1:
-            raise ValueError(f"the static cache holds one sequence; got batch size {key_states.shape[0]}")
-        if layer_idx not in self.keys:
-            b, h, _, dk = key_states.shape
-            self.keys[layer_idx] = key_states.new_zeros(b, h, self.max_len, dk)
-            self.values[layer_idx] = value_states.new_zeros(b, h, self.max_len, value_states.shape[-1])
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        b, h, _, d = key_states.shape
+        if b != 1:
+            raise ValueError(f"the static cache holds one sequence; got batch size {b}")
+        if self.kv is None:
+            self.kv = key_states.new_zeros(2, self.n_layers, 1, h, self.max_len, d)
+        if value_states.shape[-1] != d or self.kv.shape[3] != h or self.kv.shape[5] != d or layer_idx >= self.n_layers:
+            raise ValueError(f"layer {layer_idx}: keys {tuple(key_states.shape)} / values {tuple(value_states.shape)} "
+                             f"do not fit the static cache {tuple(self.kv.shape)}: layers of different shapes "
+                             "are not supported")
+        keys, values = self.kv[0, layer_idx], self.kv[1, layer_idx]
         keys.index_copy_(2, self.slots, key_states)
         values.index_copy_(2, self.slots, value_states)
         return keys, values
 
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the entries of slots ``src`` to slots ``dst`` in every layer (all sources read first)."""
-        for buffers in (self.keys, self.values):
-            for buf in buffers.values():
-                buf.index_copy_(2, dst, buf.index_select(2, src))
+        if self.kv is not None:
+            self.kv.index_copy_(4, dst, self.kv.index_select(4, src))
 
 
 class StaticMTPCache:
@@ -83,10 +86,10 @@ class StaticMTPCache:
     depend on it: pass positions and the mask explicitly.
     """
 
-    def __init__(self, n_heads: int, has_head_caches: bool, max_len: int) -> None:
+    def __init__(self, n_backbone_layers: int, n_heads: int, has_head_caches: bool, max_len: int) -> None:
         self.length = 0
-        self.backbone = StaticKVCache(max_len)
-        self.heads: list[StaticKVCache | None] = [StaticKVCache(max_len) if has_head_caches else None
+        self.backbone = StaticKVCache(n_backbone_layers, max_len)
+        self.heads: list[StaticKVCache | None] = [StaticKVCache(1, max_len) if has_head_caches else None
                                                   for _ in range(n_heads)]
 
     def caches(self) -> list[StaticKVCache]:

@@ -26,7 +26,7 @@ from mtp_lib.decode import (
     rank_acceptance,
     speculative_generate,
 )
-from mtp_lib.decode_graph import GraphRunner, MaskLayout, tree_masks
+from mtp_lib.decode_graph import GraphRunner, MaskLayout, StaticKVCache, tree_masks
 from mtp_lib.heads import MTPModel
 from mtp_lib.models import build_tiny_model
 
@@ -191,6 +191,31 @@ def test_tree_masks_match_brute_force(window: int | None) -> None:
                 k_pos = s if s < start else start + tree.depths[min(s - start, size - 1)]
                 near = ok and q_pos - k_pos < window
                 assert (masks["sliding_attention"][0, 0, i, s] == 0) == near, f"sliding [{i}, {s}], seed {seed}"
+
+
+def test_static_kv_cache_writes_and_moves_like_a_list() -> None:
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    cache = StaticKVCache(n_layers=3, max_len=12)
+    ref = [[[None] * 12 for _ in range(3)] for _ in range(2)]  # [k/v][layer][slot] -> vector
+    for start, n in [(0, 5), (5, 3), (4, 6)]:
+        cache.set_slots(torch.arange(start, start + n))
+        for layer in range(3):
+            k, v = torch.randn(1, 2, n, 4, generator=g), torch.randn(1, 2, n, 4, generator=g)
+            keys, values = cache.update(k, v, layer)
+            assert keys.shape == (1, 2, 12, 4), f"seed {seed}"
+            for i in range(n):
+                ref[0][layer][start + i], ref[1][layer][start + i] = k[0, :, i], v[0, :, i]
+    src, dst = [4, 7, 9, 2], [4, 5, 6, 7]  # reads before writes: slot 7 goes to 5 and gets 2
+    cache.move(torch.tensor(src), torch.tensor(dst))
+    moved = dict(zip(dst, src))
+    ref = [[[layer[moved.get(j, j)] for j in range(12)] for layer in kv] for kv in ref]
+    for kv in range(2):
+        for layer in range(3):
+            for j in range(10):
+                torch.testing.assert_close(cache.kv[kv, layer, 0, :, j], ref[kv][layer][j], msg=f"seed {seed}")
+    with pytest.raises(ValueError, match="shape"):
+        cache.update(torch.zeros(1, 3, 1, 4), torch.zeros(1, 3, 1, 4), 0)
 
 
 def test_graph_runner_runs_eagerly_on_buffers() -> None:
