@@ -153,6 +153,8 @@ def _kernel_env() -> None:
     if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    # Busy-waiting OpenMP threads slow torch down badly on a machine with few, shared cores
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
 
 
