@@ -735,8 +735,9 @@ def hf_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, 
     if max_new == 0:
         return GenerateOutput(ids.to(input_ids.device), prompt_len, [], 0)
     pad = eos[0] if eos else (getattr(model.config, "pad_token_id", None) or 0)
+    # eos_token_id=[] rather than None: generate fills None fields from the model's own generation config
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new, min_new_tokens=0,
-                              eos_token_id=eos or None, pad_token_id=pad,
+                              eos_token_id=eos, pad_token_id=pad,
                               prompt_lookup_num_tokens=prompt_lookup_num_tokens, temperature=None, top_p=None,
                               top_k=None)
     cached: list[int | None] = []
