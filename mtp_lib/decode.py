@@ -416,9 +416,15 @@ def _position_limit(mtp: MTPModel) -> int | None:
 
 
 class _StaticVerifier:
-    """Static cache, own masks; on CUDA each step and each cache compaction is a replayed graph."""
+    """Static cache, own masks; on CUDA every step, cache compaction and prompt pass is a replayed graph.
 
-    def __init__(self, view: MTPModel, tree: Tree, max_length: int, cuda_graphs: bool) -> None:
+    Prompts are padded to a few fixed lengths (``pad_prompts``, default: with CUDA graphs) so that
+    their pass can be captured too: 64, 128, 256, .. tokens up to the cache size. Padding tokens sit
+    after the prompt, so causal attention keeps them out of it, and their cache slots count as stale.
+    """
+
+    def __init__(self, view: MTPModel, tree: Tree, max_length: int, cuda_graphs: bool,
+                 pad_prompts: bool | None = None) -> None:
         param = next(view.parameters())
         self.view, self.tree, self.max_length = view, tree, max_length
         self.device, self.dtype = param.device, param.dtype
@@ -433,24 +439,32 @@ class _StaticVerifier:
         self.ancestors = tree.ancestors().to(self.device)
         graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = graphs
+        long = dict(dtype=torch.long, device=self.device)
         with torch.no_grad():
-            self.step_runner = GraphRunner(self._step, [torch.zeros(1 + tree.size, dtype=torch.long, device=self.device)],
-                                           cuda_graph=graphs)
+            self.step_runner = GraphRunner(self._step, [torch.zeros(1 + tree.size, **long)], cuda_graph=graphs)
             self.commit_runner = None if tree.is_chain else GraphRunner(
-                self._commit, [torch.zeros(1 + tree.depth + 1, dtype=torch.long, device=self.device)], cuda_graph=graphs)
+                self._commit, [torch.zeros(1 + tree.depth + 1, **long)], cuda_graph=graphs)
+            self.prompt_runners: dict[int, GraphRunner] = {}
+            if graphs if pad_prompts is None else pad_prompts:
+                limit = min(max_length, _position_limit(view) or max_length)
+                for n in sorted({*(64 * 2**i for i in range(20) if 64 * 2**i < limit), limit}):
+                    self.prompt_runners[n] = GraphRunner(self._padded_prompt, [torch.zeros(1 + n, **long)],
+                                                         cuda_graph=graphs)
 
-    def _forward(self, packed: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor, last_only: bool) -> torch.Tensor:
-        """``packed = [start, token_0 .. token_{S-1}]`` (device): write the tokens at slots start.. and predict."""
-        start, tokens = packed[:1], packed[1:]
+    def _forward(self, start: torch.Tensor, tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor,
+                 rows: torch.Tensor | None) -> torch.Tensor:
+        """Write ``tokens`` ``[S]`` at slots ``start`` .. (``start`` ``[1]``, on the device) and predict at
+        ``rows`` (an index tensor; None: every token)."""
         self.cache.set_slots(start + torch.arange(tokens.shape[0], device=tokens.device))
         mask = tree_masks(start, depth, ancestors, self.buffer_len, self.layout, self.dtype)
         out = self.view(tokens[None], attention_mask=mask, position_ids=(start + depth)[None], cache=self.cache,
                         use_cache=True, return_logits=False)
-        states = out.states[:, 0, -1:] if last_only else out.states[:, 0]
+        states = out.states[:, 0] if rows is None else out.states[:, 0].index_select(1, rows)
         return _predict(self.view, states, self.k)
 
     def _step(self, packed: torch.Tensor) -> torch.Tensor:
-        return self._forward(packed, self.depth, self.ancestors, last_only=False)
+        """``packed = [start, token_0 .. token_{S-1}]``: the tree's tokens after ``start`` cached ones."""
+        return self._forward(packed[:1], packed[1:], self.depth, self.ancestors, None)
 
     def _commit(self, packed: torch.Tensor) -> torch.Tensor:
         """``packed = [start, o_0 .. o_D]``: slot ``start + o_j`` -> slot ``start + j``."""
@@ -458,15 +472,27 @@ class _StaticVerifier:
         self.cache.move(start + offsets, start + torch.arange(offsets.shape[0], device=offsets.device))
         return offsets
 
+    def _prompt(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[0]
+        depth = torch.arange(n, device=tokens.device)
+        causal = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
+        return self._forward(torch.zeros_like(last), tokens, depth, causal, last)
+
+    def _padded_prompt(self, packed: torch.Tensor) -> torch.Tensor:
+        """``packed = [T - 1, prompt tokens, padding]``: the prompt from slot 0, predictions at its last token."""
+        return self._prompt(packed[1:], packed[:1])
+
     def prefill(self, input_ids: torch.Tensor) -> _Prediction:
         n = input_ids.shape[1]
-        packed = torch.cat([torch.zeros(1, dtype=torch.long, device=self.device), input_ids[0]])
-        depth = torch.arange(n, device=self.device)
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
         self.cache.length = 0
-        pred = _Prediction.parse(self._forward(packed, depth, causal, last_only=True), 1, self.tree.depth, self.k)
+        fits = [size for size in self.prompt_runners if size >= n]
+        if fits:
+            ids = input_ids[0].tolist()
+            packed = self.prompt_runners[min(fits)](torch.tensor([n - 1, *ids, *[0] * (min(fits) - n)]))
+        else:
+            packed = self._prompt(input_ids[0], torch.tensor([n - 1], device=self.device))
         self.cache.length = n
-        return pred
+        return _Prediction.parse(packed, 1, self.tree.depth, self.k)
 
     def step(self, start: int, tokens: list[int]) -> _Prediction:
         packed = self.step_runner(torch.tensor([start, *tokens], dtype=torch.long))
@@ -520,14 +546,16 @@ class SpeculativeDecoder:
     trees and CUDA graphs) or Hugging Face's dynamic one. ``max_length``: room of the static cache;
     a prompt of T tokens may generate up to ``max_length - T - tree.size + 1`` tokens.
     ``cuda_graphs``: capture the step as a CUDA graph when the model is on CUDA (ignored elsewhere);
-    capturing happens here, once. Only heads 1..tree.depth+1 are run.
+    capturing happens here, once. ``pad_prompts``: pad prompts to 64, 128, 256, .. tokens so that
+    their pass is a captured graph too (default: when CUDA graphs are used). Only heads
+    1..tree.depth+1 are run.
 
     The decoder shares ``mtp``'s weights: changing them in place is seen by later calls, moving the
     model to another device or dtype is not (build a new decoder).
     """
 
     def __init__(self, mtp: MTPModel, *, tree: Tree | None = None, max_length: int = 1024,
-                 static_cache: bool = True, cuda_graphs: bool = True) -> None:
+                 static_cache: bool = True, cuda_graphs: bool = True, pad_prompts: bool | None = None) -> None:
         if not isinstance(mtp, MTPModel):
             raise ValueError(f"mtp must be an mtp_lib.heads.MTPModel, got {type(mtp).__name__}")
         tree = Tree.chain(mtp.n_heads - 1) if tree is None else tree
@@ -545,7 +573,8 @@ class SpeculativeDecoder:
         self.max_length = max_length if static_cache else None
         self.view = _first_heads(mtp, tree.depth + 1)
         self._verifier: _StaticVerifier | _DynamicVerifier = (
-            _StaticVerifier(self.view, tree, max_length, cuda_graphs) if static_cache else _DynamicVerifier(self.view, tree))
+            _StaticVerifier(self.view, tree, max_length, cuda_graphs, pad_prompts) if static_cache
+            else _DynamicVerifier(self.view, tree))
 
     @property
     def uses_cuda_graphs(self) -> bool:

@@ -241,12 +241,15 @@ def test_step_is_capturable(family: str, n_layers: int, options: dict) -> None:
     model = build_tiny_model(family, n_layers=n_layers)
     mtp = MTPModel(model, n_heads=3, **options).to("meta")
     tree = Tree.cartesian([2, 2])
-    decoder = SpeculativeDecoder(mtp, tree=tree, max_length=64, cuda_graphs=True)  # off CUDA: eager
+    decoder = SpeculativeDecoder(mtp, tree=tree, max_length=100, cuda_graphs=True, pad_prompts=True)  # eager here
     verifier = decoder._verifier
+    assert sorted(verifier.prompt_runners) == [64, 100]
     with torch.no_grad():
         out = verifier.step_runner(torch.zeros(1 + tree.size, dtype=torch.long))
         verifier.commit_runner(torch.zeros(1 + tree.depth + 1, dtype=torch.long))
+        first = verifier.prompt_runners[64](torch.zeros(1 + 64, dtype=torch.long))
     assert out.device.type == "meta" and out.shape == (tree.size + 2 * tree.size * 2,)
+    assert first.device.type == "meta" and first.shape == (1 + 2 * 2,)
     assert not decoder.uses_cuda_graphs
 
 
@@ -353,11 +356,13 @@ def test_eos_and_max_new_tokens(family: str) -> None:
 
 @pytest.mark.parametrize("family,n_layers", [("gemma", 4), ("gpt2", 4)])
 def test_decoder_reused_across_prompts(family: str, n_layers: int) -> None:
-    """One static decoder, prompts of changing length: stale cache slots of earlier prompts never leak."""
+    """One static decoder, prompts of changing length (padded to 64 or 128 tokens, as under CUDA graphs):
+    stale cache slots of earlier prompts and padding never leak."""
     seed = fresh_seed()
     mtp = MTPModel(tiny(family, seed, n_layers), n_heads=3, seed=seed)
-    decoder = SpeculativeDecoder(mtp, tree=Tree.cartesian([2, 2]), max_length=128)
-    for i, n in enumerate([60, 8, 33, 1]):
+    decoder = SpeculativeDecoder(mtp, tree=Tree.cartesian([2, 2]), max_length=128, pad_prompts=True)
+    assert sorted(decoder._verifier.prompt_runners) == [64, 128]
+    for i, n in enumerate([60, 8, 33, 1, 70]):
         ids = prompt(seed + i, n)
         drafter = ReferenceDrafter(brute_greedy(mtp, ids, 40)) if i % 2 else None
         out = decoder.generate(ids, 40, drafter=drafter)
