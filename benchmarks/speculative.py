@@ -1,0 +1,415 @@
+"""Speed and acceptance of self-speculative decoding with MTP heads, against greedy baselines.
+
+Follows the Spec-Bench contract: greedy, batch size 1, the same prompts for every method, wall time
+per prompt after warm-up with the device synchronized, new tokens and accepted lengths per step;
+speedup = mean tokens/s of a method over a baseline measured in the same run on the same device;
+tau (mean accepted tokens per verification step) beside it; and a check that every output equals
+greedy decoding token for token.
+
+Rows (all greedy, batch 1, same prompts, same EOS and token budget):
+
+  generate        transformers ``generate`` (eager, dynamic cache) on the model head 1 computes
+  prompt_lookup   transformers prompt lookup decoding (``prompt_lookup_num_tokens``)
+  greedy_graph    mtp_lib.decode greedy decoding, static cache, one CUDA graph per token: the honest
+                  baseline for speculation (the launch overhead of eager decoding removed)
+  specN_chain     N heads, chain of top-1 drafts, static cache + CUDA graphs
+  specN_tree      N heads, Medusa-style tree calibrated on greedy outputs of training prompts
+  oracle2         drafts x_{t+2} from the model's own marginal over x_{t+1} (mtp_lib.marginal):
+                  acceptance only (its drafting is not timed against the others)
+
+Heads: trained here with mtp_lib.train (the ``heads_only`` recipe by default) on the model's own
+greedy continuations of training prompts (self-distillation: acceptance is agreement with greedy
+decoding, not with reference translations), or loaded with ``--heads DIR ...`` (folders written by
+mtp_lib.train / scripts/train_heads.py). Unless ``--keep-head1``, head 1 is reset to the model's last
+layer after training, so every row verifies against the unchanged model: heads-only training keeps
+heads 2..N independent of head 1, so this equals training heads 2..N alone.
+
+    python benchmarks/speculative.py --quick --out quick.json            # CPU, a couple of minutes
+    python benchmarks/speculative.py --device cuda --out h100.json        # the full run (GPU)
+    python benchmarks/speculative.py --device cuda --heads runs/h2 runs/h4 --out h100.json
+
+``--quick`` is a smoke run (tiny training budget, few prompts and tokens): read its ratios only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Runner = Callable[[torch.Tensor], Any]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="alias, hub id or folder (mtp_lib.models.load_model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny budget, ratios only")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--tasks", nargs="+", choices=["translation", "open-ended"], default=["translation", "open-ended"])
+    p.add_argument("--n-prompts", type=int, help="timed prompts per task (default 10; quick 2)")
+    p.add_argument("--max-new-tokens", type=int, help="token budget per prompt (default 128; quick 24)")
+    p.add_argument("--open-prompt-tokens", type=int, default=64, help="open-ended prompt: first tokens of a passage")
+    p.add_argument("--methods", nargs="+", help="rows to run (default: all); names as in the module doc")
+    p.add_argument("--no-graphs", action="store_true", help="static-cache rows without CUDA graphs")
+    p.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method (mean)")
+    # heads
+    p.add_argument("--heads", type=Path, nargs="+", help="load trained heads from these folders instead of training")
+    p.add_argument("--train-heads", type=int, nargs="+", default=[2, 4], help="head counts to train")
+    p.add_argument("--save-heads", type=Path, help="train into DIR/heads-N (and load from there when present)")
+    p.add_argument("--recipe", default="heads_only", help="mtp_lib.train recipe")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-3: heads 2..N start from random init)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 2; quick 1)")
+    p.add_argument("--train-prompts", type=int, help="training prompts (default 8192; quick 16)")
+    p.add_argument("--distill-batch", type=int, help="prompts per batched generate call (default 128 on GPU, 8 on CPU)")
+    p.add_argument("--batch", type=int, default=16,
+                   help="sequences per optimizer step (the paper's recipes: 64; more, smaller steps here)")
+    p.add_argument("--distill-tokens", type=int, help="greedy tokens per training prompt (default 96; quick 24)")
+    p.add_argument("--train-targets", choices=["greedy", "data"], default="greedy",
+                   help="train on the model's greedy continuations (default) or on the data's targets")
+    p.add_argument("--keep-head1", action="store_true", help="keep the trained head 1 (verify against it)")
+    # trees and oracle
+    p.add_argument("--tree-nodes", type=int, nargs=2, metavar=("N2", "N4"),
+                   help="draft nodes of the 2-head and N-head trees (default 4 31; quick 3 10)")
+    p.add_argument("--calib-prompts", type=int, help="training prompts to calibrate trees on (default 32; quick 4)")
+    p.add_argument("--oracle-prompts", type=int, help="prompts per task for oracle2 (default 4; quick 1)")
+    p.add_argument("--oracle-top-p", type=float, help="nucleus of the oracle's marginal (default 0.99; quick 0.9)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; quick 1, robust on a busy machine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    quick = args.quick
+    defaults = dict(n_prompts=(2, 10), max_new_tokens=(24, 128), epochs=(1, 2), train_prompts=(16, 8192),
+                    distill_tokens=(24, 96), calib_prompts=(4, 32), oracle_prompts=(1, 4), lr=(1e-3, 1e-3),
+                    oracle_top_p=(0.9, 0.99), threads=(1, None),
+                    tree_nodes=([3, 10], [4, 31]))
+    for name, (q, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, q if quick else full)
+    if quick and args.device == "auto":
+        args.device = "cpu"
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts and training data
+
+
+@dataclasses.dataclass
+class Prompt:
+    task: str
+    id: str
+    ids: torch.Tensor  # [1, T] on the model's device
+
+
+def eval_prompts(tokenizer: Any, args: argparse.Namespace, device: torch.device) -> list[Prompt]:
+    """Validation translation prompts (up to "Translated:") and open-ended passage openings."""
+    from mtp_lib.data import open_ended_samples, translation_samples
+
+    out: list[Prompt] = []
+    if "translation" in args.tasks:
+        for s in translation_samples(tokenizer, args.n_prompts, split="validation"):
+            out.append(Prompt("translation", s.id, torch.tensor([s.input_ids[:s.target_start]], device=device)))
+    if "open-ended" in args.tasks:
+        for s in open_ended_samples(tokenizer, args.n_prompts, n_tokens=args.open_prompt_tokens):
+            out.append(Prompt("open-ended", s.id, torch.tensor([s.input_ids], device=device)))
+    return out
+
+
+def train_prompts(tokenizer: Any, args: argparse.Namespace, n: int) -> list[Any]:
+    """Training samples: translation train pairs and open-ended passages not used for evaluation
+    (cut at several points), as mtp_lib.data.Sample (prompt = input_ids[:target_start])."""
+    from mtp_lib.data import Sample, load_open_ended, open_ended_samples, translation_samples
+
+    texts = open_ended_samples(tokenizer, len(load_open_ended()), n_tokens=400)[args.n_prompts:]
+    cuts = [32, 64, 96, 128, 160]
+    n_open = min(n // 4, len(texts) * len(cuts)) if "open-ended" in args.tasks else 0
+    samples = translation_samples(tokenizer, n - n_open, split="train", seed=args.seed, min_target_words=5)
+    for i in range(n_open):
+        s = texts[i % len(texts)]
+        cut = min(cuts[(i // len(texts)) % len(cuts)], len(s.input_ids) - 1)
+        samples.append(Sample(f"{s.id}@{cut}", "open-ended", s.input_ids, cut, s.text))
+    return samples
+
+
+@torch.no_grad()
+def greedy_targets(model: Any, samples: list[Any], n_tokens: int, eos: int | None, batch: int,
+                   progress: bool) -> list[Any]:
+    """Self-distillation: each sample's target replaced by the model's greedy continuation of its prompt
+    (batched transformers ``generate`` with left padding: fast, and exactness does not matter here)."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    pad = eos if eos is not None else 0
+    out = []
+    for i in tqdm(range(0, len(samples), batch), desc="greedy targets", disable=not progress):
+        chunk = samples[i:i + batch]
+        prompts = [s.input_ids[:s.target_start] for s in chunk]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n_tokens, min_new_tokens=1,
+                             eos_token_id=eos, pad_token_id=pad)
+        for s, p, row in zip(chunk, prompts, gen[:, width:].tolist()):
+            if eos is not None and eos in row:
+                row = row[:row.index(eos) + 1]
+            out.append(dataclasses.replace(s, input_ids=list(p) + row, target_start=len(p)))
+    return out
+
+
+def reset_head1(mtp: Any, model: Any) -> None:
+    """Make head 1 the model's own last layer again (layer heads without WHS; Medusa's head 1 already is)."""
+    if mtp.head_type == "medusa":
+        return
+    if mtp.weighted_hidden_states:
+        raise SystemExit("--keep-head1 is needed with weighted hidden states (head 1 reads all layers)")
+    adapter = mtp.adapter
+    last = adapter.layers(model)[-1]
+    head_layer = getattr(mtp.heads[0].body, adapter.layers_attr)[0]
+    head_layer.load_state_dict(last.state_dict())
+
+
+def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None) -> dict[int, Any]:
+    """n_heads -> trained MTPModel (loaded from --heads / --save-heads, or trained now)."""
+    from mtp_lib.train import load_trained, recipe, train
+
+    model, tok = loaded.model, loaded.tokenizer
+    heads: dict[int, Any] = {}
+    for path in args.heads or []:
+        mtp = load_trained(model, path)
+        heads[mtp.n_heads] = mtp
+    todo = [n for n in args.train_heads if n not in heads] if not args.heads else []
+    data = None
+    for n in todo:
+        folder = args.save_heads / f"heads-{n}" if args.save_heads else None
+        if folder is not None and (folder / "trained.safetensors").is_file():
+            heads[n] = load_trained(model, folder)
+            continue
+        if data is None:
+            data = train_prompts(tok, args, args.train_prompts)
+            if args.train_targets == "greedy":
+                batch = args.distill_batch or (128 if model.device.type == "cuda" else 8)
+                data = greedy_targets(model, data, args.distill_tokens, eos, batch, not args.no_progress)
+        micro = min(args.batch, 16 if model.device.type == "cuda" else 4)
+        batch = max(micro, min(args.batch - args.batch % micro, (len(data) // micro) * micro))
+        config = recipe(args.recipe, n_heads=n, lr=args.lr, epochs=args.epochs, seed=args.seed,
+                        effective_batch_size=batch, micro_batch_size=micro)
+        print(f"training {n} heads ({args.recipe}, {len(data)} sequences, {args.epochs} epoch(s), lr {args.lr})")
+        heads[n] = train(model, data, config, out_dir=folder, progress=not args.no_progress).model
+    for mtp in heads.values():
+        mtp.eval()
+        if not args.keep_head1:
+            if any("lora_" in name for name, _ in mtp.backbone.named_parameters()):
+                raise SystemExit("these heads come with a LoRA-adapted backbone (a joint recipe): the verifier "
+                                 "is not the model; pass --keep-head1 and one variant")
+            reset_head1(mtp, model)
+    return heads
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def summarize(records: list[dict[str, Any]], baselines: list[str]) -> list[dict[str, Any]]:
+    """Per task and method: mean tokens/s, speedups over baselines (same prompts), tau, identity checks."""
+    rows = []
+    for task in sorted({r["task"] for r in records}) + ["all"]:
+        mine = [r for r in records if task in ("all", r["task"])]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            rs = [r for r in mine if r["method"] == method]
+            steps = [a for r in rs for a in r["accepted_lengths"][1:]]
+            row = {"task": task, "method": method, "prompts": len(rs), "timed": rs[0]["timed"],
+                   "new_tokens": sum(r["new_tokens"] for r in rs),
+                   "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rs),
+                   "total_tokens_per_s": sum(r["new_tokens"] for r in rs) / sum(r["seconds"] for r in rs),
+                   "tau": sum(steps) / len(steps) if steps else None,
+                   "identical_to_greedy": sum(r["identical_to_greedy"] for r in rs) / len(rs),
+                   "identical_to_generate": sum(r["identical_to_generate"] for r in rs) / len(rs)}
+            for base in baselines:
+                ids = {r["prompt"] for r in rs}
+                bs = [r for r in mine if r["method"] == base and r["prompt"] in ids]
+                if bs and len(bs) == len(rs) and row["timed"]:
+                    row[f"speedup_vs_{base}"] = row["tokens_per_s"] / statistics.mean(r["tokens_per_s"] for r in bs)
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    cols = ["task", "method", "prompts", "tokens_per_s", "tau", "speedup_vs_generate", "speedup_vs_greedy_graph",
+            "identical_to_greedy"]
+    print("  ".join(f"{c:>14}" for c in cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:>14.3f}" if isinstance(v, float) else f"{'-' if v is None else v!s:>14}")
+        print("  ".join(cells))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from mtp_lib.decode import (
+        MarginalOracleDrafter,
+        SpeculativeDecoder,
+        Tree,
+        hf_generate,
+        next_token_model,
+        rank_acceptance,
+    )
+    from mtp_lib.heads import MTPModel
+    from mtp_lib.models import load_model
+    from mtp_lib.results import provenance, to_jsonable
+
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tok, device = loaded.model, loaded.tokenizer, loaded.device
+    eos = tok.eos_token_id
+    prompts = eval_prompts(tok, args, device)
+    print(f"{loaded.name} on {device} ({loaded.info()['dtype']}): {len(prompts)} prompts, "
+          f"max {args.max_new_tokens} new tokens, eos {eos}")
+
+    heads = get_heads(loaded, args, eos)
+    graphs = not args.no_graphs
+    budget = args.max_new_tokens
+    calib = [s for s in train_prompts(tok, args, max(args.calib_prompts, 4))[:args.calib_prompts]]
+    max_prompt = max([p.ids.shape[1] for p in prompts] + [s.target_start for s in calib])
+
+    # -- the rows ------------------------------------------------------------------------------
+    if args.keep_head1 and len(heads) > 1:
+        raise SystemExit("--keep-head1 with several head variants would give each its own greedy output: "
+                         "pass one variant (--train-heads N or one --heads folder)")
+    if heads and not args.keep_head1:
+        verifier_mtp = next(iter(heads.values()))  # every head 1 is now the model's last layer
+        hf_model = model
+    elif heads:
+        verifier_mtp = next(iter(heads.values()))
+        try:
+            hf_model = next_token_model(verifier_mtp, model)
+        except ValueError as err:
+            print(f"note: `generate` runs the original model, not head 1 ({err})")
+            hf_model = model
+    else:
+        verifier_mtp, hf_model = MTPModel(model, n_heads=1), model
+    wanted = set(args.methods) if args.methods else None
+
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted or name in ("generate", "greedy_graph")
+
+    def decoder(mtp: Any, tree: Any) -> Runner:
+        dec = SpeculativeDecoder(mtp, tree=tree, max_length=max_prompt + budget + tree.size + 1, cuda_graphs=graphs)
+        return lambda ids: dec.generate(ids, budget, eos_token_id=eos)
+
+    methods: dict[str, tuple[Runner, bool]] = {}  # name -> (run(ids) -> GenerateOutput, timed)
+    methods["generate"] = (lambda ids: hf_generate(hf_model, ids, budget, eos_token_id=eos), True)
+    if want("prompt_lookup"):
+        methods["prompt_lookup"] = (lambda ids: hf_generate(hf_model, ids, budget, eos_token_id=eos,
+                                                            prompt_lookup_num_tokens=args.prompt_lookup), True)
+    methods["greedy_graph"] = (decoder(verifier_mtp, Tree.chain(0)), True)
+    trees: dict[str, list[list[int]]] = {}
+    acceptance: dict[str, list[list[float]]] = {}
+    calib_outs = None
+    for n, mtp in sorted(heads.items()):
+        if want(f"spec{n}_chain"):
+            methods[f"spec{n}_chain"] = (decoder(mtp, Tree.chain(n - 1)), True)
+        if want(f"spec{n}_tree"):
+            if calib_outs is None:  # greedy outputs of training prompts: what verification accepts
+                greedy = methods["greedy_graph"][0]
+                calib_outs = [greedy(torch.tensor([s.input_ids[:s.target_start]], device=device)) for s in calib]
+            probs = rank_acceptance(mtp, calib_outs, k=10)
+            acceptance[f"heads-{n}"] = probs.tolist()
+            tree = Tree.from_rank_probs(probs, args.tree_nodes[0] if n == 2 else args.tree_nodes[1])
+            trees[f"spec{n}_tree"] = [list(c) for c in tree.choices]
+            methods[f"spec{n}_tree"] = (decoder(mtp, tree), True)
+    if want("oracle2"):
+        oracle_mtp = MTPModel(model, n_heads=2, head_type="medusa")  # head 1 is the model itself
+        oracle_dec = SpeculativeDecoder(oracle_mtp, tree=Tree.chain(1), max_length=max_prompt + budget + 3,
+                                        cuda_graphs=False)
+        drafter = MarginalOracleDrafter(model, top_p=args.oracle_top_p)
+        methods["oracle2"] = (lambda ids: oracle_dec.generate(ids, budget, eos_token_id=eos, drafter=drafter), False)
+
+    # -- warm-up, then every prompt through every method, in turn ------------------------------
+    warm = torch.tensor([calib[0].input_ids[:calib[0].target_start]], device=device)
+    print(f"[{time.perf_counter() - t_start:.0f} s] warm-up, then {len(prompts)} prompts x {len(methods)} methods")
+    for name, (run, timed) in methods.items():
+        if timed:
+            for _ in range(2 if device.type == "cuda" else 1):
+                run(warm)
+    sync(device)
+    records: list[dict[str, Any]] = []
+    n_oracle: dict[str, int] = {}
+    for prompt in tqdm(prompts, desc="prompts", disable=args.no_progress):
+        outs: dict[str, Any] = {}
+        for name, (run, timed) in methods.items():
+            if not timed:
+                if n_oracle.get(prompt.task, 0) >= args.oracle_prompts:
+                    continue
+                n_oracle[prompt.task] = n_oracle.get(prompt.task, 0) + 1
+            seconds = []
+            for _ in range(args.repeats if timed else 1):
+                sync(device)
+                t0 = time.perf_counter()
+                out = run(prompt.ids)
+                sync(device)
+                seconds.append(time.perf_counter() - t0)
+            outs[name] = out
+            secs = statistics.mean(seconds)
+            records.append({"task": prompt.task, "prompt": prompt.id, "method": name, "timed": timed,
+                            "prompt_tokens": int(prompt.ids.shape[1]), "new_tokens": out.new_tokens,
+                            "seconds": secs, "tokens_per_s": out.new_tokens / secs,
+                            "accepted_lengths": out.accepted_lengths, "n_forward": out.n_forward,
+                            "stopped_by_eos": out.stopped_by_eos, "new_token_ids": out.new_token_ids})
+        greedy, generated = outs["greedy_graph"].new_token_ids, outs["generate"].new_token_ids
+        for r in records[-len(outs):]:
+            r["identical_to_greedy"] = r["new_token_ids"] == greedy
+            r["identical_to_generate"] = r["new_token_ids"] == generated
+            r["first_difference_to_greedy"] = first_difference(r["new_token_ids"], greedy)
+
+    rows = summarize(records, ["generate", "greedy_graph"])
+    print_table(rows)
+    result = {
+        "benchmark": "speculative", "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t_start),
+        "model": loaded.info(), "dtype": loaded.info()["dtype"],
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "cuda_graphs": graphs and device.type == "cuda", "eos_token_id": eos,
+        "heads": {str(n): mtp.options() for n, mtp in heads.items()}, "trees": trees,
+        "rank_acceptance": acceptance, "rows": rows, "per_prompt": records,
+        "note": ("quick smoke run: tiny budget on CPU, ratios only" if args.quick else
+                 "tokens_per_s = mean over prompts of new tokens / wall time; speedups are ratios of those means"),
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(to_jsonable(result), indent=1))
+        print(f"written {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)
