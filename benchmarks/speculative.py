@@ -186,7 +186,7 @@ def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None) -> dict[in
     model, tok = loaded.model, loaded.tokenizer
     heads: dict[int, Any] = {}
     for path in args.heads or []:
-        mtp = load_trained(model, path)
+        mtp: Any = load_trained(model, path)
         heads[mtp.n_heads] = mtp
     todo = [n for n in args.train_heads if n not in heads] if not args.heads else []
     data = None

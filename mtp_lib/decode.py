@@ -65,6 +65,7 @@ __all__ = [
     "ReferenceDrafter",
     "SpeculativeDecoder",
     "Tree",
+    "acceptance_summary",
     "greedy_generate",
     "hf_generate",
     "next_token_model",
@@ -136,7 +137,7 @@ class Tree:
         if isinstance(n_nodes, bool) or not isinstance(n_nodes, int) or n_nodes < 0:
             raise ValueError(f"n_nodes={n_nodes!r} must be an integer >= 0")
         chosen: list[tuple[int, ...]] = []
-        heap = [(-p, (r,)) for r, p in enumerate(probs[0])]
+        heap: list[tuple[float, tuple[int, ...]]] = [(-p, (r,)) for r, p in enumerate(probs[0])]
         heapq.heapify(heap)
         while heap and len(chosen) < n_nodes:
             neg, path = heapq.heappop(heap)
@@ -331,6 +332,19 @@ class GenerateOutput:
         return sum(steps) / len(steps) if steps else math.nan
 
 
+def acceptance_summary(outputs: Sequence[GenerateOutput]) -> dict[str, Any]:
+    """Pooled acceptance of several generations: ``tau`` (accepted tokens per verification step over
+    all steps of all outputs, the prompts' passes left out), ``histogram`` (``{tokens gained: steps}``),
+    and the totals ``new_tokens``, ``steps``, ``forward_passes``."""
+    steps = [a for out in outputs for a in out.accepted_lengths[1:]]
+    histogram: dict[int, int] = {}
+    for a in steps:
+        histogram[a] = histogram.get(a, 0) + 1
+    return {"tau": sum(steps) / len(steps) if steps else math.nan, "histogram": dict(sorted(histogram.items())),
+            "new_tokens": sum(out.new_tokens for out in outputs), "steps": len(steps),
+            "forward_passes": sum(out.n_forward for out in outputs)}
+
+
 # --------------------------------------------------------------------------------------------------
 # Helpers
 
@@ -407,7 +421,8 @@ def _eos_set(eos_token_id: int | Sequence[int] | None) -> frozenset[int]:
 def _position_limit(mtp: MTPModel) -> int | None:
     """The number of positions a model with a learned position table (GPT-2) can embed."""
     if mtp.adapter.family == "gpt2":
-        return int(mtp.backbone.config.n_positions)
+        config: Any = mtp.backbone.config
+        return int(config.n_positions)
     return None
 
 
@@ -439,17 +454,18 @@ class _StaticVerifier:
         self.ancestors = tree.ancestors().to(self.device)
         graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = graphs
-        long = dict(dtype=torch.long, device=self.device)
+        def zeros(n: int) -> torch.Tensor:
+            return torch.zeros(n, dtype=torch.long, device=self.device)
+
         with torch.no_grad():
-            self.step_runner = GraphRunner(self._step, [torch.zeros(1 + tree.size, **long)], cuda_graph=graphs)
+            self.step_runner = GraphRunner(self._step, [zeros(1 + tree.size)], cuda_graph=graphs)
             self.commit_runner = None if tree.is_chain else GraphRunner(
-                self._commit, [torch.zeros(1 + tree.depth + 1, **long)], cuda_graph=graphs)
+                self._commit, [zeros(1 + tree.depth + 1)], cuda_graph=graphs)
             self.prompt_runners: dict[int, GraphRunner] = {}
             if graphs if pad_prompts is None else pad_prompts:
                 limit = min(max_length, _position_limit(view) or max_length)
                 for n in sorted({*(64 * 2**i for i in range(20) if 64 * 2**i < limit), limit}):
-                    self.prompt_runners[n] = GraphRunner(self._padded_prompt, [torch.zeros(1 + n, **long)],
-                                                         cuda_graph=graphs)
+                    self.prompt_runners[n] = GraphRunner(self._padded_prompt, [zeros(1 + n)], cuda_graph=graphs)
 
     def _forward(self, start: torch.Tensor, tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor,
                  rows: torch.Tensor | None) -> torch.Tensor:
@@ -736,7 +752,7 @@ def next_token_model(mtp: MTPModel, model: nn.Module) -> nn.Module:
     layer = shallow_module_copy(head_layer)
     for sub in layer.modules():  # back to the last layer's place in the model's own cache
         if isinstance(getattr(sub, "layer_idx", None), int):
-            sub.layer_idx = len(layers) - 1
+            setattr(sub, "layer_idx", len(layers) - 1)
     copy = shallow_module_copy(model)
     new_layers = adapter.layers(copy)
     new_layers[len(layers) - 1] = layer
@@ -757,7 +773,8 @@ def hf_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, 
 
     max_new = _check_max_new(max_new_tokens)
     eos = sorted(_eos_set(eos_token_id))
-    vocab = int(get_adapter(model).unembed(model).weight.shape[0])
+    unembed: Any = get_adapter(model).unembed(model)
+    vocab = int(unembed.weight.shape[0])
     device = next(model.parameters()).device
     ids = _check_ids(input_ids, vocab).to(device)
     prompt_len = ids.shape[1]
@@ -780,7 +797,8 @@ def hf_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, 
 
     handle = model.register_forward_pre_hook(count, with_kwargs=True)
     try:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        generate: Any = getattr(model, "generate")
+        out = generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     finally:
         handle.remove()
     n_new = out.shape[1] - prompt_len

@@ -10,22 +10,26 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from mtp_lib.decode import (
+    GenerateOutput,
     MarginalOracleDrafter,
     ReferenceDrafter,
     SpeculativeDecoder,
     Tree,
+    acceptance_summary,
     greedy_generate,
     hf_generate,
     next_token_model,
     rank_acceptance,
     speculative_generate,
 )
+from mtp_lib.decode import _StaticVerifier
 from mtp_lib.decode_graph import GraphRunner, MaskLayout, StaticKVCache, tree_masks
 from mtp_lib.heads import MTPModel
 from mtp_lib.models import build_tiny_model
@@ -58,7 +62,7 @@ def tiny(family: str, seed: int, n_layers: int = 4) -> nn.Module:
     With the tied embeddings of the tiny llama and gpt2, every token predicts itself and greedy
     decoding repeats one token forever, which would make the comparisons below nearly empty.
     """
-    model = build_tiny_model(family, n_layers=n_layers, seed=seed % 997)
+    model: Any = build_tiny_model(family, n_layers=n_layers, seed=seed % 997)
     out = model.get_output_embeddings()
     g = torch.Generator().manual_seed(seed)
     out.weight = nn.Parameter(torch.randn(out.weight.shape, generator=g) / out.weight.shape[1] ** 0.5)
@@ -81,7 +85,7 @@ def brute_greedy(mtp: MTPModel, ids: torch.Tensor, max_new: int, eos: int | None
     return seq
 
 
-def check_counts(out, max_new: int, msg: str) -> None:
+def check_counts(out: GenerateOutput, max_new: int, msg: str) -> None:
     assert out.new_tokens <= max_new, msg
     assert sum(out.accepted_lengths) == out.new_tokens, msg
     assert all(a >= 1 for a in out.accepted_lengths), msg
@@ -129,8 +133,9 @@ def test_tree_structure_and_validation() -> None:
         assert (cart.choices[p - 1] if p > 0 else ()) == c[:-1]
         anc = {j for j in range(cart.size) if cart.ancestors()[i, j]}
         assert anc == {0, i} | {cart.choices.index(c[:k]) + 1 for k in range(1, len(c))}
-    assert Tree([(1, 0), (1,), (0,)]).choices == ((0,), (1,), (1, 0))  # sorted by depth
-    for bad in [[(0, 0)], [(0,), (0,)], [()], [(-1,)], [(0.5,)]]:
+    assert Tree(((1, 0), (1,), (0,))).choices == ((0,), (1,), (1, 0))  # sorted by depth
+    bad_choices: list[Any] = [[(0, 0)], [(0,), (0,)], [()], [(-1,)], [(0.5,)]]
+    for bad in bad_choices:
         with pytest.raises(ValueError):
             Tree(tuple(bad))
     with pytest.raises(ValueError):
@@ -182,6 +187,7 @@ def test_tree_masks_match_brute_force(window: int | None) -> None:
     masks = tree_masks(torch.tensor([start]), torch.tensor(tree.depths), anc, max_len,
                        MaskLayout(per_type=window is not None, window=window), torch.float64)
     full = masks["full_attention"] if isinstance(masks, dict) else masks
+    assert isinstance(masks, dict) == (window is not None)
     for i in range(size):
         q_pos = start + tree.depths[i]
         for s in range(max_len):
@@ -190,14 +196,15 @@ def test_tree_masks_match_brute_force(window: int | None) -> None:
             if window is not None:
                 k_pos = s if s < start else start + tree.depths[min(s - start, size - 1)]
                 near = ok and q_pos - k_pos < window
-                assert (masks["sliding_attention"][0, 0, i, s] == 0) == near, f"sliding [{i}, {s}], seed {seed}"
+                sliding = masks["sliding_attention"] if isinstance(masks, dict) else masks
+                assert (sliding[0, 0, i, s] == 0) == near, f"sliding [{i}, {s}], seed {seed}"
 
 
 def test_static_kv_cache_writes_and_moves_like_a_list() -> None:
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     cache = StaticKVCache(n_layers=3, max_len=12)
-    ref = [[[None] * 12 for _ in range(3)] for _ in range(2)]  # [k/v][layer][slot] -> vector
+    ref: list[list[list[Any]]] = [[[None] * 12 for _ in range(3)] for _ in range(2)]  # [k/v][layer][slot]
     for start, n in [(0, 5), (5, 3), (4, 6)]:
         cache.set_slots(torch.arange(start, start + n))
         for layer in range(3):
@@ -210,6 +217,7 @@ def test_static_kv_cache_writes_and_moves_like_a_list() -> None:
     cache.move(torch.tensor(src), torch.tensor(dst))
     moved = dict(zip(dst, src))
     ref = [[[layer[moved.get(j, j)] for j in range(12)] for layer in kv] for kv in ref]
+    assert cache.kv is not None
     for kv in range(2):
         for layer in range(3):
             for j in range(10):
@@ -243,6 +251,7 @@ def test_step_is_capturable(family: str, n_layers: int, options: dict) -> None:
     tree = Tree.cartesian([2, 2])
     decoder = SpeculativeDecoder(mtp, tree=tree, max_length=100, cuda_graphs=True, pad_prompts=True)  # eager here
     verifier = decoder._verifier
+    assert isinstance(verifier, _StaticVerifier) and verifier.commit_runner is not None
     assert sorted(verifier.prompt_runners) == [64, 100]
     with torch.no_grad():
         out = verifier.step_runner(torch.zeros(1 + tree.size, dtype=torch.long))
@@ -303,6 +312,10 @@ def test_perfect_drafts_are_all_accepted(family: str) -> None:
             steps = out.accepted_lengths[1:]
             assert all(a == tree.depth + 1 for a in steps[:-1]), msg  # the last one may hit max_new_tokens
             assert len(steps) == math.ceil(49 / (tree.depth + 1)), msg
+            summary = acceptance_summary([out, out])
+            assert summary["tau"] == sum(steps) / len(steps) and summary["steps"] == 2 * len(steps), msg
+            assert summary["histogram"][tree.depth + 1] >= 2 * (len(steps) - 1), msg
+            assert summary["new_tokens"] == 100 and summary["forward_passes"] == 2 * (len(steps) + 1), msg
 
 
 @pytest.mark.parametrize("family,n_layers", [("gpt_neox", 4), ("llama", 4), ("gemma", 6), ("gpt2", 4)])
@@ -361,7 +374,7 @@ def test_decoder_reused_across_prompts(family: str, n_layers: int) -> None:
     seed = fresh_seed()
     mtp = MTPModel(tiny(family, seed, n_layers), n_heads=3, seed=seed)
     decoder = SpeculativeDecoder(mtp, tree=Tree.cartesian([2, 2]), max_length=128, pad_prompts=True)
-    assert sorted(decoder._verifier.prompt_runners) == [64, 128]
+    assert isinstance(decoder._verifier, _StaticVerifier) and sorted(decoder._verifier.prompt_runners) == [64, 128]
     for i, n in enumerate([60, 8, 33, 1, 70]):
         ids = prompt(seed + i, n)
         drafter = ReferenceDrafter(brute_greedy(mtp, ids, 40)) if i % 2 else None
@@ -442,12 +455,13 @@ def test_transformers_baselines_equal_greedy(family: str) -> None:
     seed = fresh_seed()
     model = tiny(family, seed)
     ids = prompt(seed, 20)
-    for options in ({}, {"head_type": "medusa"}):
+    all_options: list[dict[str, Any]] = [{}, {"head_type": "medusa"}]
+    for options in all_options:
         mtp = MTPModel(model, n_heads=2, seed=seed, **options)
         with torch.no_grad():  # as if trained: head 1 no longer the model's last layer
             for p in mtp.heads[0].parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=p.dtype))
-        hf_model = next_token_model(mtp, model)
+        hf_model: Any = next_token_model(mtp, model)
         ref = greedy_generate(mtp, ids, 30)
         eos = ref.new_token_ids[7]
         hf_model.generation_config.eos_token_id = ref.new_token_ids[3]  # must not stop runs without eos
