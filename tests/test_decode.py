@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from mtp_lib.decode import (
     GenerateOutput,
@@ -241,11 +243,25 @@ def test_graph_runner_runs_eagerly_on_buffers() -> None:
         GraphRunner(fn, [torch.zeros(3)], cuda_graph=True)
 
 
+class HostTensorSpy(TorchDispatchMode):
+    """Records every operation that receives a CPU tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        flat, _ = tree_flatten((args, kwargs or {}))
+        if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in flat):
+            self.hits.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("family,n_layers,options", VARIANTS)
 def test_step_is_capturable(family: str, n_layers: int, options: dict) -> None:
-    """With every tensor on the meta device, a step and a cache compaction run through: they never
-    read a value on the host (``.item()``, ``nonzero``, branches on tensor values all fail on meta)
-    and never bring host data in: what CUDA graph capture forbids."""
+    """With every tensor on the meta device, a step, a cache compaction and a padded prompt pass run
+    through: they never read a value on the host (``.item()``, ``nonzero``, branches on tensor
+    values all fail on meta), and no operation sees a host tensor: what CUDA graph capture forbids."""
     model = build_tiny_model(family, n_layers=n_layers)
     mtp = MTPModel(model, n_heads=3, **options).to("meta")
     tree = Tree.cartesian([2, 2])
@@ -253,10 +269,14 @@ def test_step_is_capturable(family: str, n_layers: int, options: dict) -> None:
     verifier = decoder._verifier
     assert isinstance(verifier, _StaticVerifier) and verifier.commit_runner is not None
     assert sorted(verifier.prompt_runners) == [64, 100]
+    spy = HostTensorSpy()
     with torch.no_grad():
-        out = verifier.step_runner(torch.zeros(1 + tree.size, dtype=torch.long))
-        verifier.commit_runner(torch.zeros(1 + tree.depth + 1, dtype=torch.long))
-        first = verifier.prompt_runners[64](torch.zeros(1 + 64, dtype=torch.long))
+        buffers = [verifier.step_runner.inputs[0], verifier.commit_runner.inputs[0], verifier.prompt_runners[64].inputs[0]]
+        with spy:  # the captured functions themselves, on their device buffers
+            out = verifier._step(buffers[0])
+            verifier._commit(buffers[1])
+            first = verifier._padded_prompt(buffers[2])
+    assert spy.hits == [], f"host tensors in the step: {sorted(set(spy.hits))}"
     assert out.device.type == "meta" and out.shape == (tree.size + 2 * tree.size * 2,)
     assert first.device.type == "meta" and first.shape == (1 + 2 * 2,)
     assert not decoder.uses_cuda_graphs
