@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import sys
 import time
@@ -98,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, q if quick else full)
     if quick and args.device == "auto":
         args.device = "cpu"
+    bad = [m for m in args.methods or [] if not re.fullmatch(r"generate|prompt_lookup|greedy_graph|oracle2|"
+                                                             r"spec\d+_(chain|tree)", m)]
+    if bad:
+        p.error(f"--methods: unknown rows {bad} (generate, prompt_lookup, greedy_graph, oracle2, specN_chain, specN_tree)")
     return args
 
 
@@ -318,6 +323,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         verifier_mtp, hf_model = MTPModel(model, n_heads=1), model
     wanted = set(args.methods) if args.methods else None
+    known = {"generate", "prompt_lookup", "greedy_graph", "oracle2"} | {
+        f"spec{n}_{kind}" for n in heads for kind in ("chain", "tree")}
+    if wanted is not None and wanted - known:
+        raise SystemExit(f"--methods: unknown rows {sorted(wanted - known)}; available: {sorted(known)}")
 
     def want(name: str) -> bool:
         return wanted is None or name in wanted or name in ("generate", "greedy_graph")
