@@ -150,7 +150,7 @@ def _legend(fig: Any, axes: Sequence[Any], colors: dict[str, Any], keys: dict[st
             handles[f"ours: {name}"] = Line2D([], [], color="0.15", marker="o", mfc="white" if i else "0.15",
                                               linestyle="none")
     ncol = 3
-    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=ncol, fontsize=8,
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=ncol, fontsize=9,
                frameon=False)
     rows = (len(handles) + ncol - 1) // ncol
     fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
