@@ -85,7 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-prompts", type=int, help="training prompts to calibrate trees on (default 32; quick 4)")
     p.add_argument("--oracle-prompts", type=int, help="prompts per task for oracle2 (default 4; quick 1)")
     p.add_argument("--oracle-top-p", type=float, help="nucleus of the oracle's marginal (default 0.99; quick 0.9)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; quick 1, robust on a busy machine)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's; quick 1, robust on a busy machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -102,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [m for m in args.methods or [] if not re.fullmatch(r"generate|prompt_lookup|greedy_graph|oracle2|"
                                                              r"spec\d+_(chain|tree)", m)]
     if bad:
-        p.error(f"--methods: unknown rows {bad} (generate, prompt_lookup, greedy_graph, oracle2, specN_chain, specN_tree)")
+        p.error(f"--methods: unknown rows {bad} (generate, prompt_lookup, greedy_graph, oracle2, specN_chain, "
+                "specN_tree)")
     return args
 
 

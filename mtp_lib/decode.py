@@ -193,7 +193,8 @@ class Tree:
     # -- use -----------------------------------------------------------------------------------
 
     def fill(self, root: int, drafts: Sequence[Sequence[int]]) -> list[int]:
-        """The tokens of all nodes: ``root``, then ``drafts[d - 1][r]`` for each choice ending in rank ``r`` at depth ``d``."""
+        """The tokens of all nodes: ``root``, then ``drafts[d - 1][r]`` for each choice ending in rank
+        ``r`` at depth ``d``."""
         if len(drafts) < self.depth:
             raise ValueError(f"drafts has {len(drafts)} rows; the tree needs one per depth ({self.depth})")
         tokens = [int(root)]
@@ -395,7 +396,8 @@ def _check_ids(input_ids: Any, vocab: int) -> torch.Tensor:
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
     if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids must have shape [1, T] (batch size 1; loop over prompts), got {tuple(input_ids.shape)}")
+        raise ValueError(f"input_ids must have shape [1, T] (batch size 1; loop over prompts), "
+                         f"got {tuple(input_ids.shape)}")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token")
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:

@@ -19,6 +19,11 @@ buffers and never waits for the host. This module holds what makes that possible
 The Hugging Face attention layers only call ``cache.update(keys, values, layer_idx)`` and read the
 mask and positions they are given, so the static cache works for every family without touching
 the models' code.
+
+Graphs are captured by hand rather than through ``torch.compile(mode="reduce-overhead")``: no
+compile time, no recompiles when a shape changes, and the same step runs eagerly for tests.
+Compiling would also fuse the many small kernels of an eager layer, which a graph only replays;
+that is left for later.
 """
 
 from __future__ import annotations

@@ -271,7 +271,8 @@ def test_step_is_capturable(family: str, n_layers: int, options: dict) -> None:
     assert sorted(verifier.prompt_runners) == [64, 100]
     spy = HostTensorSpy()
     with torch.no_grad():
-        buffers = [verifier.step_runner.inputs[0], verifier.commit_runner.inputs[0], verifier.prompt_runners[64].inputs[0]]
+        buffers = [runner.inputs[0] for runner in
+                   (verifier.step_runner, verifier.commit_runner, verifier.prompt_runners[64])]
         with spy:  # the captured functions themselves, on their device buffers
             out = verifier._step(buffers[0])
             verifier._commit(buffers[1])
@@ -332,7 +333,8 @@ def test_perfect_drafts_are_all_accepted(family: str) -> None:
             assert out.accepted_lengths == [1] + [tree.depth + 1] * (48 // (tree.depth + 1)), msg
             assert out.tau == tree.depth + 1, msg
             summary = acceptance_summary([out, out])
-            assert summary["tau"] == tree.depth + 1 and summary["histogram"] == {tree.depth + 1: 96 // (tree.depth + 1)}, msg
+            assert summary["tau"] == tree.depth + 1, msg
+            assert summary["histogram"] == {tree.depth + 1: 96 // (tree.depth + 1)}, msg
             assert summary["new_tokens"] == 98 and summary["forward_passes"] == 2 * (1 + 48 // (tree.depth + 1)), msg
 
 
