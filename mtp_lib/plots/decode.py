@@ -202,9 +202,11 @@ def speed_bars(rows: pd.DataFrame, *, title: str | None = None) -> Any:
         one = tau_ax.axhline(1.0, color="black", linewidth=1.2)
         one.set_gid(f"ref|one_token|{task}")
         speed_ax.set_title(task)
-        speed_ax.set_ylim(0, None)
-        tau_ax.set_ylim(0, None)
         tau_ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+    for r, metric in enumerate(("speedup_vs_greedy_graph", "tau")):  # room above the tallest bar or line, per row
+        values = rows[metric].astype(float).to_numpy()
+        top = max(float(np.nanmax(values)) if np.isfinite(values).any() else 1.0, 1.0)
+        axes[r, 0].set_ylim(0, 1.15 * top)
     axes[0, 0].set_ylabel("speedup over greedy_graph\n(mean tokens/s ratio)")
     axes[1, 0].set_ylabel("tau (tokens per\nverification step)")
     if title:
@@ -221,7 +223,8 @@ def head_acceptance(acceptance: pd.DataFrame, *, title: str | None = None) -> An
     """Share of verification steps that accepted head n's draft, against n; one panel per model and task.
 
     ``acceptance`` is :func:`step_acceptance`'s table (columns ``model``, ``task``, ``method``,
-    ``head``, ``share``): one line per method (a single point for a 2-head method).
+    ``head``, ``share``): one line per method (a single point for a 2-head method), the methods
+    set a little apart along x so that equal values stay visible.
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -239,12 +242,13 @@ def head_acceptance(acceptance: pd.DataFrame, *, title: str | None = None) -> An
     for r, model in enumerate(models):
         for c, task in enumerate(tasks):
             ax = axes[r, c]
-            for method in methods:
+            for i, method in enumerate(methods):
                 part = acceptance[(acceptance["model"] == model) & (acceptance["task"] == task)
                                   & (acceptance["method"] == method)].sort_values("head")
                 if part.empty:
                     continue
-                ax.plot(part["head"], part["share"], marker=markers[method], color=colors[method],
+                dodge = 0.06 * (i - (len(methods) - 1) / 2)  # methods side by side, not on top of each other
+                ax.plot(part["head"] + dodge, part["share"], marker=markers[method], color=colors[method],
                         linestyle="--" if str(method).startswith("oracle") else "-", gid=f"acc|{model}|{task}|{method}")
             ax.set_title(f"{model}, {task}" if model else task, fontsize=10)
             ax.set_ylim(-0.02, 1.02)
