@@ -109,8 +109,9 @@ def test_pass_costs_equal_totals_per_prompt_set_and_speedup_is_the_tokens_per_se
     got = P.pass_costs(records, depths=depths)
     assert "oracle2" not in set(got["method"]), f"seed {seed}: an untimed method was costed"
     for _, row in got.iterrows():
-        mine = [r for r in records if (r["model"], r["task"], r["method"]) == (row["model"], row["task"], row["method"])]
-        base = [r for r in records if (r["model"], r["task"], r["method"]) == (row["model"], row["task"], "greedy_graph")]
+        key = (row["model"], row["task"])
+        mine = [r for r in records if (r["model"], r["task"]) == key and r["method"] == row["method"]]
+        base = [r for r in records if (r["model"], r["task"]) == key and r["method"] == "greedy_graph"]
         tok, fwd, sec = (sum(r[k] for r in mine) for k in ("new_tokens", "n_forward", "seconds"))
         btok, bfwd, bsec = (sum(r[k] for r in base) for k in ("new_tokens", "n_forward", "seconds"))
         assert math.isclose(row["tokens_per_pass"], tok / fwd), seed
