@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+TASK_ORDER = ("translation", "open-ended")
 PAPER_STYLE = {"ours": "-", "paper": ":"}
 
 
@@ -21,3 +24,25 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=150, bbox_inches="tight")
     return out
+
+
+def require_columns(df: Any, columns: set[str], name: str) -> None:
+    """A clear ValueError unless ``df`` is a non-empty DataFrame holding ``columns``."""
+    if not isinstance(df, pd.DataFrame):
+        raise ValueError(f"{name} must be a pandas DataFrame, got {type(df).__name__}")
+    missing = columns - set(df.columns)
+    if missing:
+        raise ValueError(f"{name} lacks columns {sorted(missing)} (it has {sorted(df.columns)})")
+    if df.empty:
+        raise ValueError(f"{name} is empty")
+
+
+def read_paper_csv(path: Any) -> pd.DataFrame:
+    """A reference-value CSV of ``data/paper/`` (lines starting with ``#`` are comments)."""
+    return pd.read_csv(path, comment="#", skipinitialspace=True)
+
+
+def ordered_tasks(df: pd.DataFrame) -> list[str]:
+    """The tasks present in ``df["task"]``, the paper's two first and in its order."""
+    present = list(dict.fromkeys(df["task"]))
+    return [t for t in TASK_ORDER if t in present] + [t for t in present if t not in TASK_ORDER]

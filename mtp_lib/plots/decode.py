@@ -32,27 +32,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .common import ordered_tasks as _tasks, require_columns as _require
+
 __all__ = ["BASELINES", "head_acceptance", "method_heads", "pass_costs", "speed_bars", "step_acceptance", "step_cost"]
 
 BASELINES = ("generate", "greedy_graph")
-_TASK_ORDER = ("translation", "open-ended")
 _METHOD = re.compile(r"(?:spec|oracle)(\d+)(?:_(?:chain|tree))?")
 _MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">")
-
-
-def _require(df: Any, columns: set[str], name: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise ValueError(f"{name} must be a pandas DataFrame, got {type(df).__name__}")
-    missing = columns - set(df.columns)
-    if missing:
-        raise ValueError(f"{name} lacks columns {sorted(missing)} (it has {sorted(df.columns)})")
-    if df.empty:
-        raise ValueError(f"{name} is empty")
-
-
-def _tasks(df: pd.DataFrame) -> list[str]:
-    present = list(dict.fromkeys(df["task"]))
-    return [t for t in _TASK_ORDER if t in present] + [t for t in present if t not in _TASK_ORDER]
 
 
 def method_heads(method: str) -> int | None:

@@ -12,22 +12,14 @@ from typing import Any
 
 import pandas as pd
 
+from .common import require_columns as _require
+
 __all__ = ["PAPER_LABEL", "TARGETS", "architecture", "paper_table", "strategy_accuracy", "training_curves", "whs_weights"]
 
 PAPER_LABEL = "paper, Table 1"
 TARGETS = {"next": "next token $x_{t+1}$", "2nd": "2nd token $x_{t+2}$"}
 _PAPER_COLOR = "0.45"
 _FROZEN, _HEAD, _MIX, _SHARED = "#c7d3e3", "#f6d5ad", "#c9e7c9", "#dddddd"
-
-
-def _require(df: Any, columns: set[str], name: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise ValueError(f"{name} must be a pandas DataFrame, got {type(df).__name__}")
-    missing = columns - set(df.columns)
-    if missing:
-        raise ValueError(f"{name} lacks columns {sorted(missing)} (it has {sorted(df.columns)})")
-    if df.empty:
-        raise ValueError(f"{name} is empty")
 
 
 # --------------------------------------------------------------------------------------------------

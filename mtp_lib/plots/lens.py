@@ -13,25 +13,12 @@ from typing import Any
 
 import pandas as pd
 
+from .common import read_paper_csv, require_columns as _require
+
 __all__ = ["PAPER_LABEL", "TARGET_LABELS", "entropy_along_sentence", "kl_by_depth", "layer_accuracy", "read_paper_csv"]
 
 PAPER_LABEL = "paper (Pythia), read off"
 _PAPER_COLOR = "0.45"
-
-
-def _require(df: pd.DataFrame, columns: set[str], name: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise ValueError(f"{name} must be a pandas DataFrame, got {type(df).__name__}")
-    missing = columns - set(df.columns)
-    if missing:
-        raise ValueError(f"{name} lacks columns {sorted(missing)} (it has {sorted(df.columns)})")
-    if df.empty:
-        raise ValueError(f"{name} is empty")
-
-
-def read_paper_csv(path: Any) -> pd.DataFrame:
-    """A reference-value CSV of ``data/paper/`` (lines starting with ``#`` are comments)."""
-    return pd.read_csv(path, comment="#", skipinitialspace=True)
 
 
 def kl_by_depth(kl: pd.DataFrame, paper: pd.DataFrame | None = None) -> Any:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .common import ordered_tasks as _tasks, read_paper_csv, require_columns as _require
+
 __all__ = ["OFFSET_LABELS", "PAPER_LABEL", "accuracy_by_size", "accuracy_vs_top_p", "nucleus_by_size",
            "read_paper_csv"]
 
@@ -29,30 +31,8 @@ OFFSET_LABELS = {1: "next token", 2: "2nd token", 3: "3rd token"}
 _OFFSET_STYLE = {1: ("-", "o"), 2: ("--", "s"), 3: (":", "^")}
 _TOP_P_STYLE = {0.99: ("-", "o"), 0.9: ("--", "s")}
 _OTHER_STYLE = ("-.", "D")
-_TASK_ORDER = ("translation", "open-ended")
 _PAPER_COLORS = {"Pythia": "0.6", "Llama-3": "0.3"}
 _PAPER_MARKERS = {"Pythia": ".", "Llama-3": "P"}
-
-
-def _require(df: Any, columns: set[str], name: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise ValueError(f"{name} must be a pandas DataFrame, got {type(df).__name__}")
-    missing = columns - set(df.columns)
-    if missing:
-        raise ValueError(f"{name} lacks columns {sorted(missing)} (it has {sorted(df.columns)})")
-    if df.empty:
-        raise ValueError(f"{name} is empty")
-
-
-def read_paper_csv(path: Any) -> pd.DataFrame:
-    """A reference-value CSV of ``data/paper/`` (lines starting with ``#`` are comments)."""
-    return pd.read_csv(path, comment="#", skipinitialspace=True)
-
-
-def _tasks(df: pd.DataFrame) -> list[str]:
-    """Tasks present, the paper's two first and in its order."""
-    present = list(dict.fromkeys(df["task"]))
-    return [t for t in _TASK_ORDER if t in present] + [t for t in present if t not in _TASK_ORDER]
 
 
 def _series(df: pd.DataFrame) -> list[str]:
