@@ -4,6 +4,6 @@ Each chapter's figures live in their own module (``plots.data``, ``plots.margina
 plain data (pandas DataFrames or dicts of results) and return the matplotlib Figure.
 """
 
-from .common import PAPER_STYLE, save_figure, setup_style
+from .common import read_paper_csv, setup_style
 
-__all__ = ["PAPER_STYLE", "save_figure", "setup_style"]
+__all__ = ["read_paper_csv", "setup_style"]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 TASK_ORDER = ("translation", "open-ended")
-PAPER_STYLE = {"ours": "-", "paper": ":"}
 
 
 def setup_style() -> None:
@@ -16,14 +14,6 @@ def setup_style() -> None:
     import seaborn as sns
 
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
-
-
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Save ``fig`` (PNG, 150 dpi) and return the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150, bbox_inches="tight")
-    return out
 
 
 def require_columns(df: Any, columns: set[str], name: str) -> None:
