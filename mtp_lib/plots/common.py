@@ -1,4 +1,4 @@
-"""Shared figure style."""
+"""What every chapter's figures share: the style, input checks, the paper's reference CSVs, task order."""
 
 from __future__ import annotations
 
