@@ -269,7 +269,9 @@ def translation_samples(tokenizer: Any, n: int, *, split: str = "validation", da
 def open_ended_samples(tokenizer: Any, n: int, *, n_tokens: int = 200) -> list[Sample]:
     """The first ``n`` open-ended texts, each cut to its first ``n_tokens`` tokens (BOS included when
     the tokenizer adds one). A text shorter than that keeps all its tokens; ``Sample.text`` is the
-    text the kept tokens encode."""
+    text the kept tokens encode. A byte-level tokenizer can cut a multi-byte character (an em dash,
+    an accented letter) in the middle: ``Sample.text`` then holds that character whole, while
+    decoding the kept tokens ends in a replacement character."""
     _check_positive("n", n)
     _check_positive("n_tokens", n_tokens)
     texts = load_open_ended()

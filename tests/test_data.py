@@ -134,7 +134,27 @@ def test_open_ended_samples_byte_tokenizer():
     for s, t in zip(samples, data.load_open_ended()):
         assert s.id == t.id and s.task == "open-ended" and s.target_start == 0, f"seed={seed}"
         assert len(s.input_ids) == min(n_tokens, len(t.text.encode())), f"seed={seed}"
-        assert t.text.startswith(s.text) and tok.decode(s.input_ids) == s.text, f"seed={seed}"
+        assert t.text.startswith(s.text), f"seed={seed}"
+        decoded = tok.decode(s.input_ids)
+        if len(s.text.encode()) == len(s.input_ids):  # the cut falls between characters
+            assert decoded == s.text, f"seed={seed}"
+        else:  # the cut falls inside the last character, which the text keeps whole
+            assert len(s.text[-1].encode()) > 1 and len(s.text[:-1].encode()) < len(s.input_ids), f"seed={seed}"
+            assert decoded == s.text[:-1] + "\ufffd", f"seed={seed}"
+
+
+def test_open_ended_samples_cut_inside_a_character():
+    tok = byte_tokenizer()
+    for item in data.load_open_ended():
+        cut = next((i for i, ch in enumerate(item.text) if len(ch.encode()) > 1 and i >= 20), None)
+        if cut is not None:
+            break
+    assert cut is not None, "no open-ended text has a multi-byte character to cut"
+    n_tokens = len(item.text[:cut].encode()) + 1  # the first byte of that character
+    [sample] = [s for s in data.open_ended_samples(tok, len(data.load_open_ended()), n_tokens=n_tokens)
+                if s.id == item.id]
+    assert sample.text == item.text[: cut + 1]
+    assert tok.decode(sample.input_ids) == item.text[:cut] + "\ufffd"
 
 
 def test_evaluation_targets_and_context_ends():
