@@ -13,14 +13,11 @@ import pytest
 
 from mtp_lib import data
 from mtp_lib.models import byte_tokenizer
+from seeds import fresh_seed
 
 REPO = Path(__file__).resolve().parent.parent
 TRANSLATION_FILES = {s: REPO / "data" / "translation" / "bible-es-en" / f"{s}.jsonl.gz" for s in ("train", "validation")}
 BROWN_FILE = REPO / "data" / "open_ended" / "brown-passages.jsonl.gz"
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**32)
 
 
 @pytest.fixture(scope="module")

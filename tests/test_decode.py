@@ -35,6 +35,7 @@ from mtp_lib.decode import _StaticVerifier
 from mtp_lib.decode_graph import GraphRunner, MaskLayout, StaticKVCache, tree_masks
 from mtp_lib.heads import MTPModel
 from mtp_lib.models import build_tiny_model
+from seeds import fresh_seed
 
 FAMILIES = ["gpt_neox", "llama", "gemma", "gpt2"]
 VOCAB = 257
@@ -45,17 +46,7 @@ VARIANTS = [("gpt_neox", 4, {}), ("llama", 4, {}), ("gemma", 4, {}), ("gpt2", 4,
             ("gpt2", 4, {"head_type": "medusa"}), ("gpt_neox", 4, {"head_type": "medusa"})]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine two threads spin-wait ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(family: str, seed: int, n_layers: int = 4) -> nn.Module:

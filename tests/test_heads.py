@@ -9,6 +9,7 @@ import torch
 
 from mtp_lib.heads import LayerHead, MedusaHead, MTPModel, NextTokenHead
 from mtp_lib.models import build_tiny_model, get_adapter
+from seeds import fresh_seed
 
 FAMILIES = ["gpt_neox", "llama", "gemma", "gpt2"]
 # Gemma3 tiny models: with 4 layers every layer (the head's too) is sliding-window (64 tokens),
@@ -16,17 +17,7 @@ FAMILIES = ["gpt_neox", "llama", "gemma", "gpt2"]
 SHAPES = [(f, 4) for f in FAMILIES] + [("gemma", 6)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine two threads spin-wait ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(family: str, n_layers: int = 4) -> torch.nn.Module:

@@ -15,12 +15,9 @@ import torch
 
 from mtp_lib import lens
 from mtp_lib.models import build_tiny_model, get_adapter
+from seeds import fresh_seed
 
 FAMILIES = ["gpt_neox", "llama", "gemma", "gpt2"]
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
 
 
 def tiny(family: str, seed: int, *, dtype: torch.dtype = torch.float32, n_layers: int = 3) -> torch.nn.Module:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 
 from mtp_lib import marginal as MG
 from mtp_lib.models import TINY_VOCAB, build_tiny_model
+from seeds import fresh_seed
 
 FAMILIES = ["gpt_neox", "llama", "gemma", "gpt2"]
 # top-p ranges that keep nuclei of the tiny models at about 2-40 tokens (Llama, Gemma and GPT-2 tiny
@@ -23,17 +23,7 @@ FAMILIES = ["gpt_neox", "llama", "gemma", "gpt2"]
 SMALL_TOP_P = {"gpt_neox": (0.4, 0.85), "llama": (0.1, 0.35), "gemma": (0.05, 0.25), "gpt2": (0.1, 0.35)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; several threads on a busy machine spin for minutes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _seed() -> int:
-    return random.SystemRandom().randrange(2**31)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(family: str, seed: int, dtype: torch.dtype = torch.float64, attn: str = "sdpa") -> Any:
@@ -103,7 +93,7 @@ def _assert_matches(result: MG.MarginalResult, model: torch.nn.Module, ids: torc
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_depth2_matches_brute_force(family: str) -> None:
-    seed = _seed()
+    seed = fresh_seed()
     rng = random.Random(seed)
     model = _tiny(family, seed)
     n_ctx = rng.randint(70, 100)  # beyond the tiny Gemma's sliding window of 64
@@ -121,7 +111,7 @@ def test_depth2_matches_brute_force(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_depth3_matches_brute_force(family: str) -> None:
-    seed = _seed()
+    seed = fresh_seed()
     rng = random.Random(seed)
     model = _tiny(family, seed)
     n_ctx = rng.randint(66, 80) if family == "gemma" else rng.randint(5, 40)
@@ -160,7 +150,7 @@ def _small_vocab_model(family: str, seed: int, vocab: int = 40) -> Any:
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_depth3_exact_over_the_whole_vocabulary(family: str) -> None:
     """top_p=1.0 at depth 3: V^2 paths per position, a packed tree with shared ancestors."""
-    seed = _seed()
+    seed = fresh_seed()
     rng = random.Random(seed)
     model = _small_vocab_model(family, seed)
     vocab = model.config.vocab_size
@@ -179,7 +169,7 @@ def test_depth3_exact_over_the_whole_vocabulary(family: str) -> None:
 
 @pytest.mark.parametrize("family", ["gpt_neox", "gpt2"])
 def test_eager_attention_gives_the_same(family: str) -> None:
-    seed = _seed()
+    seed = fresh_seed()
     rng = random.Random(seed)
     model = _tiny(family, seed, attn="eager")
     n_ctx = rng.randint(5, 40)
@@ -191,7 +181,7 @@ def test_eager_attention_gives_the_same(family: str) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_float32_model_close_to_float64_reference(family: str) -> None:
-    seed = _seed()
+    seed = fresh_seed()
     rng = random.Random(seed)
     model32 = _tiny(family, seed, torch.float32)
     model64 = _tiny(family, seed, torch.float64)
@@ -203,7 +193,7 @@ def test_float32_model_close_to_float64_reference(family: str) -> None:
 
 
 def test_bfloat16_model_gives_float32_close_to_reference() -> None:
-    seed = _seed()
+    seed = fresh_seed()
     model_bf16 = _tiny("llama", seed, torch.bfloat16)
     model64 = _tiny("llama", seed, torch.float64)
     ids = torch.randint(0, TINY_VOCAB, (1, 30), generator=torch.Generator().manual_seed(seed))
@@ -216,7 +206,7 @@ def test_bfloat16_model_gives_float32_close_to_reference() -> None:
 
 
 def test_extra_top_p_equal_separate_runs() -> None:
-    seed = _seed()
+    seed = fresh_seed()
     rng = random.Random(seed)
     family = rng.choice(FAMILIES)
     model = _tiny(family, seed)
@@ -241,7 +231,7 @@ def test_extra_top_p_equal_separate_runs() -> None:
 
 def test_sums_stay_in_log_space_far_below_float32_underflow() -> None:
     """A very peaked float32 model: marginal log-probs of hundreds of nats below zero stay finite."""
-    seed = _seed()
+    seed = fresh_seed()
     model32 = _tiny("gpt_neox", seed, torch.float32)
     model64 = _tiny("gpt_neox", seed, torch.float64)
     for m in (model32, model64):
@@ -259,7 +249,7 @@ def test_sums_stay_in_log_space_far_below_float32_underflow() -> None:
 
 
 def test_model_is_left_as_it_was() -> None:
-    seed = _seed()
+    seed = fresh_seed()
     model = _tiny("llama", seed, torch.float32)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -274,7 +264,7 @@ def test_model_is_left_as_it_was() -> None:
 
 
 def test_depth1_is_the_next_token_distribution() -> None:
-    seed = _seed()
+    seed = fresh_seed()
     model = _tiny("gpt2", seed)
     ids = torch.randint(0, TINY_VOCAB, (20,), generator=torch.Generator().manual_seed(seed))
     result = MG.marginalize(model, ids, depth=1, top_p=0.8)
@@ -290,7 +280,7 @@ def test_depth1_is_the_next_token_distribution() -> None:
 
 
 def test_nucleus_is_the_smallest_set_reaching_top_p() -> None:
-    seed = _seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(50, 300, generator=gen, dtype=torch.float64) * torch.rand(50, 1, generator=gen, dtype=torch.float64) * 6
     top_p = random.Random(seed).uniform(0.05, 0.999)

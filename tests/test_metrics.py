@@ -14,14 +14,11 @@ import torch
 
 from mtp_lib import marginal as MG
 from mtp_lib import metrics as M
-
-
-def _seed() -> int:
-    return random.SystemRandom().randrange(2**31)
+from seeds import fresh_seed
 
 
 def test_reference_targets_are_the_next_tokens() -> None:
-    seed = _seed()
+    seed = fresh_seed()
     rng = random.Random(seed)
     ids = [rng.randrange(100) for _ in range(rng.randint(1, 30))]
     positions = [rng.randrange(len(ids)) for _ in range(rng.randint(1, 10))]
@@ -32,7 +29,7 @@ def test_reference_targets_are_the_next_tokens() -> None:
 
 
 def test_rank_and_topk_hits_match_a_plain_sort() -> None:
-    seed = _seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     log_probs = torch.randn(7, 3, 50, generator=gen)
     log_probs[0, 0, :5] = log_probs[0, 0].max() + 1  # a tie for first place: the target shares rank 0
@@ -59,7 +56,7 @@ def test_nucleus_size_is_the_marginal_modules() -> None:
 
 
 def test_wilson_bounds_invert_the_score_test() -> None:
-    seed = _seed()
+    seed = fresh_seed()
     rng = random.Random(seed)
     n = rng.randint(1, 500)
     s = rng.randint(0, n)
@@ -85,7 +82,7 @@ def _clustered(gen: torch.Generator, n_groups: int, per_group: int, p: float) ->
 
 def test_cluster_bootstrap_covers_where_the_iid_interval_does_not() -> None:
     """Hits correlated within samples: the cluster bootstrap keeps about its coverage, Wilson loses it."""
-    seed = _seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     p, level, reps = 0.6, 0.9, 200
     cover_boot = cover_wilson = 0
@@ -100,7 +97,7 @@ def test_cluster_bootstrap_covers_where_the_iid_interval_does_not() -> None:
 
 
 def test_mean_with_ci_properties() -> None:
-    seed = _seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     values = torch.rand(60, generator=gen) * 100
     groups = torch.randint(0, 6, (60,), generator=gen)
@@ -119,7 +116,7 @@ def test_mean_with_ci_properties() -> None:
 
 
 def test_tables_agree_with_the_tensor_functions() -> None:
-    seed = _seed()
+    seed = fresh_seed()
     gen = torch.Generator().manual_seed(seed)
     tables = []
     for sample in range(3):
@@ -155,7 +152,7 @@ def test_tables_agree_with_the_tensor_functions() -> None:
 def test_marginal_table_has_one_block_per_top_p() -> None:
     from mtp_lib.models import TINY_VOCAB, build_tiny_model
 
-    seed = _seed()
+    seed = fresh_seed()
     model = build_tiny_model("gpt_neox", n_layers=2, hidden=32, seed=seed)
     ids = torch.randint(0, TINY_VOCAB, (1, 12), generator=torch.Generator().manual_seed(seed))
     positions = [3, 7, 7, 11]  # duplicates are fine; the last lacks references

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -13,17 +12,14 @@ import pytest
 import torch
 
 from mtp_lib import models as M
+from seeds import fresh_seed
 
 FAMILIES = ["gpt_neox", "llama", "gemma", "gpt2"]
 
 
-def _seed() -> int:
-    return random.SystemRandom().randrange(2**31)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_names_the_parts_that_compute_the_logits(family: str) -> None:
-    seed = _seed()
+    seed = fresh_seed()
     torch.manual_seed(seed)
     model = M.build_tiny_model(family, n_layers=3, seed=seed)
     adapter = M.get_adapter(model)

@@ -1,6 +1,6 @@
 """Figures and tables of chapter 4 (mtp_lib.plots.decode) on fresh random synthetic benchmark records.
 
-Each test draws its data from a seed of random.SystemRandom (printed in the messages). The tables
+Each test draws its data from a fresh seed (printed in the messages; `MTP_TEST_SEED` replays it). The tables
 are compared with loops written out here (per step, per prompt); the figures are checked by what
 they draw: one bar per model, task and method at its value, the baselines as reference lines and
 not as bars, one line per method in each model x task panel, one point per method at (cost, tokens
@@ -10,30 +10,19 @@ per pass) with its perfect-draft ceiling, lines of equal speedup through the ori
 from __future__ import annotations
 
 import math
-import random
 
 import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from mtp_lib.plots import decode as P  # noqa: E402
+from seeds import fresh_seed  # noqa: E402
 
 TASKS = ["translation", "open-ended"]
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
-
-
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
 
 
 def artists_by_gid(fig) -> dict[str, object]:

@@ -1,6 +1,6 @@
 """Figures of chapter 3 (mtp_lib.plots.heads) on fresh random synthetic data: what is drawn, where.
 
-Each test draws its data from a seed of random.SystemRandom (printed in the messages) and checks the
+Each test draws its data from a fresh seed (printed in the messages; `MTP_TEST_SEED` replays it) and checks the
 drawn artists against values computed here: one box per backbone layer, one WHS line per layer and
 head, points at the given accuracies, the paper's values as their own grey series, one panel per
 strategy / model. The committed paper tables are checked against the numbers SPEC.md quotes.
@@ -8,13 +8,10 @@ strategy / model. The committed paper tables are checked against the numbers SPE
 
 from __future__ import annotations
 
-import random
-
 import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
@@ -22,16 +19,7 @@ import pytest  # noqa: E402
 from mtp_lib.plots import heads as P  # noqa: E402
 from mtp_lib.plots.lens import read_paper_csv  # noqa: E402
 from mtp_lib.results import repo_root  # noqa: E402
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
-
-
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
+from seeds import fresh_seed  # noqa: E402
 
 
 def gids(ax, prefix: str) -> list[str]:

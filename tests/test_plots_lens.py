@@ -1,35 +1,23 @@
 """Figures of chapter 2 (mtp_lib.plots.lens) on fresh random synthetic data: what is drawn, where.
 
-Each test draws its data from a seed of random.SystemRandom (printed in the messages) and checks the
+Each test draws its data from a fresh seed (printed in the messages; `MTP_TEST_SEED` replays it) and checks the
 drawn artists against values computed independently here: one line per model at the per-depth
 means, the paper's reference values as their own labelled series, one panel per sentence / model.
 """
 
 from __future__ import annotations
 
-import random
-
 import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
 from mtp_lib.plots import lens as P  # noqa: E402
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
-
-
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
+from seeds import fresh_seed  # noqa: E402
 
 
 def paper_kl() -> pd.DataFrame:

@@ -1,6 +1,6 @@
 """Figures of chapter 1 (mtp_lib.plots.marginal) on fresh random synthetic data: what is drawn, where.
 
-Each test draws its data from a seed of random.SystemRandom (printed in the messages) and checks the
+Each test draws its data from a fresh seed (printed in the messages; `MTP_TEST_SEED` replays it) and checks the
 drawn artists against the input: one data line per model, task and offset (or top-p) at the given
 values, intervals spanning exactly [lo, hi], the paper's reference values as their own grey series
 with their own legend entries, line styles (solid next token / top-0.99, dashed 2nd token /
@@ -9,31 +9,19 @@ top-0.9), log and logit axes.
 
 from __future__ import annotations
 
-import random
-
 import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from mtp_lib.plots import marginal as P  # noqa: E402
 from mtp_lib.results import repo_root  # noqa: E402
+from seeds import fresh_seed  # noqa: E402
 
 TASKS = ["translation", "open-ended"]
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
-
-
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
 
 
 def lines_by_gid(fig) -> dict[str, object]:

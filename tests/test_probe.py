@@ -12,12 +12,9 @@ import torch
 
 from mtp_lib import lens, probe
 from mtp_lib.models import build_tiny_model, get_adapter
+from seeds import fresh_seed
 
 FAMILIES = ["gpt_neox", "llama", "gemma", "gpt2"]
-
-
-def fresh_seed() -> int:
-    return random.SystemRandom().randrange(2**31)
 
 
 def tiny(family: str, seed: int, *, n_layers: int = 3) -> torch.nn.Module:
