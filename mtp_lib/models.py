@@ -26,10 +26,13 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = [
     "ALIASES",
@@ -121,11 +124,11 @@ class Adapter:
         return getattr(self.base(model), self.norm_attr)
 
     def embed(self, model: nn.Module) -> nn.Module:
-        return model.get_input_embeddings()
+        return cast("PreTrainedModel", model).get_input_embeddings()
 
     def unembed(self, model: nn.Module) -> nn.Module:
         """The output projection W_u (tied to the embedding in some models)."""
-        return model.get_output_embeddings()
+        return cast("PreTrainedModel", model).get_output_embeddings()
 
     def logits(self, model: nn.Module, hidden: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
         """f_u: final norm (unless ``normed``), unembedding and any final logit soft-capping."""
@@ -191,7 +194,7 @@ TINY_VOCAB = 257
 def _tiny_config(family: str, n_layers: int, hidden: int) -> Any:
     from transformers import GPT2Config, GPTNeoXConfig, Gemma3TextConfig, LlamaConfig
 
-    common = dict(vocab_size=TINY_VOCAB, bos_token_id=256, eos_token_id=256, pad_token_id=256)
+    common: dict[str, Any] = dict(vocab_size=TINY_VOCAB, bos_token_id=256, eos_token_id=256, pad_token_id=256)
     if family == "gpt_neox":
         return GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=n_layers, num_attention_heads=4,
                              intermediate_size=4 * hidden, max_position_embeddings=2048, **common)
@@ -358,7 +361,7 @@ def _convert_offline(spec: OfflineModel, target: Path, progress: Callable[[str],
             tid = getattr(cfg, attr, None)
             if isinstance(tid, int):  # GGUF metadata sometimes leaves the tokenizer's specials wrong
                 setattr(tokenizer, tok_attr, tokenizer.convert_ids_to_tokens(tid))
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # torch types Module.__setattr__ too narrowly
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         out = tmp_path / "model"
@@ -402,7 +405,7 @@ class LoadedModel:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.adapter.unembed(self.model).weight.shape[0])
+        return int(cast(torch.Tensor, self.adapter.unembed(self.model).weight).shape[0])
 
     @property
     def device(self) -> torch.device:
