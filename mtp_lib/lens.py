@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ DEFAULT_MAX_ELEMENTS = 2**22
 
 def vocab_size(model: nn.Module) -> int:
     """The width of the model's logits: rows of the unembedding matrix."""
-    return int(get_adapter(model).unembed(model).weight.shape[0])
+    return int(cast(torch.Tensor, get_adapter(model).unembed(model).weight).shape[0])
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -191,7 +191,7 @@ def lens_log_probs(model: nn.Module, hidden: torch.Tensor, *, dtype: torch.dtype
     f_u (final norm, unembedding, soft-capping) runs in the model's dtype; the softmax in ``dtype``.
     """
     adapter = adapter or get_adapter(model)
-    weight = adapter.unembed(model).weight
+    weight = cast(torch.Tensor, adapter.unembed(model).weight)
     logits = adapter.logits(model, hidden.to(device=weight.device, dtype=weight.dtype))
     return torch.log_softmax(logits.to(dtype), dim=-1)
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,7 @@ class OutputHead(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unembed.weight.dtype
+        return cast(torch.Tensor, self.unembed.weight).dtype
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.unembed(self.norm(hidden.to(self.dtype)))
@@ -201,7 +201,10 @@ def collect_probe_data(model: nn.Module, sequences: Sequence[Any], *, offsets: S
         raise ValueError(f"positions has {len(positions)} entries for {len(sequences)} sequences: pass one per "
                          "sequence (None for all its positions)")
     vocab = vocab_size(model)
-    hidden, targets, seq, pos = [], {k: [] for k in offs}, [], []
+    hidden: list[torch.Tensor] = []
+    targets: dict[int, list[torch.Tensor]] = {k: [] for k in offs}
+    seq: list[torch.Tensor] = []
+    pos: list[torch.Tensor] = []
     for i, raw in enumerate(tqdm(sequences, desc="collect hidden states", disable=not progress)):
         ids = as_token_ids(raw, vocab, name=f"sequences[{i}]").cpu()
         keep = _check_positions(None if positions is None else positions[i], len(ids))
@@ -243,13 +246,13 @@ def fit_probe(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, 
     """
     dev = _resolve(device, model)
     head = head if head is not None else OutputHead(model, dev)
-    _check_pair(hidden, targets, head.unembed.weight.shape[0])
+    _check_pair(hidden, targets, cast(torch.Tensor, head.unembed.weight).shape[0])
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
-    micro = _micro_batch(max_elements, head.unembed.weight.shape[0])
+    micro = _micro_batch(max_elements, cast(torch.Tensor, head.unembed.weight).shape[0])
     g = torch.Generator().manual_seed(seed)
     probe = AffineProbe(hidden.shape[1]).to(dev)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
@@ -300,8 +303,8 @@ def evaluate_probe(model: nn.Module, probe: AffineProbe | None, hidden: torch.Te
         raise ValueError(f"k must be a positive int, got {k!r}")
     dev = _resolve(device, model)
     head = head if head is not None else OutputHead(model, dev)
-    _check_pair(hidden, targets, head.unembed.weight.shape[0])
-    micro = _micro_batch(max_elements, head.unembed.weight.shape[0])
+    _check_pair(hidden, targets, cast(torch.Tensor, head.unembed.weight).shape[0])
+    micro = _micro_batch(max_elements, cast(torch.Tensor, head.unembed.weight).shape[0])
     hits, nll = 0, 0.0
     with torch.no_grad():
         for part in torch.arange(hidden.shape[0]).split(micro):
