@@ -36,12 +36,15 @@ import copy
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from mtp_lib.models import Adapter, get_adapter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 __all__ = [
     "HEAD_TYPES",
@@ -268,8 +271,8 @@ class MTPModel(nn.Module):
         self.weighted_hidden_states = bool(weighted_hidden_states)
         self.n_layers = n_layers
         self.seed = seed
-        self.hidden_size = int(adapter.unembed(model).weight.shape[-1])
-        self.vocab_size = int(adapter.unembed(model).weight.shape[0])
+        self.hidden_size = int(cast(torch.Tensor, adapter.unembed(model).weight).shape[-1])
+        self.vocab_size = int(cast(torch.Tensor, adapter.unembed(model).weight).shape[0])
         self.softcap: float | None = getattr(model.config, "final_logit_softcapping", None) or None
 
         base = adapter.base(model)
@@ -293,7 +296,7 @@ class MTPModel(nn.Module):
                 layer = copy.deepcopy(last, memo={id(config): config, id(model.config): model.config})
                 if n > 1:
                     for sub in layer.modules():
-                        model._init_weights(sub)
+                        cast("PreTrainedModel", model)._init_weights(sub)
                 mix = (HiddenStateMix(n_layers - 1, dtype=ref.dtype, device=ref.device)
                        if weighted_hidden_states else None)
                 types = None if all_types is None else [all_types[n_layers - 1]]
@@ -318,8 +321,8 @@ class MTPModel(nn.Module):
         a = self.adapter
         for sub in layer.modules():  # the head has its own one-layer KV cache
             if isinstance(getattr(sub, "layer_idx", None), int):
-                sub.layer_idx = 0
-        embed = base.get_input_embeddings()
+                sub.layer_idx = 0  # type: ignore[assignment]  # torch types Module.__setattr__ too narrowly
+        embed = cast("PreTrainedModel", base).get_input_embeddings()
         body = copy.copy(base)
         for name, value in list(vars(base).items()):
             if isinstance(value, (dict, set)):
@@ -360,7 +363,8 @@ class MTPModel(nn.Module):
         """The WHS mixing weights of every head, [n_heads, L-1] (rows sum to 1)."""
         if not self.weighted_hidden_states:
             raise ValueError("this MTPModel was built with weighted_hidden_states=False")
-        return torch.stack([head.mix.weights() for head in self.heads])  # type: ignore[union-attr]
+        # with weighted_hidden_states every head is a LayerHead with a HiddenStateMix
+        return torch.stack([cast(HiddenStateMix, cast(LayerHead, head).mix).weights() for head in self.heads])
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -368,8 +372,9 @@ class MTPModel(nn.Module):
         """An empty cache. ``rollback=True`` lets sliding-window layers be cropped past their window."""
         from transformers import DynamicCache
 
-        backbone = DynamicCache(config=self.backbone.config)
-        heads = [DynamicCache(config=h.body.config) if isinstance(h, LayerHead) else None for h in self.heads]
+        backbone = DynamicCache(config=cast("PreTrainedConfig", self.backbone.config))
+        heads = [DynamicCache(config=cast("PreTrainedConfig", h.body.config)) if isinstance(h, LayerHead) else None
+                 for h in self.heads]
         cache = MTPCache(backbone, heads, rollback=rollback)
         if rollback:
             for c in [backbone, *heads]:
