@@ -53,13 +53,16 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
 
 from mtp_lib.heads import MTPModel, shallow_module_copy
 from mtp_lib.models import get_adapter
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import LoraLayer
 
 __all__ = [
     "PAPER_LR",
@@ -286,7 +289,9 @@ def add_lora(module: nn.Module, targets: Sequence[str], *, rank: int = 8, alpha:
                          "check the adapter's lora_targets")
     gpt2_conv = any(type(m).__name__ == "Conv1D" for n, m in module.named_modules()
                     if any(n.endswith("." + t) for t in targets))
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+    # peft annotates lora_alpha as int but only divides by it (scaling = alpha / r): a float works
+    config = LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]
+                        lora_dropout=dropout, target_modules=list(targets),
                         fan_in_fan_out=gpt2_conv, bias="none")
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
@@ -294,7 +299,7 @@ def add_lora(module: nn.Module, targets: Sequence[str], *, rank: int = 8, alpha:
     return module
 
 
-def _lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+def _lora_layers(module: nn.Module) -> list[tuple[str, LoraLayer]]:
     from peft.tuners.lora import LoraLayer
 
     return [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer)]
@@ -312,7 +317,8 @@ def merge_lora(module: nn.Module) -> nn.Module:
         merged = copy.deepcopy(base)
         with torch.no_grad():
             for adapter_name in lora.active_adapters:
-                merged.weight += lora.get_delta_weight(adapter_name).to(merged.weight.dtype)
+                # peft defines get_delta_weight on each concrete LoRA layer (Linear, ...), not on LoraLayer
+                merged.weight += lora.get_delta_weight(adapter_name).to(merged.weight.dtype)  # type: ignore[attr-defined]
         setattr(parent, name.rsplit(".", 1)[-1], merged)
     return module
 
@@ -337,7 +343,7 @@ class _Objective(nn.Module):
         self.objective = objective
 
     def head_params(self) -> list[nn.Parameter]:
-        return list(self.net.heads.parameters()) if self.objective == "mtp" else []
+        return list(cast(MTPModel, self.net).heads.parameters()) if self.objective == "mtp" else []
 
     def lora_params(self) -> list[nn.Parameter]:
         return _lora_params(self.net)
@@ -351,7 +357,7 @@ class _Objective(nn.Module):
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         if self.objective == "mtp":
-            return self.net.unembed_states(states)
+            return cast(MTPModel, self.net).unembed_states(states)
         return get_adapter(self.net).logits(self.net, states, normed=True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -382,7 +388,8 @@ def balance_losses(means: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
 def _build_net(model: nn.Module, config: TrainConfig) -> nn.Module:
     """The MTPModel (with LoRA on its backbone when joint), or a LoRA'd shallow copy of the model (NTP)."""
     adapter = get_adapter(model)
-    lora = dict(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, seed=config.seed)
+    lora: dict[str, Any] = dict(rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                seed=config.seed)
     if config.objective == "ntp":
         return add_lora(shallow_module_copy(model), adapter.lora_targets, **lora)
     net = MTPModel(model, n_heads=config.n_heads, weighted_hidden_states=config.weighted_hidden_states,
@@ -584,7 +591,7 @@ def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig,
         if saved["config"] != config.to_dict():
             raise ValueError(f"{ckpt.name} in out_dir was made with another config; use another out_dir "
                              "or resume=False")
-        params = dict(objective.net.named_parameters())
+        params: dict[str, nn.Parameter] | list[nn.Parameter] = dict(objective.net.named_parameters())
         with torch.no_grad():
             for name, value in saved["trainable"].items():
                 params[name].copy_(value)
@@ -604,7 +611,8 @@ def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig,
                                      "eval_loss": _eval_losses(objective, eval_samples, n_heads,
                                                                config.micro_batch_size, acc.device)}
             if config.objective == "mtp":
-                entry["eval_top5"] = accuracy(evaluate(net, eval_samples, batch_size=config.micro_batch_size))
+                entry["eval_top5"] = accuracy(evaluate(cast(MTPModel, net), eval_samples,
+                                                       batch_size=config.micro_batch_size))
         record(entry)
 
     try:
@@ -657,8 +665,9 @@ def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig,
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses = acc.reduce(losses, reduction="mean")
-                entry = {"phase": phase.name, "step": step + 1, "lr": config.lr * _cosine(total)(step),
-                         "loss": [round(float(x), 6) for x in losses]}
+                entry: dict[str, Any] = {"phase": phase.name, "step": step + 1,
+                                         "lr": config.lr * _cosine(total)(step),
+                                         "loss": [round(float(x), 6) for x in losses]}
                 record(entry)
                 bar.update(1)
                 bar.set_postfix({f"h{n + 1}": f"{x:.3f}" for n, x in enumerate(entry["loss"])})
