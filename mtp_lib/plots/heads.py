@@ -8,11 +8,14 @@ The paper's Table 1 values (``data/paper/table1.csv``) are drawn as their own gr
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from .common import require_columns as _require
+
+if TYPE_CHECKING:
+    from matplotlib.artist import Artist
 
 __all__ = ["PAPER_LABEL", "TARGETS", "architecture", "paper_table", "strategy_accuracy", "training_curves", "whs_weights"]
 
@@ -174,6 +177,7 @@ def strategy_accuracy(ours: pd.DataFrame, paper: pd.DataFrame | None = None, *, 
             else:
                 ax.plot(x, y, "o", color=colors[model], markersize=6, label=model)
         for j, model in enumerate(paper_models):
+            assert paper is not None  # paper_models is empty without it
             part = paper[(paper["model"] == model) & (paper["target"] == target)]
             if part.empty:
                 continue
@@ -239,7 +243,8 @@ def training_curves(history: pd.DataFrame, *, smooth: int = 1, ncols: int = 4) -
         ax.set_title(strategy, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss [nats]")
-    handles, labels = {}, {}
+    handles: dict[str, Artist] = {}
+    labels: dict[str, str] = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
@@ -273,7 +278,8 @@ def whs_weights(weights: pd.DataFrame, probe: pd.DataFrame | None = None, *,
     models = list(dict.fromkeys(weights["model"]))
     heads = sorted(set(int(h) for h in weights["head"]))
     colors = dict(zip(heads, sns.color_palette("colorblind", max(heads) + 1)[: len(heads)]))
-    method_style = {"probe": dict(linestyle="--", marker="s"), "lens": dict(linestyle=":", marker=None)}
+    method_style: dict[str, dict[str, Any]] = {"probe": dict(linestyle="--", marker="s"),
+                                               "lens": dict(linestyle=":", marker=None)}
     fig, axes = plt.subplots(1, len(models), figsize=(6.8 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
         part = weights[weights["model"] == model]

@@ -110,7 +110,8 @@ def entropy_along_sentence(entropy: pd.DataFrame, sentences: Mapping[str, str],
 
 _TARGET_COLORS = {"next": 0, "2nd": 1}
 TARGET_LABELS = {"next": "$x_{t+1}$", "2nd": "$x_{t+2}$"}
-_METHOD_STYLE = {"lens": dict(linestyle="-", marker=None), "probe": dict(linestyle="--", marker="o")}
+_METHOD_STYLE: dict[str, dict[str, Any]] = {"lens": dict(linestyle="-", marker=None),
+                                            "probe": dict(linestyle="--", marker="o")}
 
 
 def layer_accuracy(scores: pd.DataFrame, *, k: int = 5, nll: bool = True) -> Any:

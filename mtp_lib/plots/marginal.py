@@ -16,21 +16,24 @@ in :func:`nucleus_by_size`, the top-p (solid 0.99, dashed 0.9). The paper's valu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from .common import ordered_tasks as _tasks, read_paper_csv, require_columns as _require
 
+if TYPE_CHECKING:
+    from matplotlib.typing import LineStyleType
+
 __all__ = ["OFFSET_LABELS", "PAPER_LABEL", "accuracy_by_size", "accuracy_vs_top_p", "nucleus_by_size",
            "read_paper_csv"]
 
 PAPER_LABEL = "paper"
 OFFSET_LABELS = {1: "next token", 2: "2nd token", 3: "3rd token"}
-_OFFSET_STYLE = {1: ("-", "o"), 2: ("--", "s"), 3: (":", "^")}
-_TOP_P_STYLE = {0.99: ("-", "o"), 0.9: ("--", "s")}
-_OTHER_STYLE = ("-.", "D")
+_OFFSET_STYLE: dict[int, tuple[LineStyleType, str]] = {1: ("-", "o"), 2: ("--", "s"), 3: (":", "^")}
+_TOP_P_STYLE: dict[float, tuple[LineStyleType, str]] = {0.99: ("-", "o"), 0.9: ("--", "s")}
+_OTHER_STYLE: tuple[LineStyleType, str] = ("-.", "D")
 _PAPER_COLORS = {"Pythia": "0.6", "Llama-3": "0.3"}
 _PAPER_MARKERS = {"Pythia": ".", "Llama-3": "P"}
 
@@ -46,7 +49,8 @@ def _bounds(part: pd.DataFrame, y: str) -> tuple[np.ndarray, np.ndarray, np.ndar
     return val, lo, hi
 
 
-def _errorbar(ax: Any, x: np.ndarray, part: pd.DataFrame, y: str, *, linestyle: str, gid: str, **kw: Any) -> Any:
+def _errorbar(ax: Any, x: np.ndarray, part: pd.DataFrame, y: str, *, linestyle: LineStyleType, gid: str,
+              **kw: Any) -> Any:
     """Points at ``y`` with their ``y_lo``/``y_hi`` interval (no bar where a bound is NaN), joined by a line.
 
     The data line gets ``gid`` (tests and readers find each series by it); the error bars take the
@@ -63,8 +67,8 @@ def _errorbar(ax: Any, x: np.ndarray, part: pd.DataFrame, y: str, *, linestyle: 
     return bars
 
 
-def _paper_lines(ax: Any, paper: pd.DataFrame, *, value: str, key_col: str, styles: dict[Any, tuple[str, str]],
-                 labels: dict[Any, str], task: str) -> None:
+def _paper_lines(ax: Any, paper: pd.DataFrame, *, value: str, key_col: str,
+                 styles: dict[Any, tuple[LineStyleType, str]], labels: dict[Any, str], task: str) -> None:
     """The paper's values of one task: one grey line per family and key (offset or top-p)."""
     for family in dict.fromkeys(paper["family"]):
         for key in sorted(set(paper[key_col])):
@@ -78,7 +82,7 @@ def _paper_lines(ax: Any, paper: pd.DataFrame, *, value: str, key_col: str, styl
                     gid=f"paper|{family}|{task}|{key}")
 
 
-def _ours(ax: Any, ours: pd.DataFrame, *, value: str, key_col: str, styles: dict[Any, tuple[str, str]],
+def _ours(ax: Any, ours: pd.DataFrame, *, value: str, key_col: str, styles: dict[Any, tuple[LineStyleType, str]],
           task: str, colors: dict[str, Any], series: list[str]) -> None:
     """Our models of one task: a colour per model, line style and marker per key, filled markers for
     the first series and hollow for the others (set side by side on the x axis)."""
@@ -112,7 +116,7 @@ def _log_x(ax: Any, params: Any, paper: pd.DataFrame | None) -> None:
     ax.xaxis.set_minor_formatter(mticker.NullFormatter())
 
 
-def _legend(fig: Any, axes: Sequence[Any], colors: dict[str, Any], keys: dict[str, tuple[str, str]],
+def _legend(fig: Any, axes: Sequence[Any], colors: dict[str, Any], keys: dict[str, tuple[LineStyleType, str]],
             series: list[str]) -> None:
     """One legend below the panels: the paper's series, our models (colour), what is drawn (style), samples (fill)."""
     from matplotlib.lines import Line2D
