@@ -56,7 +56,7 @@ from torch import nn
 
 from mtp_lib.decode_graph import GraphRunner, StaticMTPCache, mask_layout, tree_masks
 from mtp_lib.heads import LayerHead, MTPModel, shallow_module_copy
-from mtp_lib.models import get_adapter
+from mtp_lib.models import eval_mode, get_adapter
 
 __all__ = [
     "Drafter",
@@ -704,11 +704,9 @@ def rank_acceptance(mtp: MTPModel, outputs: Sequence[GenerateOutput], k: int = 1
     if not outputs:
         raise ValueError("outputs is empty: pass greedy outputs (GenerateOutput) to calibrate on")
     device = next(mtp.parameters()).device
-    was_training = mtp.training
-    mtp.eval()
     hits = torch.zeros(mtp.n_heads - 1, k, dtype=torch.float64)
     counts = torch.zeros(mtp.n_heads - 1, dtype=torch.float64)
-    try:
+    with eval_mode(mtp):
         for out in outputs:
             ids = out.tokens.to(device)
             n_tok = ids.shape[1]
@@ -720,8 +718,6 @@ def rank_acceptance(mtp: MTPModel, outputs: Sequence[GenerateOutput], k: int = 1
                 top = mtp.unembed_states(states[n - 1, ts]).topk(k, dim=-1).indices  # [P, k]
                 hits[n - 2] += (top == ids[0, ts + n][:, None]).double().sum(0).cpu()
                 counts[n - 2] += len(ts)
-    finally:
-        mtp.train(was_training)
     return hits / counts.clamp(min=1)[:, None]
 
 

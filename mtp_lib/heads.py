@@ -302,6 +302,7 @@ class MTPModel(nn.Module):
                 types = None if all_types is None else [all_types[n_layers - 1]]
                 heads.append(LayerHead(self._head_body(base, layer, types), mix))
         self.heads = nn.ModuleList(heads)
+        self.train(model.training)  # the model's mode (eval: no dropout), for the new parts too
 
     # -- construction ------------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtp_lib.models import get_adapter
+from mtp_lib.models import eval_mode, get_adapter
 
 __all__ = ["MarginalResult", "Nucleus", "marginalize", "nucleus", "nucleus_size"]
 
@@ -496,9 +496,7 @@ def marginalize(
 
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.inference_mode():
             ctx, hidden = _run_context(model, adapter, input_ids)
             acc_dtype = torch.promote_types(ctx.dtype, torch.float32)
@@ -553,8 +551,6 @@ def marginalize(
                 bar.close()
                 if grow:
                     npos, paths, log_w = torch.cat(next_pos), torch.cat(next_paths), torch.cat(next_w)
-    finally:
-        model.train(was_training)
 
     log_probs = acc.float()
     return MarginalResult(

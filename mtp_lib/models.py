@@ -43,6 +43,7 @@ __all__ = [
     "build_tiny_model",
     "byte_tokenizer",
     "cache_dir",
+    "eval_mode",
     "get_adapter",
     "load_model",
     "resolve_device",
@@ -88,6 +89,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return _DTYPES[str(dtype)]
     except KeyError:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)} or 'auto'") from None
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run the block with ``module`` in eval mode (no dropout), then give every submodule back its own
+    mode. ``module.train(was_training)`` would not: it sets all submodules alike, so a wrapper whose
+    parts were in eval mode (a frozen backbone in a training wrapper) would come back with dropout on."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 # --------------------------------------------------------------------------------------------------

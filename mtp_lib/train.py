@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from mtp_lib.heads import MTPModel, shallow_module_copy
-from mtp_lib.models import get_adapter
+from mtp_lib.models import eval_mode, get_adapter
 
 if TYPE_CHECKING:
     from peft.tuners.lora import LoraLayer
@@ -433,10 +433,8 @@ def evaluate(mtp: MTPModel, samples: Sequence[TrainSample], *, k: int = 5, last:
     if k < 1 or last < 1 or batch_size < 1:
         raise ValueError(f"k={k}, last={last} and batch_size={batch_size} must be positive")
     device = next(mtp.parameters()).device
-    was_training = mtp.training
-    mtp.eval()
     out: list[torch.Tensor] = []
-    try:
+    with eval_mode(mtp):
         for i in tqdm(range(0, len(samples), batch_size), desc="evaluate", disable=not progress):
             chunk = samples[i:i + batch_size]
             batch = collate(chunk, 1).to(device)
@@ -450,8 +448,6 @@ def evaluate(mtp: MTPModel, samples: Sequence[TrainSample], *, k: int = 5, last:
                     logits = mtp.unembed_states(states[n, b, js - (n + 1)]).float()
                     hits.append(_topk_hits(torch.log_softmax(logits, -1), batch.input_ids[b, js], k))
                 out.append(torch.stack(hits).cpu())
-    finally:
-        mtp.train(was_training)
     return out
 
 

@@ -301,3 +301,22 @@ def test_recipes_and_invalid_configs() -> None:
         recipe("ntp_baseline", n_heads=2)
     with pytest.raises(ValueError, match="no full batch"):
         train(build_tiny_model("gpt2"), pattern_samples(0, 7), small("heads_only"), progress=False)
+
+
+def test_evaluate_gives_every_part_back_its_mode() -> None:
+    """evaluate() runs in eval mode and restores each submodule's own mode: a model built in eval
+    mode (no dropout) must not come back with dropout on, nor a training one come back in eval."""
+    seed = fresh_seed()
+    model = build_tiny_model("gpt2", seed=seed % 1000).double()  # GPT-2 configs have dropout 0.1
+    mtp = MTPModel(model, n_heads=2, seed=seed)
+    assert not mtp.training and not any(m.training for m in mtp.modules()), f"seed {seed}"
+    samples = pattern_samples(seed, 3, min_len=30, max_len=40)
+    ids = torch.tensor([samples[0].input_ids])
+    with torch.no_grad():
+        before = mtp(ids).logits
+        evaluate(mtp, samples, k=3, last=5, batch_size=2)
+        assert not any(m.training for m in mtp.modules()), f"seed {seed}"
+        assert torch.equal(mtp(ids).logits, before), f"seed {seed}: evaluate() switched dropout on"
+    mtp.heads.train()  # mixed modes: heads training, backbone frozen in eval
+    evaluate(mtp, samples, k=3, last=5, batch_size=2)
+    assert all(m.training for m in mtp.heads.modules()) and not mtp.backbone.training, f"seed {seed}"
