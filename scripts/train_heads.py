@@ -7,7 +7,9 @@ resumes from --out/checkpoint.pt when started again with the same arguments):
 
 On several GPUs (data parallel), the same command under accelerate:
 
-    accelerate launch --num_processes 4 scripts/train_heads.py --model ... --recipe ... --out ...
+    accelerate launch --multi_gpu --num_processes 4 scripts/train_heads.py --model ... --recipe ... --out ...
+
+(on CPU processes, for a check: torchrun --standalone --nproc_per_node 2 scripts/train_heads.py --device cpu ...)
 
 Time one optimizer step of several recipes side by side, on the same batch:
 
