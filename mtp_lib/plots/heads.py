@@ -244,7 +244,6 @@ def training_curves(history: pd.DataFrame, *, smooth: int = 1, ncols: int = 4) -
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss [nats]")
     handles: dict[str, Artist] = {}
-    labels: dict[str, str] = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
