@@ -16,6 +16,14 @@ def setup_style() -> None:
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
 
 
+def model_colors(models: Any) -> dict[Any, Any]:
+    """One colour of seaborn's colorblind palette per model, in the given order."""
+    import seaborn as sns
+
+    models = list(models)
+    return dict(zip(models, sns.color_palette("colorblind", max(len(models), 1))))
+
+
 def require_columns(df: Any, columns: set[str], name: str) -> None:
     """A clear ValueError unless ``df`` is a non-empty DataFrame holding ``columns``."""
     if not isinstance(df, pd.DataFrame):

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .common import ordered_tasks as _tasks, require_columns as _require
+from .common import model_colors, ordered_tasks as _tasks, require_columns as _require
 
 __all__ = ["BASELINES", "head_acceptance", "method_heads", "pass_costs", "speed_bars", "step_acceptance", "step_cost"]
 
@@ -123,12 +123,6 @@ def pass_costs(records: Iterable[Mapping[str, Any]], *, depths: Mapping[str, int
 # Figures
 
 
-def _colors(models: Sequence[str]) -> dict[str, Any]:
-    import seaborn as sns
-
-    return dict(zip(models, sns.color_palette("colorblind", max(len(models), 1))))
-
-
 def _legend_below(fig: Any, handles: dict[str, Any], ncol: int = 3) -> None:
     fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     rows = (len(handles) + ncol - 1) // ncol
@@ -156,7 +150,7 @@ def speed_bars(rows: pd.DataFrame, *, title: str | None = None) -> Any:
     methods = [m for m in dict.fromkeys(rows["method"]) if m not in BASELINES]
     if not methods:
         raise ValueError("rows hold only the baselines (generate, greedy_graph): nothing to draw as bars")
-    colors = _colors(models)
+    colors = model_colors(models)
     width = 0.8 / len(models)
     fig, axes = plt.subplots(2, len(tasks), figsize=(max(6.0, 1.0 * len(methods) + 2.5) * len(tasks) / 1.4, 7.2),
                              squeeze=False, sharex=True, sharey="row")
@@ -269,7 +263,7 @@ def step_cost(costs: pd.DataFrame, *, speedups: Sequence[float] = (0.5, 1.0, 1.5
     tasks = _tasks(costs)
     models = list(dict.fromkeys(costs["model"]))
     methods = list(dict.fromkeys(costs["method"]))
-    colors = _colors(models)
+    colors = model_colors(models)
     markers = {m: _MARKERS[i % len(_MARKERS)] for i, m in enumerate(methods)}
     ceiling = costs["max_tokens_per_pass"] if "max_tokens_per_pass" in costs.columns else pd.Series(dtype=float)
     x_max = 1.15 * max(float(costs["cost"].max()), 1.0)

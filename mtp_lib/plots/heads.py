@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .common import require_columns as _require
+from .common import model_colors, require_columns as _require
 
 if TYPE_CHECKING:
     from matplotlib.artist import Artist
@@ -145,7 +145,6 @@ def strategy_accuracy(ours: pd.DataFrame, paper: pd.DataFrame | None = None, *, 
     """
     import matplotlib.pyplot as plt
     import numpy as np
-    import seaborn as sns
 
     _require(ours, {"strategy", "model", "target", "accuracy"}, "ours")
     if paper is not None:
@@ -158,7 +157,7 @@ def strategy_accuracy(ours: pd.DataFrame, paper: pd.DataFrame | None = None, *, 
     ypos = {s: i for i, s in enumerate(strategies)}
     models = list(dict.fromkeys(ours["model"]))
     paper_models = list(dict.fromkeys(paper["model"])) if paper is not None else []
-    colors = dict(zip(models, sns.color_palette("colorblind", len(models))))
+    colors = model_colors(models)
     markers = ["s", "D", "^", "v", "P", "X", "<", ">"]
     n_series = len(models) + len(paper_models)
     offsets = np.linspace(-0.3, 0.3, n_series) if n_series > 1 else np.zeros(1)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from .common import read_paper_csv, require_columns as _require
+from .common import model_colors, read_paper_csv, require_columns as _require
 
 __all__ = ["PAPER_LABEL", "TARGET_LABELS", "entropy_along_sentence", "kl_by_depth", "layer_accuracy", "read_paper_csv"]
 
@@ -73,7 +73,6 @@ def entropy_along_sentence(entropy: pd.DataFrame, sentences: Mapping[str, str],
     ``entropy_low``, ``entropy_high``) is drawn as grey horizontal bands, one legend entry per series.
     """
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     _require(entropy, {"model", "sentence", "char", "entropy"}, "entropy")
     if not sentences:
@@ -82,7 +81,7 @@ def entropy_along_sentence(entropy: pd.DataFrame, sentences: Mapping[str, str],
     if unknown:
         raise ValueError(f"entropy names sentences {sorted(unknown)} that are not keys of sentences")
     models = list(dict.fromkeys(entropy["model"]))
-    palette = dict(zip(models, sns.color_palette("colorblind", len(models))))
+    palette = model_colors(models)
     fig, axes = plt.subplots(len(sentences), 1, figsize=(11, 3.3 * len(sentences)), squeeze=False)
     for ax, (title, text) in zip(axes[:, 0], sentences.items()):
         if paper is not None:

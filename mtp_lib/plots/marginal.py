@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .common import ordered_tasks as _tasks, read_paper_csv, require_columns as _require
+from .common import model_colors, ordered_tasks as _tasks, read_paper_csv, require_columns as _require
 
 if TYPE_CHECKING:
     from matplotlib.typing import LineStyleType
@@ -152,34 +152,41 @@ def accuracy_by_size(ours: pd.DataFrame, paper: pd.DataFrame | None = None, *, k
     across sizes of that model (one point each here). ``paper`` (columns ``family``, ``params``,
     ``task``, ``offset``, ``accuracy``) is drawn in grey with the same line styles.
     """
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     _require(ours, {"model", "params", "task", "offset", "accuracy"}, "ours")
     bad = set(ours["offset"]) - set(_OFFSET_STYLE)
     if bad:
         raise ValueError(f"ours has offsets {sorted(bad)}; only 1, 2 and 3 are drawn")
     if paper is not None:
         _require(paper, {"family", "params", "task", "offset", "accuracy"}, "paper")
+    keys = {OFFSET_LABELS[o]: _OFFSET_STYLE[o] for o in sorted(set(ours["offset"]))}
+    return _by_size(ours, paper, value="accuracy", key_col="offset", styles=_OFFSET_STYLE, paper_labels=OFFSET_LABELS,
+                    keys=keys, ylabel=f"top-{k} accuracy", log_y=False, title=title)
+
+
+def _by_size(ours: pd.DataFrame, paper: pd.DataFrame | None, *, value: str, key_col: str, styles: dict[Any, Any],
+             paper_labels: dict[Any, str], keys: dict[str, Any], ylabel: str, log_y: bool,
+             title: str | None = None) -> Any:
+    """Figures 1 and 4: ``value`` against parameter count, one panel per task, the paper's in grey."""
+    import matplotlib.pyplot as plt
+
     tasks, series = _tasks(ours), _series(ours)
-    models = list(dict.fromkeys(ours.sort_values("params")["model"]))
-    colors = dict(zip(models, sns.color_palette("colorblind", len(models))))
+    colors = model_colors(dict.fromkeys(ours.sort_values("params")["model"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.6), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks):
         if paper is not None:
-            _paper_lines(ax, paper, value="accuracy", key_col="offset", styles=_OFFSET_STYLE, labels=OFFSET_LABELS,
-                         task=task)
-        _ours(ax, ours, value="accuracy", key_col="offset", styles=_OFFSET_STYLE, task=task, colors=colors,
-              series=series)
+            _paper_lines(ax, paper, value=value, key_col=key_col, styles=styles, labels=paper_labels, task=task)
+        _ours(ax, ours, value=value, key_col=key_col, styles=styles, task=task, colors=colors, series=series)
         _log_x(ax, ours["params"], paper)
+        if log_y:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1)
         ax.set_xlabel("parameters")
         ax.set_title(task)
-        ax.set_ylim(0, 1)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0, 0].set_ylabel(f"top-{k} accuracy")
+    axes[0, 0].set_ylabel(ylabel)
     if title:
         fig.suptitle(title, fontsize=11)
-    keys = {OFFSET_LABELS[o]: _OFFSET_STYLE[o] for o in sorted(set(ours["offset"]))}
     _legend(fig, axes[0], colors, keys, series)
     return fig
 
@@ -196,32 +203,14 @@ def nucleus_by_size(ours: pd.DataFrame, paper: pd.DataFrame | None = None) -> An
     the top-p (solid/circle 0.99, dashed/square 0.9, dash-dot any other). ``paper`` (columns
     ``family``, ``params``, ``task``, ``top_p``, ``nucleus``) is drawn in grey with the same styles.
     """
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     _require(ours, {"model", "params", "task", "top_p", "nucleus"}, "ours")
     if paper is not None:
         _require(paper, {"family", "params", "task", "top_p", "nucleus"}, "paper")
-    tasks, series = _tasks(ours), _series(ours)
-    models = list(dict.fromkeys(ours.sort_values("params")["model"]))
-    colors = dict(zip(models, sns.color_palette("colorblind", len(models))))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.6), squeeze=False, sharey=True)
-    for ax, task in zip(axes[0], tasks):
-        if paper is not None:
-            _paper_lines(ax, paper, value="nucleus", key_col="top_p", styles=_TOP_P_STYLE,
-                         labels={q: _top_p_label(q) for q in set(paper["top_p"])}, task=task)
-        _ours(ax, ours, value="nucleus", key_col="top_p", styles=_TOP_P_STYLE, task=task, colors=colors,
-              series=series)
-        _log_x(ax, ours["params"], paper)
-        ax.set_yscale("log")
-        ax.set_xlabel("parameters")
-        ax.set_title(task)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0, 0].set_ylabel("mean candidates in the nucleus")
+    paper_labels = {q: _top_p_label(q) for q in set(paper["top_p"])} if paper is not None else {}
     keys = {_top_p_label(q): _TOP_P_STYLE.get(float(q), _OTHER_STYLE)
             for q in sorted(set(ours["top_p"]), reverse=True)}
-    _legend(fig, axes[0], colors, keys, series)
-    return fig
+    return _by_size(ours, paper, value="nucleus", key_col="top_p", styles=_TOP_P_STYLE, paper_labels=paper_labels,
+                    keys=keys, ylabel="mean candidates in the nucleus", log_y=True)
 
 
 def accuracy_vs_top_p(sweep: pd.DataFrame, *, k: int = 5) -> Any:
@@ -235,7 +224,6 @@ def accuracy_vs_top_p(sweep: pd.DataFrame, *, k: int = 5) -> Any:
     (from the smallest offset's rows).
     """
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     _require(sweep, {"model", "task", "top_p", "accuracy", "candidates"}, "sweep")
     qs = sweep["top_p"].to_numpy(dtype=float)
@@ -248,7 +236,7 @@ def accuracy_vs_top_p(sweep: pd.DataFrame, *, k: int = 5) -> Any:
         raise ValueError(f"sweep has offsets {sorted(bad)}; only 1, 2 and 3 are drawn")
     tasks = _tasks(data)
     models = list(dict.fromkeys(data["model"]))
-    colors = dict(zip(models, sns.color_palette("colorblind", len(models))))
+    colors = model_colors(models)
     offsets = sorted(set(data["offset"]))
     fig, axes = plt.subplots(2, len(tasks), figsize=(5.6 * len(tasks), 6.8), squeeze=False, sharex=True)
     for col, task in enumerate(tasks):
