@@ -771,8 +771,7 @@ def hf_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, 
 
     max_new = _check_max_new(max_new_tokens)
     eos = sorted(_eos_set(eos_token_id))
-    unembed: Any = get_adapter(model).unembed(model)
-    vocab = int(unembed.weight.shape[0])
+    vocab = int(get_adapter(model).unembed_weight(model).shape[0])
     device = next(model.parameters()).device
     ids = _check_ids(input_ids, vocab).to(device)
     prompt_len = ids.shape[1]

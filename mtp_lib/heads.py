@@ -271,8 +271,8 @@ class MTPModel(nn.Module):
         self.weighted_hidden_states = bool(weighted_hidden_states)
         self.n_layers = n_layers
         self.seed = seed
-        self.hidden_size = int(cast(torch.Tensor, adapter.unembed(model).weight).shape[-1])
-        self.vocab_size = int(cast(torch.Tensor, adapter.unembed(model).weight).shape[0])
+        vocab, hidden = adapter.unembed_weight(model).shape
+        self.vocab_size, self.hidden_size = int(vocab), int(hidden)
         self.softcap: float | None = getattr(model.config, "final_logit_softcapping", None) or None
 
         base = adapter.base(model)

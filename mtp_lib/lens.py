@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ DEFAULT_MAX_ELEMENTS = 2**22
 
 def vocab_size(model: nn.Module) -> int:
     """The width of the model's logits: rows of the unembedding matrix."""
-    return int(cast(torch.Tensor, get_adapter(model).unembed(model).weight).shape[0])
+    return int(get_adapter(model).unembed_weight(model).shape[0])
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -163,7 +163,7 @@ def hidden_states(model: nn.Module, input_ids: Any) -> torch.Tensor:
     ids = as_token_ids(input_ids, vocab_size(model)).to(_model_device(model))
     layers = adapter.layers(model)
     captured: list[torch.Tensor | None] = [None] * len(layers)
-    head_device = adapter.unembed(model).weight.device  # layers may sit on several devices
+    head_device = adapter.unembed_weight(model).device  # layers may sit on several devices
 
     def hook(index: int) -> Any:
         def save(module: nn.Module, args: Any, output: Any) -> None:
@@ -191,7 +191,7 @@ def lens_log_probs(model: nn.Module, hidden: torch.Tensor, *, dtype: torch.dtype
     f_u (final norm, unembedding, soft-capping) runs in the model's dtype; the softmax in ``dtype``.
     """
     adapter = adapter or get_adapter(model)
-    weight = cast(torch.Tensor, adapter.unembed(model).weight)
+    weight = adapter.unembed_weight(model)
     logits = adapter.logits(model, hidden.to(device=weight.device, dtype=weight.dtype))
     return torch.log_softmax(logits.to(dtype), dim=-1)
 

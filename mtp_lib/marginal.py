@@ -469,7 +469,7 @@ def marginalize(
     """
     adapter = get_adapter(model)
     config: Any = model.config
-    vocab = int(adapter.unembed(model).weight.shape[0])  # type: ignore[index]
+    vocab = int(adapter.unembed_weight(model).shape[0])
     depth = _check_int(depth, "depth", 1)
     top_p = _check_top_p(top_p)
     extras = sorted({_check_top_p(q, "extra_top_p") for q in extra_top_p} - {top_p})

@@ -145,6 +145,10 @@ class Adapter:
         """The output projection W_u (tied to the embedding in some models)."""
         return cast("PreTrainedModel", model).get_output_embeddings()
 
+    def unembed_weight(self, model: nn.Module) -> torch.Tensor:
+        """W_u's weight, [vocabulary, hidden]: its rows are the vocabulary, its device the logits'."""
+        return cast(torch.Tensor, self.unembed(model).weight)
+
     def logits(self, model: nn.Module, hidden: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
         """f_u: final norm (unless ``normed``), unembedding and any final logit soft-capping."""
         h = hidden if normed else self.final_norm(model)(hidden)
@@ -420,7 +424,7 @@ class LoadedModel:
 
     @property
     def vocab_size(self) -> int:
-        return int(cast(torch.Tensor, self.adapter.unembed(self.model).weight).shape[0])
+        return int(self.adapter.unembed_weight(self.model).shape[0])
 
     @property
     def device(self) -> torch.device:

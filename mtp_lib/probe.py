@@ -101,8 +101,13 @@ class OutputHead(nn.Module):
             self.to(device)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The copied unembedding's weight, [vocabulary, hidden]."""
+        return cast(torch.Tensor, self.unembed.weight)
+
+    @property
     def dtype(self) -> torch.dtype:
-        return cast(torch.Tensor, self.unembed.weight).dtype
+        return self.weight.dtype
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         out = self.unembed(self.norm(hidden.to(self.dtype)))
@@ -246,13 +251,13 @@ def fit_probe(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, 
     """
     dev = _resolve(device, model)
     head = head if head is not None else OutputHead(model, dev)
-    _check_pair(hidden, targets, cast(torch.Tensor, head.unembed.weight).shape[0])
+    _check_pair(hidden, targets, head.weight.shape[0])
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
-    micro = _micro_batch(max_elements, cast(torch.Tensor, head.unembed.weight).shape[0])
+    micro = _micro_batch(max_elements, head.weight.shape[0])
     g = torch.Generator().manual_seed(seed)
     probe = AffineProbe(hidden.shape[1]).to(dev)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
@@ -303,8 +308,8 @@ def evaluate_probe(model: nn.Module, probe: AffineProbe | None, hidden: torch.Te
         raise ValueError(f"k must be a positive int, got {k!r}")
     dev = _resolve(device, model)
     head = head if head is not None else OutputHead(model, dev)
-    _check_pair(hidden, targets, cast(torch.Tensor, head.unembed.weight).shape[0])
-    micro = _micro_batch(max_elements, cast(torch.Tensor, head.unembed.weight).shape[0])
+    _check_pair(hidden, targets, head.weight.shape[0])
+    micro = _micro_batch(max_elements, head.weight.shape[0])
     hits, nll = 0, 0.0
     with torch.no_grad():
         for part in torch.arange(hidden.shape[0]).split(micro):
