@@ -587,10 +587,10 @@ def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig,
         if saved["config"] != config.to_dict():
             raise ValueError(f"{ckpt.name} in out_dir was made with another config; use another out_dir "
                              "or resume=False")
-        params: dict[str, nn.Parameter] | list[nn.Parameter] = dict(objective.net.named_parameters())
+        named = dict(objective.net.named_parameters())
         with torch.no_grad():
             for name, value in saved["trainable"].items():
-                params[name].copy_(value)
+                named[name].copy_(value)
         start_phase, start_step, history = saved["phase"], saved["step"], list(saved["history"])
 
     def record(entry: dict[str, Any]) -> None:
