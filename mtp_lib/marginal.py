@@ -496,61 +496,60 @@ def marginalize(
 
     from tqdm.auto import tqdm
 
-    with eval_mode(model):
-        with torch.inference_mode():
-            ctx, hidden = _run_context(model, adapter, input_ids)
-            acc_dtype = torch.promote_types(ctx.dtype, torch.float32)
-            n_pos, m = len(pos), len(top_ps)
-            acc = torch.full((m, n_pos, depth, vocab), -math.inf, dtype=acc_dtype, device=device)
+    with eval_mode(model), torch.inference_mode():
+        ctx, hidden = _run_context(model, adapter, input_ids)
+        acc_dtype = torch.promote_types(ctx.dtype, torch.float32)
+        n_pos, m = len(pos), len(top_ps)
+        acc = torch.full((m, n_pos, depth, vocab), -math.inf, dtype=acc_dtype, device=device)
 
-            # level 0: the next-token distributions, and the first candidates
-            node_pos, node_paths, node_w = [], [], []
-            sizes0, mass0 = [], []
-            for blk in _row_blocks(n_pos, vocab, max_logits_elements):
-                logits = adapter.logits(model, hidden[pos[blk]], normed=True)
-                lp = torch.log_softmax(logits.to(acc_dtype), dim=-1)
-                acc[:, blk, 0] = lp
-                rows, toks, lw, sizes, log_mass = _nested_nucleus(lp, top_ps, max_logits_elements)
-                node_pos.append(rows + blk.start)
-                node_paths.append(toks[:, None])
-                node_w.append(lw)
-                sizes0.append(sizes[:, -1])
-                mass0.append(log_mass[:, -1])
-            npos, paths, log_w = torch.cat(node_pos), torch.cat(node_paths), torch.cat(node_w)
-            n_candidates, log_mass0 = torch.cat(sizes0), torch.cat(mass0)
+        # level 0: the next-token distributions, and the first candidates
+        node_pos, node_paths, node_w = [], [], []
+        sizes0, mass0 = [], []
+        for blk in _row_blocks(n_pos, vocab, max_logits_elements):
+            logits = adapter.logits(model, hidden[pos[blk]], normed=True)
+            lp = torch.log_softmax(logits.to(acc_dtype), dim=-1)
+            acc[:, blk, 0] = lp
+            rows, toks, lw, sizes, log_mass = _nested_nucleus(lp, top_ps, max_logits_elements)
+            node_pos.append(rows + blk.start)
+            node_paths.append(toks[:, None])
+            node_w.append(lw)
+            sizes0.append(sizes[:, -1])
+            mass0.append(log_mass[:, -1])
+        npos, paths, log_w = torch.cat(node_pos), torch.cat(node_paths), torch.cat(node_w)
+        n_candidates, log_mass0 = torch.cat(sizes0), torch.cat(mass0)
 
-            n_nodes: list[int] = []
-            n_tokens_fed = n_chunks = 0
-            row_len = min(tokens_per_row, max_tokens_per_chunk)
-            n_rows = max(1, min(max_tokens_per_chunk // row_len, _CACHE_COPY_BUDGET // max(1, ctx.kv_bytes)))
-            for level in range(1, depth):
-                n_nodes.append(len(npos))
-                grow = level + 1 < depth
-                next_pos, next_paths, next_w = [], [], []
-                leaves_per_row = max(1, row_len // level)  # room for each leaf's ancestors
-                per_chunk = n_rows * leaves_per_row
-                bar = tqdm(total=len(npos), desc=f"marginalize: level {level + 1} of {depth}", disable=not progress,
-                           leave=False)
-                for start in range(0, len(npos), per_chunk):
-                    sl = slice(start, min(len(npos), start + per_chunk))
-                    c_pos, c_paths, c_w = npos[sl], paths[sl], log_w[sl]
-                    hid, n_tok = _candidate_step(ctx, pos, c_pos, c_paths, leaves_per_row)
-                    n_chunks += 1
-                    n_tokens_fed += n_tok
-                    for blk in _row_blocks(len(c_pos), vocab, max_logits_elements):
-                        logits = adapter.logits(model, hid[blk], normed=True)
-                        _accumulate(acc[:, :, level], logits, c_pos[blk], c_w[blk])
-                        if grow:
-                            log_q = torch.log_softmax(logits.to(acc_dtype), dim=-1)
-                            rows, toks, lw, _, _ = _nested_nucleus(log_q, top_ps, max_logits_elements)
-                            next_pos.append(c_pos[blk][rows])
-                            next_paths.append(torch.cat([c_paths[blk][rows], toks[:, None]], dim=1))
-                            # a path is in the nucleus at top-p q only if every step is: weights add up
-                            next_w.append(c_w[blk][rows] + lw)
-                    bar.update(sl.stop - sl.start)
-                bar.close()
-                if grow:
-                    npos, paths, log_w = torch.cat(next_pos), torch.cat(next_paths), torch.cat(next_w)
+        n_nodes: list[int] = []
+        n_tokens_fed = n_chunks = 0
+        row_len = min(tokens_per_row, max_tokens_per_chunk)
+        n_rows = max(1, min(max_tokens_per_chunk // row_len, _CACHE_COPY_BUDGET // max(1, ctx.kv_bytes)))
+        for level in range(1, depth):
+            n_nodes.append(len(npos))
+            grow = level + 1 < depth
+            next_pos, next_paths, next_w = [], [], []
+            leaves_per_row = max(1, row_len // level)  # room for each leaf's ancestors
+            per_chunk = n_rows * leaves_per_row
+            bar = tqdm(total=len(npos), desc=f"marginalize: level {level + 1} of {depth}", disable=not progress,
+                       leave=False)
+            for start in range(0, len(npos), per_chunk):
+                sl = slice(start, min(len(npos), start + per_chunk))
+                c_pos, c_paths, c_w = npos[sl], paths[sl], log_w[sl]
+                hid, n_tok = _candidate_step(ctx, pos, c_pos, c_paths, leaves_per_row)
+                n_chunks += 1
+                n_tokens_fed += n_tok
+                for blk in _row_blocks(len(c_pos), vocab, max_logits_elements):
+                    logits = adapter.logits(model, hid[blk], normed=True)
+                    _accumulate(acc[:, :, level], logits, c_pos[blk], c_w[blk])
+                    if grow:
+                        log_q = torch.log_softmax(logits.to(acc_dtype), dim=-1)
+                        rows, toks, lw, _, _ = _nested_nucleus(log_q, top_ps, max_logits_elements)
+                        next_pos.append(c_pos[blk][rows])
+                        next_paths.append(torch.cat([c_paths[blk][rows], toks[:, None]], dim=1))
+                        # a path is in the nucleus at top-p q only if every step is: weights add up
+                        next_w.append(c_w[blk][rows] + lw)
+                bar.update(sl.stop - sl.start)
+            bar.close()
+            if grow:
+                npos, paths, log_w = torch.cat(next_pos), torch.cat(next_paths), torch.cat(next_w)
 
     log_probs = acc.float()
     return MarginalResult(
