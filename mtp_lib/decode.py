@@ -56,7 +56,7 @@ from torch import nn
 
 from mtp_lib.decode_graph import GraphRunner, StaticMTPCache, mask_layout, tree_masks
 from mtp_lib.heads import LayerHead, MTPModel, shallow_module_copy
-from mtp_lib.models import eval_mode, get_adapter
+from mtp_lib.models import check_input_ids, eval_mode, get_adapter
 
 __all__ = [
     "Drafter",
@@ -390,21 +390,6 @@ class _Prediction:
         return [self.flat[(d * r + row) * k:(d * r + row + 1) * k] for d in range(self.depth)]
 
 
-def _check_ids(input_ids: Any, vocab: int) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-        raise ValueError("input_ids must be an integer tensor of token ids, shape [1, T]")
-    if input_ids.ndim == 1:
-        input_ids = input_ids[None]
-    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids must have shape [1, T] (batch size 1; loop over prompts), "
-                         f"got {tuple(input_ids.shape)}")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids is empty: give at least one prompt token")
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-        raise ValueError(f"input_ids holds ids outside the vocabulary [0, {vocab})")
-    return input_ids.long()
-
-
 def _check_max_new(max_new_tokens: Any) -> int:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
@@ -607,7 +592,7 @@ class SpeculativeDecoder:
 
         max_new = _check_max_new(max_new_tokens)
         eos = _eos_set(eos_token_id)
-        ids = _check_ids(input_ids, self.mtp.vocab_size).to(self._verifier.device)
+        ids = check_input_ids(input_ids, self.mtp.vocab_size).to(self._verifier.device)
         prompt_len = ids.shape[1]
         need = prompt_len + max_new + self.tree.size - 1
         room = self.max_length if self.max_length is not None else _position_limit(self.mtp)
@@ -773,7 +758,7 @@ def hf_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, 
     eos = sorted(_eos_set(eos_token_id))
     vocab = int(get_adapter(model).unembed_weight(model).shape[0])
     device = next(model.parameters()).device
-    ids = _check_ids(input_ids, vocab).to(device)
+    ids = check_input_ids(input_ids, vocab).to(device)
     prompt_len = ids.shape[1]
     if max_new == 0:
         return GenerateOutput(ids.to(input_ids.device), prompt_len, [], 0)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtp_lib.models import eval_mode, get_adapter
+from mtp_lib.models import check_input_ids, eval_mode, get_adapter
 
 __all__ = ["MarginalResult", "Nucleus", "marginalize", "nucleus", "nucleus_size"]
 
@@ -388,23 +388,6 @@ def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log
 # The public entry point
 
 
-def _check_input_ids(input_ids: Any, vocab: int) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor):
-        raise ValueError(f"input_ids must be a LongTensor of shape [1, T], got {type(input_ids).__name__}")
-    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    if input_ids.ndim == 1:
-        input_ids = input_ids[None]
-    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids must have shape [1, T] (one sample; loop over samples), got {tuple(input_ids.shape)}")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids is empty: give at least one token of context")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"input_ids holds token ids outside [0, {vocab}) (min {lo}, max {hi})")
-    return input_ids.long()
-
-
 def _check_positions(positions: Any, n_ctx: int) -> torch.Tensor:
     if positions is None:
         return torch.arange(n_ctx)
@@ -485,7 +468,7 @@ def marginalize(
                                 "tokens_per_row", 1)
     max_logits_elements = _check_int(max_logits_elements if max_logits_elements is not None
                                      else (2**27 if gpu else 2**25), "max_logits_elements", 1)
-    input_ids = _check_input_ids(input_ids, vocab).to(device)
+    input_ids = check_input_ids(input_ids, vocab).to(device)
     n_ctx = input_ids.shape[1]
     pos = _check_positions(positions, n_ctx).to(device)
     if adapter.family == "gpt2":  # learned absolute positions: no room beyond the table

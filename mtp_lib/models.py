@@ -43,6 +43,7 @@ __all__ = [
     "build_tiny_model",
     "byte_tokenizer",
     "cache_dir",
+    "check_input_ids",
     "eval_mode",
     "get_adapter",
     "load_model",
@@ -89,6 +90,26 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return _DTYPES[str(dtype)]
     except KeyError:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)} or 'auto'") from None
+
+
+def check_input_ids(input_ids: Any, vocab: int) -> torch.Tensor:
+    """One sequence of token ids as a [1, T] int64 tensor; a clear ValueError for anything else
+    (not an integer tensor, a batch of several, empty, ids outside the vocabulary)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a LongTensor of shape [1, T], got {type(input_ids).__name__}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must have shape [1, T] (one sequence; loop over several), "
+                         f"got {tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: give at least one token of context")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"input_ids holds token ids outside [0, {vocab}) (min {lo}, max {hi})")
+    return input_ids.long()
 
 
 @contextlib.contextmanager
