@@ -10,7 +10,9 @@ heads and frozen. Two head types:
 
 - ``head_type="layer"`` (the paper): each head is a copy of the last decoder layer. Head 1 starts as
   the original last layer, so at initialization it reproduces the model's next-token output; the
-  other heads start from the model family's random initialization. With
+  other heads start from the model family's random initialization (``head_init="random"``, the
+  paper) or as copies of the last layer too (``head_init="copy"``: every head starts by predicting
+  x_{t+1} and learns the shift; not in the paper, for speculative decoding). With
   ``weighted_hidden_states=True`` (WHS) head n reads softmax(w_n / 0.1) . [z^1 .. z^{L-1}] instead of
   z^{L-1}, with w_n in R^{L-1} initialized to 0.1 (uniform mixture; the embedding output is not
   included).
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
 
 __all__ = [
+    "HEAD_INITS",
     "HEAD_TYPES",
     "HiddenStateMix",
     "LayerHead",
@@ -59,6 +62,7 @@ __all__ = [
 ]
 
 HEAD_TYPES = ("layer", "medusa")
+HEAD_INITS = ("random", "copy")
 WHS_TEMPERATURE = 0.1
 WHS_INIT = 0.1
 
@@ -248,17 +252,23 @@ class MTPModel(nn.Module):
 
     ``MTPModel(model)(input_ids).logits`` has shape [n_heads, B, T, V]; ``logits[n - 1, :, t]``
     predicts x_{t+n}. ``heads[n - 1]`` is head n. ``seed`` fixes the random initialization of heads
-    2..n (the global RNG is left as it was). See the module docstring for the two head types.
+    2..n (the global RNG is left as it was). See the module docstring for the two head types and
+    ``head_init`` (layer heads 2..n: ``"random"``, the paper, or ``"copy"`` of the last layer).
     """
 
     def __init__(self, model: nn.Module, n_heads: int = 2, weighted_hidden_states: bool = False,
-                 head_type: str = "layer", *, seed: int = 0) -> None:
+                 head_type: str = "layer", *, seed: int = 0, head_init: str = "random") -> None:
         super().__init__()
         adapter = get_adapter(model)
         if not isinstance(n_heads, int) or n_heads < 1:
             raise ValueError(f"n_heads={n_heads!r} must be a positive integer (the paper uses 2)")
         if head_type not in HEAD_TYPES:
             raise ValueError(f"head_type={head_type!r} must be one of {HEAD_TYPES}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init={head_init!r} must be one of {HEAD_INITS}")
+        if head_init != "random" and head_type != "layer":
+            raise ValueError(f"head_init={head_init!r} needs head_type='layer' (Medusa blocks start as the "
+                             "identity already)")
         if weighted_hidden_states and head_type != "layer":
             raise ValueError("weighted_hidden_states=True needs head_type='layer' (Medusa heads read the "
                              "final hidden state)")
@@ -268,6 +278,7 @@ class MTPModel(nn.Module):
         self.adapter: Adapter = adapter
         self.n_heads = n_heads
         self.head_type = head_type
+        self.head_init = head_init
         self.weighted_hidden_states = bool(weighted_hidden_states)
         self.n_layers = n_layers
         self.seed = seed
@@ -294,7 +305,7 @@ class MTPModel(nn.Module):
                                  MedusaHead(self.hidden_size, dtype=ref.dtype, device=ref.device))
                     continue
                 layer = copy.deepcopy(last, memo={id(config): config, id(model.config): model.config})
-                if n > 1:
+                if n > 1 and head_init == "random":
                     for sub in layer.modules():
                         cast("PreTrainedModel", model)._init_weights(sub)
                 mix = (HiddenStateMix(n_layers - 1, dtype=ref.dtype, device=ref.device)
@@ -352,7 +363,7 @@ class MTPModel(nn.Module):
 
     def options(self) -> dict[str, Any]:
         """The constructor arguments and the model shape, as saved beside the heads."""
-        return {"n_heads": self.n_heads, "head_type": self.head_type,
+        return {"n_heads": self.n_heads, "head_type": self.head_type, "head_init": self.head_init,
                 "weighted_hidden_states": self.weighted_hidden_states, "seed": self.seed,
                 "family": self.adapter.family, "n_layers": self.n_layers, "hidden_size": self.hidden_size,
                 "vocab_size": self.vocab_size}

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import torch
 from torch import nn
 
-from mtp_lib.heads import MTPModel, shallow_module_copy
+from mtp_lib.heads import HEAD_INITS, MTPModel, shallow_module_copy
 from mtp_lib.models import eval_mode, get_adapter
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class TrainSample(Protocol):
 class TrainConfig:
     """One training run. Steps count optimizer steps (one step = ``effective_batch_size`` sequences).
 
-    ``objective``: ``"mtp"`` trains an :class:`MTPModel` (``n_heads``, ``head_type``,
+    ``objective``: ``"mtp"`` trains an :class:`MTPModel` (``n_heads``, ``head_type``, ``head_init``,
     ``weighted_hidden_states`` as there); ``"ntp"`` LoRA-fine-tunes the model itself on next-token
     loss (the baseline; needs ``joint=True``, ``n_heads=1``). ``joint``: LoRA (``lora_rank`` on the
     family's q/k/v) on the backbone, trained with the heads. ``head_warmup_epochs``: epochs of heads-only
@@ -118,6 +118,7 @@ class TrainConfig:
     objective: str = "mtp"
     n_heads: int = 2
     head_type: str = "layer"
+    head_init: str = "random"
     weighted_hidden_states: bool = False
     joint: bool = False
     head_warmup_epochs: int = 0
@@ -168,11 +169,20 @@ class TrainConfig:
                                         or self.weighted_hidden_states or self.head_warmup_epochs):
             raise ValueError("objective='ntp' trains LoRA on the model itself: use joint=True, n_heads=1 and "
                              "no heads options (start from RECIPES['ntp_baseline'])")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init={self.head_init!r} must be one of {HEAD_INITS}")
+        if self.head_init != "random" and (self.head_type != "layer" or self.objective != "mtp"):
+            raise ValueError(f"head_init={self.head_init!r} needs layer heads (head_type='layer', objective='mtp')")
         if self.head_type == "medusa" and self.n_heads < 2:
             raise ValueError("head_type='medusa' with n_heads=1 has nothing to train (head 1 is the model)")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a dict. ``head_init`` is left out at its default ("random"): it came after
+        results were stored under keys made of this dict, and those keys stay valid."""
+        out = dataclasses.asdict(self)
+        if out["head_init"] == "random":
+            del out["head_init"]
+        return out
 
 
 RECIPES: dict[str, TrainConfig] = {
@@ -393,7 +403,7 @@ def _build_net(model: nn.Module, config: TrainConfig) -> nn.Module:
     if config.objective == "ntp":
         return add_lora(shallow_module_copy(model), adapter.lora_targets, **lora)
     net = MTPModel(model, n_heads=config.n_heads, weighted_hidden_states=config.weighted_hidden_states,
-                   head_type=config.head_type, seed=config.seed)
+                   head_type=config.head_type, seed=config.seed, head_init=config.head_init)
     if config.joint:
         add_lora(net.backbone, adapter.lora_targets, **lora)
     return net

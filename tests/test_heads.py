@@ -244,6 +244,26 @@ def test_save_and_load_heads(tmp_path, kind: str) -> None:
         other.load_heads(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.parametrize("family,n_layers", SHAPES)
+def test_copy_init_starts_every_head_as_the_last_layer(family: str, n_layers: int) -> None:
+    seed = fresh_seed()
+    model = tiny(family, n_layers)
+    ids = random_ids(seed)
+    mtp = MTPModel(model, n_heads=3, seed=seed, head_init="copy")
+    assert mtp.options()["head_init"] == "copy"
+    with torch.no_grad():
+        ref = model(ids).logits
+        logits = mtp(ids).logits
+    for n in range(3):  # every head predicts x_{t+1} at first: the copy of the last layer
+        torch.testing.assert_close(logits[n], ref, rtol=1e-10, atol=1e-10, msg=f"head {n + 1}, seed {seed}")
+    adapter = get_adapter(model)
+    last = adapter.layers(model)[-1]
+    layers = [getattr(head.body, adapter.layers_attr)[0] for head in mtp.heads]
+    for layer in layers:  # copies, not shared: training one head moves no other part
+        assert all(p.data_ptr() != q.data_ptr() for p in layer.parameters() for q in last.parameters())
+    assert layers[1].parameters().__next__().data_ptr() != layers[2].parameters().__next__().data_ptr()
+
+
 def test_invalid_arguments() -> None:
     model = tiny("gpt2")
     with pytest.raises(ValueError, match="n_heads"):
@@ -252,6 +272,10 @@ def test_invalid_arguments() -> None:
         MTPModel(model, head_type="linear")
     with pytest.raises(ValueError, match="weighted_hidden_states"):
         MTPModel(model, weighted_hidden_states=True, head_type="medusa")
+    with pytest.raises(ValueError, match="head_init"):
+        MTPModel(model, head_init="zeros")
+    with pytest.raises(ValueError, match="head_init"):
+        MTPModel(model, head_init="copy", head_type="medusa")
     with pytest.raises(ValueError, match="weighted_hidden_states=False"):
         MTPModel(model).whs_weights()
     mtp = MTPModel(model)

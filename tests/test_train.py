@@ -294,11 +294,17 @@ def test_recipes_and_invalid_configs() -> None:
         recipe("diff_lr", learning_rate=1e-4)
     for bad, match in [(dict(effective_batch_size=60), "multiple"), (dict(objective="x"), "objective"),
                        (dict(head_warmup_epochs=1), "joint=True"), (dict(n_heads=0), "n_heads"),
-                       (dict(lr=0.0), "lr"), (dict(mixed_precision="fp8"), "mixed_precision")]:
+                       (dict(lr=0.0), "lr"), (dict(mixed_precision="fp8"), "mixed_precision"),
+                       (dict(head_init="zeros"), "head_init"), (dict(head_init="copy", head_type="medusa"), "head_init")]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad)
     with pytest.raises(ValueError, match="ntp"):
         recipe("ntp_baseline", n_heads=2)
+    # head_init joined the config later: at its default it stays out of to_dict, so that results stored
+    # under keys made of the dict keep them; set, it is in
+    assert "head_init" not in RECIPES["heads_only"].to_dict()
+    assert recipe("heads_only", head_init="copy").to_dict()["head_init"] == "copy"
+    assert TrainConfig(**recipe("heads_only", head_init="copy").to_dict()).head_init == "copy"
     with pytest.raises(ValueError, match="no full batch"):
         train(build_tiny_model("gpt2"), pattern_samples(0, 7), small("heads_only"), progress=False)
 
