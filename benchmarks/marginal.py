@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed runs of marginalize per config, median (default 3; quick 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, help="write the table and settings as JSON here")
+    p.add_argument("--profile", type=Path, help="also profile one run of the best config (torch.profiler) and "
+                                                "write its tables (stages, then kernels) as text here")
     args = p.parse_args(argv)
     quick = args.quick
     args.device = args.device or ("cpu" if quick else "auto")
@@ -105,6 +107,28 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         dt, _ = _timed(lambda: [a @ b for _ in range(reps)], device)
         best = min(best, dt / reps)
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "seconds": best, "flops_per_s": 2 * n**3 / best}
+
+
+def profile(fn: Callable[[], Any], device: torch.device, path: Path, title: str) -> None:
+    """Run ``fn`` once under torch.profiler; write the time per stage of marginalize (its
+    ``marginal.*`` ranges) and the 40 operators that took the most device (or CPU) time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        _timed(fn, device)
+    events = prof.key_averages()
+    stages = [e for e in events if e.key.startswith("marginal.")]
+    lines = [f"# {title}", "", f"{'stage':<26} {'calls':>6} {'cpu ms':>10} {'device ms':>10}"]
+    for e in sorted(stages, key=lambda e: e.key):
+        lines.append(f"{e.key:<26} {e.count:>6} {e.cpu_time_total / 1e3:>10.1f} "
+                     f"{getattr(e, 'device_time_total', 0.0) / 1e3:>10.1f}")
+    lines += ["", events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                               row_limit=40)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
             best = (sec, result)
     assert best is not None
     best_s, result = best
+
+    if args.profile:
+        chunk, row = min(((r["max_tokens_per_chunk"], r["tokens_per_row"], r["seconds"]) for r in rows),
+                         key=lambda r: r[2])[:2]
+        profile(lambda: marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions,
+                                    max_tokens_per_chunk=chunk, tokens_per_row=row,
+                                    max_logits_elements=args.max_logits_elements),
+                device, args.profile, f"{lm.name} {str(dtype)[6:]} on {_device_name(device)}, chunk x row {chunk}x{row}")
 
     flops = candidate_flops(lm, result)
     floor_s = flops["total"] / rate["flops_per_s"]

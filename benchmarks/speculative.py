@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-heads", type=int, nargs="+", default=[2, 4], help="head counts to train")
     p.add_argument("--save-heads", type=Path, help="train into DIR/heads-N (and load from there when present)")
     p.add_argument("--recipe", default="heads_only", help="mtp_lib.train recipe")
+    p.add_argument("--head-init", choices=["random", "copy"], default="random",
+                   help="layer heads 2..N start random (the paper) or as copies of the last layer")
     p.add_argument("--lr", type=float, help="learning rate (default 1e-3: heads 2..N start from random init)")
     p.add_argument("--epochs", type=int, help="training epochs (default 2; quick 1)")
     p.add_argument("--train-prompts", type=int, help="training prompts (default 8192; quick 16)")
@@ -81,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-head1", action="store_true", help="keep the trained head 1 (verify against it)")
     # trees and oracle
     p.add_argument("--tree-nodes", type=int, nargs=2, metavar=("N2", "N4"),
-                   help="draft nodes of the 2-head and N-head trees (default 4 31; quick 3 10)")
+                   help="draft nodes of the 2-head and N-head trees (default 10 64; quick 3 10)")
     p.add_argument("--calib-prompts", type=int, help="training prompts to calibrate trees on (default 32; quick 4)")
     p.add_argument("--oracle-prompts", type=int, help="prompts per task for oracle2 (default 4; quick 1)")
     p.add_argument("--oracle-top-p", type=float, help="nucleus of the oracle's marginal (default 0.99; quick 0.9)")
@@ -94,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = dict(n_prompts=(2, 10), max_new_tokens=(24, 128), epochs=(1, 2), train_prompts=(16, 8192),
                     distill_tokens=(24, 96), calib_prompts=(4, 32), oracle_prompts=(1, 4), lr=(1e-3, 1e-3),
                     oracle_top_p=(0.9, 0.99), threads=(1, None),
-                    tree_nodes=([3, 10], [4, 31]))
+                    tree_nodes=([3, 10], [10, 64]))
     for name, (q, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, q if quick else full)
@@ -186,8 +188,10 @@ def reset_head1(mtp: Any, model: Any) -> None:
     head_layer.load_state_dict(last.state_dict())
 
 
-def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None) -> dict[int, Any]:
-    """n_heads -> trained MTPModel (loaded from --heads / --save-heads, or trained now)."""
+def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None,
+              training: dict[int, dict[str, Any]]) -> dict[int, Any]:
+    """n_heads -> trained MTPModel (loaded from --heads / --save-heads, or trained now). What was trained
+    here is recorded in ``training`` (config, seconds, steps, first and last loss per head)."""
     from mtp_lib.train import load_trained, recipe, train
 
     model, tok = loaded.model, loaded.tokenizer
@@ -197,6 +201,7 @@ def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None) -> dict[in
         heads[mtp.n_heads] = mtp
     todo = [n for n in args.train_heads if n not in heads] if not args.heads else []
     data = None
+    distill_seconds = 0.0
     for n in todo:
         folder = args.save_heads / f"heads-{n}" if args.save_heads else None
         if folder is not None and (folder / "trained.safetensors").is_file():
@@ -206,13 +211,25 @@ def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None) -> dict[in
             data = train_prompts(tok, args, args.train_prompts)
             if args.train_targets == "greedy":
                 batch = args.distill_batch or (128 if model.device.type == "cuda" else 8)
+                t0 = time.perf_counter()
                 data = greedy_targets(model, data, args.distill_tokens, eos, batch, not args.no_progress)
+                distill_seconds = time.perf_counter() - t0
         micro = min(args.batch, 16 if model.device.type == "cuda" else 4)
         batch = max(micro, min(args.batch - args.batch % micro, (len(data) // micro) * micro))
+        extra = {"head_init": args.head_init} if args.head_init != "random" else {}
         config = recipe(args.recipe, n_heads=n, lr=args.lr, epochs=args.epochs, seed=args.seed,
-                        effective_batch_size=batch, micro_batch_size=micro)
-        print(f"training {n} heads ({args.recipe}, {len(data)} sequences, {args.epochs} epoch(s), lr {args.lr})")
-        heads[n] = train(model, data, config, out_dir=folder, progress=not args.no_progress).model
+                        effective_batch_size=batch, micro_batch_size=micro,
+                        checkpoint_every=200 if folder is not None else 0, **extra)
+        print(f"training {n} heads ({args.recipe}, head init {args.head_init}, {len(data)} sequences, "
+              f"{args.epochs} epoch(s), lr {args.lr})")
+        t0 = time.perf_counter()
+        result = train(model, data, config, out_dir=folder, progress=not args.no_progress)
+        steps = [h for h in result.history if "loss" in h]
+        training[n] = {"config": config.to_dict(), "sequences": len(data), "seconds": time.perf_counter() - t0,
+                       "distill_seconds": distill_seconds, "steps": len(steps),
+                       "first_loss": steps[0]["loss"] if steps else None,
+                       "last_loss": steps[-1]["loss"] if steps else None}
+        heads[n] = result.model
     for mtp in heads.values():
         mtp.eval()
         if not args.keep_head1:
@@ -302,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{loaded.name} on {device} ({loaded.info()['dtype']}): {len(prompts)} prompts, "
           f"max {args.max_new_tokens} new tokens, eos {eos}")
 
-    heads = get_heads(loaded, args, eos)
+    training: dict[int, dict[str, Any]] = {}
+    heads = get_heads(loaded, args, eos, training)
     graphs = not args.no_graphs
     budget = args.max_new_tokens
     calib = [s for s in train_prompts(tok, args, max(args.calib_prompts, 4))[:args.calib_prompts]]
@@ -409,7 +427,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": loaded.info(), "dtype": loaded.info()["dtype"],
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "cuda_graphs": graphs and device.type == "cuda", "eos_token_id": eos,
-        "heads": {str(n): mtp.options() for n, mtp in heads.items()}, "trees": trees,
+        "heads": {str(n): mtp.options() for n, mtp in heads.items()},
+        "training": {str(n): t for n, t in training.items()}, "trees": trees,
         "rank_acceptance": acceptance, "rows": rows, "per_prompt": records,
         "note": ("quick smoke run: tiny budget on CPU, ratios only" if args.quick else
                  "tokens_per_s = mean over prompts of new tokens / wall time; speedups are ratios of those means"),

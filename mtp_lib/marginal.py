@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from mtp_lib.models import check_input_ids, eval_mode, get_adapter
 
@@ -480,7 +481,8 @@ def marginalize(
     from tqdm.auto import tqdm
 
     with eval_mode(model), torch.inference_mode():
-        ctx, hidden = _run_context(model, adapter, input_ids)
+        with record_function("marginal.context"):
+            ctx, hidden = _run_context(model, adapter, input_ids)
         acc_dtype = torch.promote_types(ctx.dtype, torch.float32)
         n_pos, m = len(pos), len(top_ps)
         acc = torch.full((m, n_pos, depth, vocab), -math.inf, dtype=acc_dtype, device=device)
@@ -516,12 +518,15 @@ def marginalize(
             for start in range(0, len(npos), per_chunk):
                 sl = slice(start, min(len(npos), start + per_chunk))
                 c_pos, c_paths, c_w = npos[sl], paths[sl], log_w[sl]
-                hid, n_tok = _candidate_step(ctx, pos, c_pos, c_paths, leaves_per_row)
+                with record_function("marginal.candidate_step"):
+                    hid, n_tok = _candidate_step(ctx, pos, c_pos, c_paths, leaves_per_row)
                 n_chunks += 1
                 n_tokens_fed += n_tok
                 for blk in _row_blocks(len(c_pos), vocab, max_logits_elements):
-                    logits = adapter.logits(model, hid[blk], normed=True)
-                    _accumulate(acc[:, :, level], logits, c_pos[blk], c_w[blk])
+                    with record_function("marginal.unembedding"):
+                        logits = adapter.logits(model, hid[blk], normed=True)
+                    with record_function("marginal.reduce"):
+                        _accumulate(acc[:, :, level], logits, c_pos[blk], c_w[blk])
                     if grow:
                         log_q = torch.log_softmax(logits.to(acc_dtype), dim=-1)
                         rows, toks, lw, _, _ = _nested_nucleus(log_q, top_ps, max_logits_elements)
