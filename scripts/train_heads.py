@@ -137,12 +137,18 @@ def run_training(args: argparse.Namespace) -> None:
         print(f"{args.recipe} on {loaded.name} ({loaded.source}): {len(train_set)} training pairs, "
               f"{len(eval_set)} validation pairs, {acc.num_processes} process(es) on {acc.device}")
         print(json.dumps(config.to_dict()))
+    start = time.perf_counter()
     result = train(loaded.model, train_set, config, eval_samples=eval_set if args.eval_every else None,
                    out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress, accelerator=acc)
+    seconds = time.perf_counter() - start
     if not acc.is_main_process:
         return
+    steps = sum(1 for r in result.history if "loss" in r)
+    print(f"{steps} optimizer steps (resumed ones included), {seconds:.1f} s of training in this run, "
+          f"{acc.num_processes} process(es)")
     summary: dict[str, Any] = {"model": loaded.info(), "config": config.to_dict(), "n_train": len(train_set),
-                               "dataset": args.dataset}
+                               "dataset": args.dataset, "processes": acc.num_processes,
+                               "train_seconds": seconds, "steps": steps}
     if config.objective == "mtp":
         with acc.autocast():
             top5 = accuracy(evaluate(result.model, eval_set, progress=not args.no_progress))
