@@ -229,6 +229,38 @@ def test_extra_top_p_equal_separate_runs() -> None:
         result.at(0.123)
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_accumulate_bfloat16_logits_against_float64(scale: float) -> None:
+    """The bf16 path of the reduction (bf16 probabilities and weights, one matmul) against float64 sums
+    over the same bf16 logits: within bf16 rounding where mass is, exact (fallback) far below it."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    n_rows, vocab, m = rng.randint(2, 300), rng.randint(5, 400), rng.randint(1, 2)
+    logits = (torch.randn(n_rows, vocab, generator=g) * scale).to(torch.bfloat16)
+    npos = torch.sort(torch.randint(0, rng.randint(1, 40), (n_rows,), generator=g)).values
+    log_w = torch.randn(n_rows, m, generator=g, dtype=torch.float64) * 3
+    log_w[torch.rand(n_rows, m, generator=g) < 0.2] = -math.inf  # left out of some nuclei
+    n_pos = int(npos.max()) + 1
+    acc = torch.full((m, n_pos, vocab), -math.inf)
+    MG._accumulate(acc, logits, npos, log_w)
+    terms = log_w.T[:, :, None] + torch.log_softmax(logits.double(), dim=-1)[None]  # [m, R, V]
+    for j in range(m):
+        for p in range(n_pos):
+            rows = npos == p
+            want = torch.logsumexp(terms[j, rows], dim=0) if rows.any() else torch.full((vocab,), -math.inf,
+                                                                                         dtype=torch.float64)
+            got = acc[j, p].double()
+            assert torch.equal(torch.isinf(got), torch.isinf(want)), f"seed {seed}, top-p {j}, position {p}"
+            if not torch.isfinite(want).any():
+                continue
+            fin = torch.isfinite(want)
+            # three bf16 roundings (probability, weight, the matmul's sum), each at most 2^-8 relative:
+            # at most log(1 + 3 * 2^-8) = 0.0117 in log space
+            torch.testing.assert_close(got[fin], want[fin], atol=0.012, rtol=0,
+                                       msg=lambda msg: f"seed {seed}, top-p {j}, position {p}: {msg}")
+
+
 def test_sums_stay_in_log_space_far_below_float32_underflow() -> None:
     """A very peaked float32 model: marginal log-probs of hundreds of nats below zero stay finite."""
     seed = fresh_seed()
