@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.99)
     p.add_argument("--configs", help="max_tokens_per_chunk x tokens_per_row to time, comma separated "
                                      "(default: 1024x128 on CPU; 16384x256,8192x128,32768x512 on GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each config with marginalize(compile=True) (torch.compile of the candidate steps)")
     p.add_argument("--max-logits-elements", type=int, help="marginalize's logits block (default: its own)")
     p.add_argument("--naive-candidates", type=int, help="naive: candidates timed per position, then "
                                                         "extrapolated (default 16; quick 4); 0 = all")
@@ -263,30 +265,45 @@ def main(argv: list[str] | None = None) -> int:
                                   for _ in range(args.repeats))
     rows: list[dict[str, Any]] = []
     best: tuple[float, MarginalResult] | None = None
-    for chunk, row in configs:
-        times, result = [], None
-        for _ in range(args.repeats):
-            dt, result = _timed(lambda: marginalize(
-                lm.model, ids, depth=2, top_p=args.top_p, positions=positions, max_tokens_per_chunk=chunk,
-                tokens_per_row=row, max_logits_elements=args.max_logits_elements), device)
-            times.append(dt)
-        assert result is not None
-        sec = statistics.median(times)
-        rows.append({"method": "marginalize", "max_tokens_per_chunk": chunk, "tokens_per_row": row,
-                     "seconds": sec, "seconds_all": times, "candidates": int(result.n_candidates.sum()),
-                     "tokens_fed": result.n_tokens_fed, "chunks": result.n_chunks})
-        if best is None or sec < best[0]:
-            best = (sec, result)
+    eager: MarginalResult | None = None
+    for compiled in ([False, True] if args.compile else [False]):
+        if compiled:  # compile outside the timing (the first calls compile, then shapes turn dynamic)
+            t0 = time.perf_counter()
+            for chunk, row in configs:
+                marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions, compile=True,
+                            max_tokens_per_chunk=chunk, tokens_per_row=row)
+            print(f"compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        for chunk, row in configs:
+            times, result = [], None
+            for _ in range(args.repeats):
+                dt, result = _timed(lambda: marginalize(
+                    lm.model, ids, depth=2, top_p=args.top_p, positions=positions, max_tokens_per_chunk=chunk,
+                    tokens_per_row=row, max_logits_elements=args.max_logits_elements, compile=compiled), device)
+                times.append(dt)
+            assert result is not None
+            sec = statistics.median(times)
+            record = {"method": "marginalize+compile" if compiled else "marginalize", "max_tokens_per_chunk": chunk,
+                      "tokens_per_row": row, "seconds": sec, "seconds_all": times,
+                      "candidates": int(result.n_candidates.sum()), "tokens_fed": result.n_tokens_fed,
+                      "chunks": result.n_chunks}
+            if compiled and eager is not None:  # the compiled run against the eager one, same inputs
+                record["max_abs_prob_diff_vs_eager"] = float(
+                    (result.log_probs[:, 1].exp() - eager.log_probs[:, 1].exp()).abs().max())
+            eager = eager if compiled else result
+            rows.append(record)
+            if best is None or sec < best[0]:
+                best = (sec, result)
     assert best is not None
     best_s, result = best
 
     if args.profile:
-        chunk, row = min(((r["max_tokens_per_chunk"], r["tokens_per_row"], r["seconds"]) for r in rows),
-                         key=lambda r: r[2])[:2]
+        fastest = min(rows, key=lambda r: r["seconds"])
+        chunk, row, compiled = fastest["max_tokens_per_chunk"], fastest["tokens_per_row"], fastest["method"] != "marginalize"
         profile(lambda: marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions,
                                     max_tokens_per_chunk=chunk, tokens_per_row=row,
-                                    max_logits_elements=args.max_logits_elements),
-                device, args.profile, f"{lm.name} {str(dtype)[6:]} on {_device_name(device)}, chunk x row {chunk}x{row}")
+                                    max_logits_elements=args.max_logits_elements, compile=compiled),
+                device, args.profile, f"{lm.name} {str(dtype)[6:]} on {_device_name(device)}, chunk x row "
+                                      f"{chunk}x{row}{', compiled' if compiled else ''}")
 
     flops = candidate_flops(lm, result)
     floor_s = flops["total"] / rate["flops_per_s"]
@@ -314,12 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # the table
-    print(f"\n{'method':<13} {'chunk x row':>12} {'seconds':>9} {'pos/s':>8} {'cand/s':>10} {'speedup':>8}")
+    print(f"\n{'method':<20} {'chunk x row':>12} {'seconds':>9} {'pos/s':>8} {'cand/s':>10} {'speedup':>8}")
     for r in rows:
-        cfg = f"{r['max_tokens_per_chunk']}x{r['tokens_per_row']}" if r["method"] == "marginalize" else "-"
+        cfg = f"{r['max_tokens_per_chunk']}x{r['tokens_per_row']}" if r["method"].startswith("marginalize") else "-"
         note = f"  (extrapolated from {r['timed_candidates']} of {r['candidates']} candidates)" \
             if r.get("extrapolated") else ""
-        print(f"{r['method']:<13} {cfg:>12} {r['seconds']:>9.3f} {len(positions) / r['seconds']:>8.2f} "
+        print(f"{r['method']:<20} {cfg:>12} {r['seconds']:>9.3f} {len(positions) / r['seconds']:>8.2f} "
               f"{r['candidates'] / r['seconds']:>10.0f} {nv['seconds'] / r['seconds']:>7.1f}x{note}")
     print(f"\nnucleus at top-{args.top_p}: mean {summary['nucleus']['mean']:.0f}, median "
           f"{summary['nucleus']['median']:.0f}, range {summary['nucleus']['min']}-{summary['nucleus']['max']} candidates; "

@@ -261,6 +261,27 @@ def test_accumulate_bfloat16_logits_against_float64(scale: float) -> None:
                                        msg=lambda msg: f"seed {seed}, top-p {j}, position {p}: {msg}")
 
 
+@pytest.mark.slow
+def test_compile_gives_what_eager_gives() -> None:
+    """compile=True (torch.compile of the candidate steps): the same marginals, on two samples of other
+    lengths (the second call reuses the compiled code with dynamic shapes)."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    family = rng.choice(["llama", "gemma"])
+    model = _tiny(family, seed, torch.float32)
+    for n_ctx in rng.sample(range(8, 60), 2):
+        ids = torch.randint(0, TINY_VOCAB, (1, n_ctx), generator=torch.Generator().manual_seed(seed + n_ctx))
+        kwargs: dict[str, Any] = dict(depth=2, top_p=rng.uniform(0.8, 1.0), positions=[n_ctx - 1, rng.randrange(n_ctx)],
+                                      max_tokens_per_chunk=rng.randint(64, 512), tokens_per_row=rng.randint(16, 128))
+        eager = MG.marginalize(model, ids, **kwargs)
+        compiled = MG.marginalize(model, ids, compile=True, **kwargs)
+        torch.testing.assert_close(compiled.log_probs, eager.log_probs, atol=1e-4, rtol=0,
+                                   msg=lambda m: f"seed {seed} {family} n_ctx {n_ctx}: {m}")
+    assert not hasattr(model.model, "_orig_mod") and "forward" not in vars(model.model), "the model was changed"
+    with pytest.raises(ValueError, match="compile"):
+        MG.marginalize(model, ids, compile="yes")
+
+
 def test_sums_stay_in_log_space_far_below_float32_underflow() -> None:
     """A very peaked float32 model: marginal log-probs of hundreds of nats below zero stay finite."""
     seed = fresh_seed()
