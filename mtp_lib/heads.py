@@ -493,6 +493,6 @@ class MTPModel(nn.Module):
         if not opts:
             raise ValueError(f"{Path(path).name} has no MTP options in its metadata: not saved by save_heads")
         mtp = cls(model, n_heads=opts["n_heads"], weighted_hidden_states=opts["weighted_hidden_states"],
-                  head_type=opts["head_type"], seed=opts.get("seed", 0))
+                  head_type=opts["head_type"], seed=opts.get("seed", 0), head_init=opts.get("head_init", "random"))
         mtp.load_heads(path)
         return mtp

@@ -342,8 +342,7 @@ def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, 
                                          for k, v in ctx.kv])
     base = ctx.adapter.base(ctx.model)
     run = _compiled(base) if compile else base
-    out = run(input_ids=input_ids, position_ids=pos_ids, attention_mask=mask,
-                                      past_key_values=cache, use_cache=True)
+    out = run(input_ids=input_ids, position_ids=pos_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
     leaf_slot = slot[offsets[-1]:]
     return out.last_hidden_state[leaf_row, leaf_slot], n_tok
 
@@ -369,7 +368,7 @@ def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log
     """
     dtype = acc.dtype
     # bfloat16 logits (a bf16 model): probabilities and weights in bfloat16 too (computed in float32,
-    # rounded once: 2^-9 relative, far below the rounding of the logits themselves, and the same
+    # rounded once: at most 2^-8 relative, below the rounding of the logits themselves, and the same
     # exponent range as float32), summed by a bf16 matmul. Half the memory traffic of float32.
     low = logits.dtype == torch.bfloat16
     probs = torch.softmax(logits, dim=-1, dtype=torch.bfloat16 if low else dtype)

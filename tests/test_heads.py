@@ -245,7 +245,7 @@ def test_save_and_load_heads(tmp_path, kind: str) -> None:
 
 
 @pytest.mark.parametrize("family,n_layers", SHAPES)
-def test_copy_init_starts_every_head_as_the_last_layer(family: str, n_layers: int) -> None:
+def test_copy_init_starts_every_head_as_the_last_layer(tmp_path, family: str, n_layers: int) -> None:
     seed = fresh_seed()
     model = tiny(family, n_layers)
     ids = random_ids(seed)
@@ -262,6 +262,8 @@ def test_copy_init_starts_every_head_as_the_last_layer(family: str, n_layers: in
     for layer in layers:  # copies, not shared: training one head moves no other part
         assert all(p.data_ptr() != q.data_ptr() for p in layer.parameters() for q in last.parameters())
     assert layers[1].parameters().__next__().data_ptr() != layers[2].parameters().__next__().data_ptr()
+    path = mtp.save_heads(tmp_path / "heads.safetensors")
+    assert MTPModel.from_saved(model, path).options()["head_init"] == "copy", f"seed {seed}"
 
 
 def test_invalid_arguments() -> None:
