@@ -113,6 +113,10 @@ class TrainConfig:
     ``max_steps``: a cap on the steps of each phase (short CPU runs). ``eval_every`` /
     ``checkpoint_every``: every so many steps (0: only at the end of each phase).
     ``mixed_precision``: ``"auto"`` = bf16 autocast on CUDA, none on CPU.
+
+    Training runs with dropout off (the network in eval mode), so that a run is deterministic, resumes
+    exactly and gives the same weights on one process or several. Pythia, Llama-style, SmolLM2 and
+    Gemma configs have no dropout; GPT-2's (0.1) is not applied here.
     """
 
     objective: str = "mtp"
