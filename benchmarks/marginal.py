@@ -288,10 +288,11 @@ def main(argv: list[str] | None = None) -> int:
                       "tokens_per_row": row, "seconds": sec, "seconds_all": times,
                       "candidates": int(result.n_candidates.sum()), "tokens_fed": result.n_tokens_fed,
                       "chunks": result.n_chunks}
-            if compiled and eager is not None:  # the compiled run against the eager one, same inputs
+            if not compiled:
+                eager = result
+            elif eager is not None:  # the compiled run against the eager one, same inputs
                 record["max_abs_prob_diff_vs_eager"] = float(
                     (result.log_probs[:, 1].exp() - eager.log_probs[:, 1].exp()).abs().max())
-            eager = eager if compiled else result
             rows.append(record)
             if best is None or sec < best[0]:
                 best = (sec, result)
