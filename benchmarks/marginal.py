@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.99)
     p.add_argument("--configs", help="max_tokens_per_chunk x tokens_per_row to time, comma separated "
                                      "(default: 1024x128 on CPU; 16384x256,8192x128,32768x512 on GPU)")
+    p.add_argument("--attention", default="packed",
+                   help="marginalize(attention=...) values to time, comma separated: packed, flex "
+                        "(flex ignores tokens_per_row: one row per step)")
     p.add_argument("--compile", action="store_true",
                    help="also time each config with marginalize(compile=True) (torch.compile of the candidate steps)")
     p.add_argument("--max-logits-elements", type=int, help="marginalize's logits block (default: its own)")
@@ -252,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     positions = list(range(n_ctx - args.positions, n_ctx))
     default_configs = "16384x256,8192x128,32768x512" if device.type == "cuda" else "1024x128"
     configs = [tuple(int(x) for x in c.split("x")) for c in (args.configs or default_configs).split(",")]
+    attentions = args.attention.split(",")
+    if set(attentions) - {"packed", "flex"}:
+        raise SystemExit(f"--attention {args.attention!r}: give packed, flex or both, comma separated")
+    # (attention, max_tokens_per_chunk, tokens_per_row): flex runs one row per step, so only the chunk counts
+    runs = list(dict.fromkeys((a, c, r if a == "packed" else c) for a in attentions for c, r in configs))
 
     print(f"{lm.name} ({lm.info()['params'] / 1e6:.0f}M params, vocab {lm.vocab_size}) {str(dtype)[6:]} on "
           f"{_device_name(device)}; context {n_ctx} tokens, {len(positions)} positions, top_p {args.top_p}",
@@ -265,34 +273,35 @@ def main(argv: list[str] | None = None) -> int:
                                   for _ in range(args.repeats))
     rows: list[dict[str, Any]] = []
     best: tuple[float, MarginalResult] | None = None
-    eager: MarginalResult | None = None
+    first: MarginalResult | None = None
     compile_s: float | None = None
     for compiled in ([False, True] if args.compile else [False]):
         if compiled:  # compile outside the timing (the first calls compile, then shapes turn dynamic)
             t0 = time.perf_counter()
-            for chunk, row in configs:
+            for attention, chunk, row in runs:
                 marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions, compile=True,
-                            max_tokens_per_chunk=chunk, tokens_per_row=row)
+                            max_tokens_per_chunk=chunk, tokens_per_row=row, attention=attention)
             compile_s = time.perf_counter() - t0
             print(f"compiled in {compile_s:.0f} s", file=sys.stderr)
-        for chunk, row in configs:
+        for attention, chunk, row in runs:
             times, result = [], None
             for _ in range(args.repeats):
                 dt, result = _timed(lambda: marginalize(
                     lm.model, ids, depth=2, top_p=args.top_p, positions=positions, max_tokens_per_chunk=chunk,
-                    tokens_per_row=row, max_logits_elements=args.max_logits_elements, compile=compiled), device)
+                    tokens_per_row=row, max_logits_elements=args.max_logits_elements, compile=compiled,
+                    attention=attention), device)
                 times.append(dt)
             assert result is not None
             sec = statistics.median(times)
-            record = {"method": "marginalize+compile" if compiled else "marginalize", "max_tokens_per_chunk": chunk,
-                      "tokens_per_row": row, "seconds": sec, "seconds_all": times,
+            record = {"method": "marginalize+compile" if compiled else "marginalize", "attention": attention,
+                      "max_tokens_per_chunk": chunk, "tokens_per_row": row, "seconds": sec, "seconds_all": times,
                       "candidates": int(result.n_candidates.sum()), "tokens_fed": result.n_tokens_fed,
                       "chunks": result.n_chunks}
-            if not compiled:
-                eager = result
-            elif eager is not None:  # the compiled run against the eager one, same inputs
-                record["max_abs_prob_diff_vs_eager"] = float(
-                    (result.log_probs[:, 1].exp() - eager.log_probs[:, 1].exp()).abs().max())
+            if first is None:
+                first = result
+            else:  # against the first row (eager; packed unless only flex is timed), same inputs
+                record["max_abs_prob_diff_vs_first"] = float(
+                    (result.log_probs[:, 1].exp() - first.log_probs[:, 1].exp()).abs().max())
             rows.append(record)
             if best is None or sec < best[0]:
                 best = (sec, result)
@@ -302,11 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         fastest = min(rows, key=lambda r: r["seconds"])
         chunk, row, compiled = fastest["max_tokens_per_chunk"], fastest["tokens_per_row"], fastest["method"] != "marginalize"
+        attention = fastest["attention"]
         profile(lambda: marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions,
                                     max_tokens_per_chunk=chunk, tokens_per_row=row,
-                                    max_logits_elements=args.max_logits_elements, compile=compiled),
-                device, args.profile, f"{lm.name} {str(dtype)[6:]} on {_device_name(device)}, chunk x row "
-                                      f"{chunk}x{row}{', compiled' if compiled else ''}")
+                                    max_logits_elements=args.max_logits_elements, compile=compiled,
+                                    attention=attention),
+                device, args.profile, f"{lm.name} {str(dtype)[6:]} on {_device_name(device)}, {attention} attention, "
+                                      f"chunk x row {chunk}x{row}{', compiled' if compiled else ''}")
 
     flops = candidate_flops(lm, result)
     floor_s = flops["total"] / rate["flops_per_s"]
@@ -335,12 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # the table
-    print(f"\n{'method':<20} {'chunk x row':>12} {'seconds':>9} {'pos/s':>8} {'cand/s':>10} {'speedup':>8}")
+    print(f"\n{'method':<20} {'attention':>9} {'chunk x row':>12} {'seconds':>9} {'pos/s':>8} {'cand/s':>10} "
+          f"{'speedup':>8}")
     for r in rows:
         cfg = f"{r['max_tokens_per_chunk']}x{r['tokens_per_row']}" if r["method"].startswith("marginalize") else "-"
+        cfg = f"{r.get('attention', '-'):>9} {cfg:>12}"
         note = f"  (extrapolated from {r['timed_candidates']} of {r['candidates']} candidates)" \
             if r.get("extrapolated") else ""
-        print(f"{r['method']:<20} {cfg:>12} {r['seconds']:>9.3f} {len(positions) / r['seconds']:>8.2f} "
+        print(f"{r['method']:<20} {cfg} {r['seconds']:>9.3f} {len(positions) / r['seconds']:>8.2f} "
               f"{r['candidates'] / r['seconds']:>10.0f} {nv['seconds'] / r['seconds']:>7.1f}x{note}")
     print(f"\nnucleus at top-{args.top_p}: mean {summary['nucleus']['mean']:.0f}, median "
           f"{summary['nucleus']['median']:.0f}, range {summary['nucleus']['min']}-{summary['nucleus']['max']} candidates; "
@@ -358,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "marginal", "device": str(device), "device_name": _device_name(device),
             "versions": _versions(), "model": lm.info(), "dtype": str(dtype).replace("torch.", ""),
             "settings": {"context": n_ctx, "positions": positions, "top_p": args.top_p, "depth": 2,
-                         "configs": [f"{c}x{r}" for c, r in configs], "max_logits_elements": args.max_logits_elements,
+                         "configs": [f"{c}x{r}" for c, r in configs], "attention": attentions,
+                         "max_logits_elements": args.max_logits_elements,
                          "naive_candidates_per_position": args.naive_candidates, "repeats": args.repeats,
                          "quick": args.quick, "text": "Brown Corpus passages (mtp_lib.data.load_open_ended)"},
             "rows": rows, **summary,

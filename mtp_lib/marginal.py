@@ -34,6 +34,7 @@ context token in every layer so that the mask alone enforces the window. Learned
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import weakref
@@ -46,7 +47,7 @@ from torch.profiler import record_function
 
 from mtp_lib.models import check_input_ids, eval_mode, get_adapter
 
-__all__ = ["MarginalResult", "Nucleus", "marginalize", "nucleus", "nucleus_size"]
+__all__ = ["MarginalResult", "Nucleus", "flex_available", "marginalize", "nucleus", "nucleus_size"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,20 +271,28 @@ def _compiled(base: nn.Module) -> Callable[..., Any]:
     return _COMPILED[base]
 
 
-def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, paths: torch.Tensor,
-                    leaves_per_row: int, compile: bool = False) -> tuple[torch.Tensor, int]:
-    """Final-normed hidden states ``[K, d]`` of the leaves ``paths [K, l]`` of context ends
-    ``positions[npos]``, and the number of tokens fed.
+@dataclasses.dataclass
+class _Packed:
+    """The tokens of one candidate step, laid out as ``R`` rows of ``L`` slots (see :func:`_pack`)."""
 
-    The leaves are cut into rows of ``leaves_per_row``; each row is one packed sequence after its own
-    copy of the context cache, holding its leaves and their distinct ancestors (ancestors shared by
-    two rows are computed in both). A token at tree level ``k`` of context end ``t`` gets position
-    ``t + k`` and may attend to cache keys ``0..t``, to its ancestors and to itself (and to nothing
-    outside the sliding window in sliding-window layers). Rows are padded to one length; padding
-    tokens attend only to themselves and are dropped. Leaves must be grouped by ancestor, as built.
+    input_ids: torch.Tensor  # [R, L] long (padding: token 0)
+    pos_ids: torch.Tensor  # [R, L] long: t + level (padding: 0)
+    ctx_end: torch.Tensor  # [R, L] long: the last context key a slot may see (padding: -1, none)
+    ancestors: torch.Tensor  # [R, L, A] long: slots of a slot's ancestors in its row, -1 where none
+    leaf_row: torch.Tensor  # [K] long
+    leaf_slot: torch.Tensor  # [K] long
+    n_tok: int  # tokens fed, padding excluded
+
+
+def _pack(positions: torch.Tensor, npos: torch.Tensor, paths: torch.Tensor, leaves_per_row: int,
+          pad_to: int = 1) -> _Packed:
+    """Lay out the leaves ``paths [K, l]`` of context ends ``positions[npos]`` with their ancestors.
+
+    The leaves are cut into rows of ``leaves_per_row``; each row holds its leaves and their distinct
+    ancestors (ancestors shared by two rows are computed in both), level by level. A token at tree
+    level ``k`` of context end ``t`` gets position ``t + k``. Rows are padded to one length, a
+    multiple of ``pad_to``. Leaves must be grouped by ancestor, as built.
     """
-    from transformers import DynamicCache
-
     device = npos.device
     n_leaves, depth = paths.shape
     leaf_row = torch.arange(n_leaves, device=device) // leaves_per_row
@@ -315,36 +324,202 @@ def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, 
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.empty_like(g_row)
     slot[order] = torch.arange(n_tok, device=device) - starts[g_row[order]]
-    length = int(counts.max())
+    length = -(-int(counts.max()) // pad_to) * pad_to
 
-    input_ids = torch.zeros(n_rows, length, dtype=torch.long, device=device)  # padding: token 0 at position 0
+    input_ids = torch.zeros(n_rows, length, dtype=torch.long, device=device)
     pos_ids = torch.zeros(n_rows, length, dtype=torch.long, device=device)
-    ctx_end = torch.full((n_rows, length), -1, dtype=torch.long, device=device)  # padding sees no context
+    ctx_end = torch.full((n_rows, length), -1, dtype=torch.long, device=device)
     input_ids[g_row, slot] = g_tok
     pos_ids[g_row, slot] = g_pos
     ctx_end[g_row, slot] = g_t
-
-    n_ctx = ctx.n_ctx
-    allowed = torch.zeros(n_rows, length, n_ctx + length, dtype=torch.bool, device=device)
-    allowed[:, :, :n_ctx] = torch.arange(n_ctx, device=device) <= ctx_end[:, :, None]
-    allowed[:, :, n_ctx:] = torch.eye(length, dtype=torch.bool, device=device)
-    for k in range(1, depth):  # a token at level k + 1 sees its ancestors at levels 1..k
+    # a token at level k + 1 has its ancestors at levels 1..k (column k2: the one at level k2 + 1)
+    ancestors = torch.full((n_rows, length, depth - 1), -1, dtype=torch.long, device=device)
+    for k in range(1, depth):
         for k2 in range(k):
-            allowed[leaf_row, slot[offsets[k] + inverses[k]], n_ctx + slot[offsets[k2] + inverses[k2]]] = True
-    full = _mask_for(allowed, ctx.dtype)
-    mask: Any = full
-    if ctx.window is not None:
-        key_pos = torch.cat([torch.arange(n_ctx, device=device).expand(n_rows, -1), pos_ids], dim=1)
-        sliding = _mask_for(allowed & ((pos_ids[:, :, None] - key_pos[:, None, :]) < ctx.window), ctx.dtype)
-        mask = {"full_attention": full, "sliding_attention": sliding} if ctx.layer_types else sliding
+            ancestors[leaf_row, slot[offsets[k] + inverses[k]], k2] = slot[offsets[k2] + inverses[k2]]
+    return _Packed(input_ids=input_ids, pos_ids=pos_ids, ctx_end=ctx_end, ancestors=ancestors,
+                   leaf_row=leaf_row, leaf_slot=slot[offsets[-1]:], n_tok=n_tok)
 
-    cache = DynamicCache(ddp_cache_data=[(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1))
-                                         for k, v in ctx.kv])
+
+def _packed_masks(ctx: _Context, packed: _Packed) -> Any:
+    """Dense additive masks ``[R, 1, L, T + L]`` of a packed step: each slot sees the cache up to its
+    context end, its ancestors and itself (and nothing outside the sliding window in sliding layers);
+    padding sees only itself."""
+    n_rows, length = packed.input_ids.shape
+    n_ctx, device = ctx.n_ctx, packed.input_ids.device
+    allowed = torch.zeros(n_rows, length, n_ctx + length, dtype=torch.bool, device=device)
+    allowed[:, :, :n_ctx] = torch.arange(n_ctx, device=device) <= packed.ctx_end[:, :, None]
+    slots = torch.arange(length, device=device)
+    own = slots[:, None] == slots
+    for a in range(packed.ancestors.shape[-1]):
+        own = own | (packed.ancestors[:, :, a, None] == slots)
+    allowed[:, :, n_ctx:] = own
+    full = _mask_for(allowed, ctx.dtype)
+    if ctx.window is None:
+        return full
+    pos_ids = packed.pos_ids
+    key_pos = torch.cat([torch.arange(n_ctx, device=device).expand(n_rows, -1), pos_ids], dim=1)
+    sliding = _mask_for(allowed & ((pos_ids[:, :, None] - key_pos[:, None, :]) < ctx.window), ctx.dtype)
+    return {"full_attention": full, "sliding_attention": sliding} if ctx.layer_types else sliding
+
+
+# --------------------------------------------------------------------------------------------------
+# Block-sparse tree attention (FlexAttention): one row, no cache copies, no dense mask
+
+
+_FLEX_BLOCK = 128  # FlexAttention's block size (queries and keys)
+_FLEX_ATTENTION = "mtp_lib_tree_flex"  # our attention function's name in transformers' AttentionInterface
+
+
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (torch >= 2.5)."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _tree_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
+    """The :class:`BlockMask` of a one-row step: the same rule as :func:`_packed_masks`, but only the
+    128 x 128 blocks that hold an allowed pair are listed (context blocks up to the block's largest
+    context end, the blocks of the block's own slots and ancestors), and context blocks that every
+    query of a block sees whole are marked full (no mask evaluated there)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bs = _FLEX_BLOCK
+    ctx_end, pos, anc = packed.ctx_end[0], packed.pos_ids[0], packed.ancestors[0]
+    length = len(ctx_end)
+    n_anc = anc.shape[-1]
+    device = ctx_end.device
+    kv_len = n_ctx + length
+    n_qb, n_kb = length // bs, -(-kv_len // bs)
+
+    def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        in_ctx = kv < n_ctx
+        j = (kv - n_ctx).clamp(min=0)
+        ok = torch.where(in_ctx, kv <= ctx_end[q], j == q)
+        for a in range(n_anc):
+            ok = ok | (~in_ctx & (anc[q, a] == j))
+        if window is not None:
+            ok = ok & (pos[q] - torch.where(in_ctx, kv, pos[j]) < window)
+        return ok
+
+    real = ctx_end >= 0
+    big = torch.iinfo(torch.long).max // 4
+    t_max = ctx_end.view(n_qb, bs).amax(-1)
+    t_min = torch.where(real, ctx_end, big).view(n_qb, bs).amin(-1)  # padding makes no block full
+    t_min = torch.where(real.view(n_qb, bs).all(-1), t_min, torch.full_like(t_min, -1))
+    k_first = torch.arange(n_kb, device=device) * bs  # first and last key of each key block
+    k_last = k_first + bs - 1
+    need = (k_first <= t_max[:, None]) & (k_first < n_ctx)
+    full = k_last <= t_min[:, None]
+    if window is not None:  # keys of the block within the window of some (every) query
+        lo = torch.where(real, pos, big).view(n_qb, bs).amin(-1) - window + 1
+        hi = torch.where(real, pos, -big).view(n_qb, bs).amax(-1) - window + 1
+        need &= k_last >= lo[:, None]
+        full &= k_first >= hi[:, None]
+    q_block = torch.arange(length, device=device) // bs
+    need[q_block, (n_ctx + torch.arange(length, device=device)) // bs] = True  # each slot sees itself
+    for a in range(n_anc):
+        has = anc[:, a] >= 0
+        need[q_block[has], (n_ctx + anc[has, a]) // bs] = True
+    partial = need & ~full
+
+    def lists(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        num = m.sum(-1, dtype=torch.int32)
+        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num[None, None].contiguous(), idx[None, None].contiguous()
+
+    kv_num, kv_idx = lists(partial)
+    full_num, full_idx = lists(full)
+    block_mask: Any = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
+                                               seq_lengths=(length, kv_len))
+    block_mask.ndim = 4  # GPT-2's forward reads attention_mask.ndim (a 4D mask is passed on as it is)
+    return block_mask
+
+
+_COMPILED_FLEX: list[Callable[..., Any]] = []
+
+
+def _flex_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                            softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function of the tree steps: FlexAttention with the step's BlockMask.
+
+    On a GPU outside ``torch.compile`` it runs a compiled FlexAttention (one per process, shapes
+    dynamic after the first recompilation); on the CPU FlexAttention's reference implementation.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn: Callable[..., Any] = flex_attention
+    if query.device.type != "cpu" and not torch.compiler.is_compiling():
+        if not _COMPILED_FLEX:
+            _COMPILED_FLEX.append(torch.compile(flex_attention))
+        fn = _COMPILED_FLEX[0]
+    score_mod = None
+    if softcap:
+        cap = float(softcap)
+
+        def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return cap * torch.tanh(score / cap)
+
+    out = fn(query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling,
+             enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _attention_function(model: nn.Module, name: str) -> Iterator[None]:
+    """Run ``model`` with the registered attention function ``name``; the configs are restored after."""
+    from transformers import AttentionInterface, PretrainedConfig
+
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _flex_attention_forward)
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+               if isinstance(c, PretrainedConfig)}
+    saved = [(c, c._attn_implementation_internal) for c in configs.values()]
+    try:
+        for c, _ in saved:
+            c._attn_implementation_internal = name
+        yield
+    finally:
+        for c, impl in saved:
+            c._attn_implementation_internal = impl
+
+
+def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, paths: torch.Tensor,
+                    leaves_per_row: int, compile: bool = False, flex: bool = False) -> tuple[torch.Tensor, int]:
+    """Final-normed hidden states ``[K, d]`` of the leaves ``paths [K, l]`` of context ends
+    ``positions[npos]``, and the number of tokens fed.
+
+    A token at tree level ``k`` of context end ``t`` gets position ``t + k`` and may attend to cache
+    keys ``0..t``, to its ancestors and to itself (and to nothing outside the sliding window in
+    sliding-window layers). Packed (``flex=False``): rows of ``leaves_per_row`` leaves, each after
+    its own copy of the context cache, with dense masks. Flex: all leaves in one row after the one
+    cache, attention by FlexAttention over the blocks the rule allows.
+    """
+    from transformers import DynamicCache
+
     base = ctx.adapter.base(ctx.model)
     run = _compiled(base) if compile else base
-    out = run(input_ids=input_ids, position_ids=pos_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-    leaf_slot = slot[offsets[-1]:]
-    return out.last_hidden_state[leaf_row, leaf_slot], n_tok
+    if flex:
+        packed = _pack(positions, npos, paths, len(npos), pad_to=_FLEX_BLOCK)
+        mask: Any = _tree_block_mask(packed, ctx.n_ctx, None if ctx.layer_types else ctx.window)
+        if ctx.layer_types:
+            mask = {"full_attention": mask, "sliding_attention": _tree_block_mask(packed, ctx.n_ctx, ctx.window)}
+        cache = DynamicCache(ddp_cache_data=list(ctx.kv))
+        with _attention_function(ctx.model, _FLEX_ATTENTION):
+            out = run(input_ids=packed.input_ids, position_ids=packed.pos_ids, attention_mask=mask,
+                      past_key_values=cache, use_cache=True)
+    else:
+        packed = _pack(positions, npos, paths, leaves_per_row)
+        n_rows = packed.input_ids.shape[0]
+        cache = DynamicCache(ddp_cache_data=[(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1))
+                                             for k, v in ctx.kv])
+        out = run(input_ids=packed.input_ids, position_ids=packed.pos_ids, attention_mask=_packed_masks(ctx, packed),
+                  past_key_values=cache, use_cache=True)
+    return out.last_hidden_state[packed.leaf_row, packed.leaf_slot], packed.n_tok
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,6 +620,7 @@ def marginalize(
     max_logits_elements: int | None = None,
     progress: bool = False,
     compile: bool = False,
+    attention: str = "auto",
 ) -> MarginalResult:
     """Next-token and marginal d-th-token distributions of a causal LM, for each context end.
 
@@ -470,6 +646,13 @@ def marginalize(
         compile: run the candidate steps through ``torch.compile`` of the model's base model (fuses
             its normalizations, rotary embeddings and activations on a GPU). The first calls compile
             (tens of seconds); the results equal the eager ones up to floating-point rounding.
+        attention: how the candidate steps attend. ``"packed"``: rows of ``tokens_per_row`` tokens,
+            each after its own copy of the context cache, with dense additive masks (any attention
+            implementation of the model). ``"flex"``: all tokens of a step in one sequence after the
+            one cache, FlexAttention over the 128 x 128 blocks that hold allowed pairs only (each
+            token computes about ``t + level`` keys instead of ``T + tokens_per_row``; compiled on a
+            GPU, a slow reference implementation on the CPU). ``"auto"``: flex on a GPU when this
+            torch has it, packed on the CPU.
 
     Returns:
         :class:`MarginalResult` with ``log_probs [P, depth, V]`` (float32) and ``n_candidates [P]``.
@@ -483,6 +666,10 @@ def marginalize(
     depth = _check_int(depth, "depth", 1)
     if not isinstance(compile, bool):
         raise ValueError(f"compile={compile!r} must be True or False")
+    if attention not in ("auto", "packed", "flex"):
+        raise ValueError(f"attention={attention!r} must be 'auto', 'packed' or 'flex'")
+    if attention == "flex" and not flex_available():
+        raise ValueError("attention='flex' needs FlexAttention (torch >= 2.5); use attention='packed'")
     top_p = _check_top_p(top_p)
     extras = sorted({_check_top_p(q, "extra_top_p") for q in extra_top_p} - {top_p})
     if extras and extras[-1] > top_p:
@@ -491,6 +678,7 @@ def marginalize(
     top_ps = [*extras, top_p]
     device = next(model.parameters()).device
     gpu = device.type != "cpu"
+    flex = attention == "flex" or (attention == "auto" and gpu and flex_available())
     max_tokens_per_chunk = _check_int(max_tokens_per_chunk if max_tokens_per_chunk is not None
                                       else (16384 if gpu else 1024), "max_tokens_per_chunk", 1)
     tokens_per_row = _check_int(tokens_per_row if tokens_per_row is not None else (256 if gpu else 128),
@@ -539,15 +727,18 @@ def marginalize(
             n_nodes.append(len(npos))
             grow = level + 1 < depth
             next_pos, next_paths, next_w = [], [], []
-            leaves_per_row = max(1, row_len // level)  # room for each leaf's ancestors
-            per_chunk = n_rows * leaves_per_row
+            if flex:  # one row per step: its leaves and their ancestors, at most max_tokens_per_chunk tokens
+                per_chunk = leaves_per_row = max(1, max_tokens_per_chunk // level)
+            else:
+                leaves_per_row = max(1, row_len // level)  # room for each leaf's ancestors
+                per_chunk = n_rows * leaves_per_row
             bar = tqdm(total=len(npos), desc=f"marginalize: level {level + 1} of {depth}", disable=not progress,
                        leave=False)
             for start in range(0, len(npos), per_chunk):
                 sl = slice(start, min(len(npos), start + per_chunk))
                 c_pos, c_paths, c_w = npos[sl], paths[sl], log_w[sl]
                 with record_function("marginal.candidate_step"):
-                    hid, n_tok = _candidate_step(ctx, pos, c_pos, c_paths, leaves_per_row, compile)
+                    hid, n_tok = _candidate_step(ctx, pos, c_pos, c_paths, leaves_per_row, compile, flex)
                 n_chunks += 1
                 n_tokens_fed += n_tok
                 for blk in _row_blocks(len(c_pos), vocab, max_logits_elements):
