@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -364,7 +365,7 @@ def _packed_masks(ctx: _Context, packed: _Packed) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# Block-sparse tree attention (FlexAttention): one row, no cache copies, no dense mask
+# Block-sparse tree attention (FlexAttention): one row per step, the context cache read in place
 
 
 _FLEX_BLOCK = 128  # FlexAttention's block size (queries and keys)
@@ -380,50 +381,40 @@ def flex_available() -> bool:
     return True
 
 
-def _tree_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
-    """The :class:`BlockMask` of a one-row step: the same rule as :func:`_packed_masks`, but only the
-    128 x 128 blocks that hold an allowed pair are listed (context blocks up to the block's largest
-    context end, the blocks of the block's own slots and ancestors), and context blocks that every
-    query of a block sees whole are marked full (no mask evaluated there)."""
+def _context_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
+    """The :class:`BlockMask` of the context part of a one-row step: slot ``q`` sees context keys
+    ``0..ctx_end[q]`` (within the window in sliding layers; padding sees none). Only the 128 x 128
+    blocks that hold an allowed pair are listed (the keys up to the block's largest context end), and
+    the blocks that every query of a block sees whole are marked full (no mask evaluated there)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     bs = _FLEX_BLOCK
-    ctx_end, pos, anc = packed.ctx_end[0], packed.pos_ids[0], packed.ancestors[0]
+    ctx_end, pos = packed.ctx_end[0], packed.pos_ids[0]
     length = len(ctx_end)
-    n_anc = anc.shape[-1]
     device = ctx_end.device
-    kv_len = n_ctx + length
-    n_qb, n_kb = length // bs, -(-kv_len // bs)
+    n_qb, n_kb = length // bs, -(-n_ctx // bs)
 
     def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
-        in_ctx = kv < n_ctx
-        j = (kv - n_ctx).clamp(min=0)
-        ok = torch.where(in_ctx, kv <= ctx_end[q], j == q)
-        for a in range(n_anc):
-            ok = ok | (~in_ctx & (anc[q, a] == j))
+        ok = kv <= ctx_end[q]
         if window is not None:
-            ok = ok & (pos[q] - torch.where(in_ctx, kv, pos[j]) < window)
+            ok = ok & (pos[q] - kv < window)
         return ok
 
-    real = ctx_end >= 0
+    real = (ctx_end >= 0).view(n_qb, bs)
     big = torch.iinfo(torch.long).max // 4
     t_max = ctx_end.view(n_qb, bs).amax(-1)
-    t_min = torch.where(real, ctx_end, big).view(n_qb, bs).amin(-1)  # padding makes no block full
-    t_min = torch.where(real.view(n_qb, bs).all(-1), t_min, torch.full_like(t_min, -1))
+    t_min = torch.where(real, ctx_end.view(n_qb, bs), big).amin(-1)
+    t_min = torch.where(real.all(-1), t_min, torch.full_like(t_min, -1))  # a block with padding is never full
     k_first = torch.arange(n_kb, device=device) * bs  # first and last key of each key block
     k_last = k_first + bs - 1
-    need = (k_first <= t_max[:, None]) & (k_first < n_ctx)
+    need = k_first <= t_max[:, None]
     full = k_last <= t_min[:, None]
-    if window is not None:  # keys of the block within the window of some (every) query
-        lo = torch.where(real, pos, big).view(n_qb, bs).amin(-1) - window + 1
-        hi = torch.where(real, pos, -big).view(n_qb, bs).amax(-1) - window + 1
+    if window is not None:  # keys within the window of some (every) query of the block
+        p = pos.view(n_qb, bs)
+        lo = torch.where(real, p, big).amin(-1) - window + 1
+        hi = torch.where(real, p, -big).amax(-1) - window + 1
         need &= k_last >= lo[:, None]
         full &= k_first >= hi[:, None]
-    q_block = torch.arange(length, device=device) // bs
-    need[q_block, (n_ctx + torch.arange(length, device=device)) // bs] = True  # each slot sees itself
-    for a in range(n_anc):
-        has = anc[:, a] >= 0
-        need[q_block[has], (n_ctx + anc[has, a]) // bs] = True
     partial = need & ~full
 
     def lists(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,23 +425,68 @@ def _tree_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
     kv_num, kv_idx = lists(partial)
     full_num, full_idx = lists(full)
     block_mask: Any = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
-                                               seq_lengths=(length, kv_len))
+                                               seq_lengths=(length, n_ctx))
     block_mask.ndim = 4  # GPT-2's forward reads attention_mask.ndim (a 4D mask is passed on as it is)
     return block_mask
+
+
+@dataclasses.dataclass
+class _TreeAttention:
+    """What the attention function of a flex step needs besides the mask (passed to the model as the
+    keyword ``mtp_tree``, which transformers hands on to the attention function)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: the context's keys and values, [1, Hkv, T, hd]
+    slots: torch.Tensor  # [L, 1 + A] long: each slot itself, then its ancestors (0 where none)
+    valid: torch.Tensor  # [L, 1 + A] bool
+    valid_sliding: torch.Tensor  # [L, 1 + A] bool: and within the sliding window
+    all_sliding: bool  # every layer has the window (Mistral)
+
+
+def _tree_attention(packed: _Packed, window: int | None, all_sliding: bool,
+                    kv: list[tuple[torch.Tensor, torch.Tensor]]) -> _TreeAttention:
+    length = packed.input_ids.shape[1]
+    own = torch.arange(length, device=packed.input_ids.device)[:, None]
+    slots = torch.cat([own, packed.ancestors[0]], dim=1)
+    valid = slots >= 0
+    slots = slots.clamp(min=0)
+    pos = packed.pos_ids[0]
+    valid_sliding = valid if window is None else valid & (pos[:, None] - pos[slots] < window)
+    return _TreeAttention(kv=kv, slots=slots, valid=valid, valid_sliding=valid_sliding, all_sliding=all_sliding)
 
 
 _COMPILED_FLEX: list[Callable[..., Any]] = []
 
 
-def _flex_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                            softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention function of the tree steps: FlexAttention with the step's BlockMask.
+def _flex_lse_kwargs() -> dict[str, Any]:
+    try:  # torch >= 2.9
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return {"return_lse": True}
+    return {"return_aux": AuxRequest(lse=True)}
 
-    On a GPU outside ``torch.compile`` it runs a compiled FlexAttention (one per process, shapes
-    dynamic after the first recompilation); on the CPU FlexAttention's reference implementation.
+
+def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                            softcap: float | None = None, mtp_tree: _TreeAttention | None = None,
+                            sliding_window: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function of the flex steps: ``query``, ``key`` and ``value`` are the
+    step's own slots (no cache); the context part runs through FlexAttention on the layer's context
+    keys with the step's BlockMask, the tree part (each slot and its ancestors, at most ``depth`` keys)
+    as a small dense computation, and the two are merged by their log-sum-exps.
+
+    On a GPU outside ``torch.compile`` FlexAttention runs compiled (once per process, shapes dynamic
+    after the first recompilation); on the CPU it is FlexAttention's reference implementation.
     """
+    import warnings
+
     from torch.nn.attention.flex_attention import flex_attention
+
+    if mtp_tree is None:
+        raise RuntimeError("the tree attention of mtp_lib.marginal was called without its mtp_tree argument")
+    k_ctx, v_ctx = mtp_tree.kv[module.layer_idx]  # type: ignore[index]
+    _, n_heads, length, head_dim = query.shape
+    n_kv = key.shape[1]
+    scale = float(scaling) if scaling is not None else head_dim**-0.5
 
     fn: Callable[..., Any] = flex_attention
     if query.device.type != "cpu" and not torch.compiler.is_compiling():
@@ -464,9 +500,31 @@ def _flex_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
             return cap * torch.tanh(score / cap)
 
-    out = fn(query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling,
-             enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+    with warnings.catch_warnings():  # the CPU runs the reference implementation on purpose
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        out = fn(query, k_ctx, v_ctx, score_mod=score_mod, block_mask=attention_mask, scale=scale,
+                 enable_gqa=n_heads != n_kv, **_flex_lse_kwargs())
+    out_ctx, aux = out
+    lse_ctx = aux if isinstance(aux, torch.Tensor) else aux.lse  # [1, H, L], natural log
+
+    # the tree part: each slot against itself and its ancestors, in float32
+    group = n_heads // n_kv
+    q = query.float().view(1, n_kv, group, length, head_dim)
+    k_tree = key.float()[:, :, mtp_tree.slots]  # [1, Hkv, L, 1 + A, hd]
+    v_tree = value.float()[:, :, mtp_tree.slots]
+    scores = torch.einsum("bkgld,bklad->bkgla", q, k_tree) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    sliding = sliding_window is not None or mtp_tree.all_sliding
+    scores = scores.masked_fill(~(mtp_tree.valid_sliding if sliding else mtp_tree.valid), -math.inf)
+    lse_tree = torch.logsumexp(scores, dim=-1)  # [1, Hkv, G, L]; finite: a slot always sees itself
+    out_tree = torch.einsum("bkgla,bklad->bkgld", torch.exp(scores - lse_tree[..., None]), v_tree)
+
+    lse_ctx = lse_ctx.float().view(1, n_kv, group, length)
+    lse = torch.logaddexp(lse_ctx, lse_tree)
+    merged = (out_ctx.float().view(1, n_kv, group, length, head_dim) * torch.exp(lse_ctx - lse)[..., None]
+              + out_tree * torch.exp(lse_tree - lse)[..., None])
+    return merged.view(1, n_heads, length, head_dim).to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 @contextlib.contextmanager
@@ -475,7 +533,7 @@ def _attention_function(model: nn.Module, name: str) -> Iterator[None]:
     from transformers import AttentionInterface, PretrainedConfig
 
     if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, _flex_attention_forward)
+        AttentionInterface.register(name, _tree_attention_forward)
     configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
                if isinstance(c, PretrainedConfig)}
     saved = [(c, c._attn_implementation_internal) for c in configs.values()]
@@ -496,8 +554,9 @@ def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, 
     A token at tree level ``k`` of context end ``t`` gets position ``t + k`` and may attend to cache
     keys ``0..t``, to its ancestors and to itself (and to nothing outside the sliding window in
     sliding-window layers). Packed (``flex=False``): rows of ``leaves_per_row`` leaves, each after
-    its own copy of the context cache, with dense masks. Flex: all leaves in one row after the one
-    cache, attention by FlexAttention over the blocks the rule allows.
+    its own copy of the context cache, with dense masks. Flex: all leaves in one row; the context part
+    by FlexAttention over the blocks the rule allows, reading the one cache in place, and the tree
+    part (ancestors and itself) apart (:func:`_tree_attention_forward`).
     """
     from transformers import DynamicCache
 
@@ -505,13 +564,14 @@ def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, 
     run = _compiled(base) if compile else base
     if flex:
         packed = _pack(positions, npos, paths, len(npos), pad_to=_FLEX_BLOCK)
-        mask: Any = _tree_block_mask(packed, ctx.n_ctx, None if ctx.layer_types else ctx.window)
+        all_sliding = ctx.window is not None and not ctx.layer_types
+        mask: Any = _context_block_mask(packed, ctx.n_ctx, ctx.window if all_sliding else None)
         if ctx.layer_types:
-            mask = {"full_attention": mask, "sliding_attention": _tree_block_mask(packed, ctx.n_ctx, ctx.window)}
-        cache = DynamicCache(ddp_cache_data=list(ctx.kv))
+            mask = {"full_attention": mask, "sliding_attention": _context_block_mask(packed, ctx.n_ctx, ctx.window)}
+        tree = _tree_attention(packed, ctx.window, all_sliding, ctx.kv)
         with _attention_function(ctx.model, _FLEX_ATTENTION):
             out = run(input_ids=packed.input_ids, position_ids=packed.pos_ids, attention_mask=mask,
-                      past_key_values=cache, use_cache=True)
+                      use_cache=False, mtp_tree=tree)
     else:
         packed = _pack(positions, npos, paths, leaves_per_row)
         n_rows = packed.input_ids.shape[0]
@@ -530,7 +590,28 @@ _DENSE_SEGMENTS = 16  # up to this many (position, top-p) pairs a block is summe
 _DENSE_BF16_ELEMENTS = 2**24  # bf16 blocks: by one matmul while its [pairs, rows] weight matrix stays this small
 
 
-def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log_w: torch.Tensor) -> None:
+@dataclasses.dataclass
+class _Segments:
+    """The positions of a block of candidate rows (``npos`` non-decreasing), cut on the host."""
+
+    uniq: torch.Tensor  # [S] long, on the device: the positions
+    inverse: torch.Tensor  # [R] long, on the device: each row's segment
+    uniq_host: list[int]
+    counts_host: list[int]
+
+
+def _segments(npos_host: torch.Tensor, device: torch.device) -> _Segments:
+    """Segments of ``npos_host`` (a CPU tensor), copied to ``device`` without waiting for it."""
+    uniq, inv, counts = torch.unique_consecutive(npos_host, return_inverse=True, return_counts=True)
+    if device.type == "cuda":
+        uniq_d, inv_d = (x.pin_memory().to(device, non_blocking=True) for x in (uniq, inv))
+    else:
+        uniq_d, inv_d = uniq.to(device), inv.to(device)
+    return _Segments(uniq=uniq_d, inverse=inv_d, uniq_host=uniq.tolist(), counts_host=counts.tolist())
+
+
+def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log_w: torch.Tensor,
+                segments: _Segments | None = None, defer: bool = False) -> Callable[[], None] | None:
     """Add ``sum_i w_i softmax(logits_i)`` to ``acc [m, P, V]`` (log space) for the segments of ``npos``.
 
     ``logits [R, V]`` of candidates ``i`` of positions ``npos [R]`` (non-decreasing), with log weights
@@ -539,7 +620,12 @@ def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log
     each segment is shifted by its largest log weight, the weighted probabilities summed, and the
     shift added back to the log; blocks combine with ``logaddexp``. Entries whose sum underflows the
     floating type (marginals below about ``e^-87`` of the segment's largest weight, in float32) are
-    recomputed exactly with ``logsumexp``, so no finite log-probability is lost.
+    left out of that sum and added exactly with ``logsumexp``, so no finite log-probability is lost.
+
+    ``segments``: the segments of ``npos`` cut on the host (else cut here, which waits for the device).
+    ``defer``: whether any entry underflowed is not waited for; the exact pass is returned as a
+    function to call later (after the next block is queued, so that the device does not idle), else
+    it runs here and None is returned.
     """
     dtype = acc.dtype
     # bfloat16 logits (a bf16 model): probabilities and weights in bfloat16 too (computed in float32,
@@ -547,8 +633,9 @@ def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log
     # exponent range as float32), summed by a bf16 matmul. Half the memory traffic of float32.
     low = logits.dtype == torch.bfloat16
     probs = torch.softmax(logits, dim=-1, dtype=torch.bfloat16 if low else dtype)
-    uniq, inv, counts = torch.unique_consecutive(npos, return_inverse=True, return_counts=True)
-    n_seg, m = len(uniq), log_w.shape[1]
+    seg = segments if segments is not None else _segments(npos.cpu(), npos.device)
+    uniq, inv = seg.uniq, seg.inverse
+    n_seg, m = len(seg.uniq_host), log_w.shape[1]
     w = log_w.to(dtype)
     shift = torch.full((n_seg, m), -math.inf, dtype=dtype, device=w.device)
     shift.scatter_reduce_(0, inv[:, None].expand(-1, m), w, reduce="amax")
@@ -562,24 +649,42 @@ def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log
         total = torch.zeros(m, n_seg, probs.shape[1], dtype=dtype, device=probs.device)
         for j in range(m):
             total[j].index_add_(0, inv, probs * coef[:, j, None])
-    log_total = torch.log(total) + shift.T[:, :, None]
-
     # float32 (and bf16, same exponent range) loses precision in subnormals: those entries, and for the
-    # bf16 products anything within 2^24 of them (below about e^-70 of the largest weight), are summed
-    # again exactly
+    # bf16 products anything within 2^24 of them (below about e^-70 of the largest weight), are left
+    # out here and summed exactly by exact_pass
     under = total < torch.finfo(dtype).tiny * (2.0**24 if low else 1.0)
-    if bool(under.any()):
-        starts = torch.cumsum(counts, 0) - counts
+    log_total = (torch.log(total) + shift.T[:, :, None]).masked_fill_(under, -math.inf)
+    acc[:, uniq] = torch.logaddexp(acc[:, uniq], log_total)
+
+    flag = under.any()
+    if defer and flag.device.type == "cuda":
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    else:
+        host, ready = flag, None
+
+    def exact_pass() -> None:
+        if ready is not None:
+            ready.synchronize()  # waits for this block only, not for what was queued after it
+        if not bool(host):
+            return
+        starts = [0, *itertools.accumulate(seg.counts_host)]
         for j, g in under.any(dim=-1).nonzero().tolist():
-            rows = slice(int(starts[g]), int(starts[g] + counts[g]))
+            rows = slice(starts[g], starts[g] + seg.counts_host[g])
             if not bool(torch.isfinite(w[rows, j]).any()):
                 continue  # no candidate of this segment is in this nucleus: -inf is exact
             cols = under[j, g].nonzero()[:, 0]
             lse = torch.logsumexp(logits[rows].to(dtype), dim=-1)
             y = logits[rows][:, cols].to(dtype) - lse[:, None] + w[rows, j, None]
-            log_total[j, g, cols] = torch.logsumexp(y, dim=0)
+            p = seg.uniq_host[g]
+            acc[j, p, cols] = torch.logaddexp(acc[j, p, cols], torch.logsumexp(y, dim=0))
 
-    acc[:, uniq] = torch.logaddexp(acc[:, uniq], log_total)
+    if defer:
+        return exact_pass
+    exact_pass()
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -641,7 +746,7 @@ def marginalize(
             (bounded to about 1 GiB). Each token attends to ``T + tokens_per_row`` keys.
             None: 128 on CPU, 256 on GPU.
         max_logits_elements: candidates x vocabulary per logits block (float32 buffers of this size;
-            None: 2**25 on CPU, 2**27 on GPU).
+            None: 2**25 on CPU, 2**28 on GPU).
         progress: show a tqdm bar per tree level.
         compile: run the candidate steps through ``torch.compile`` of the model's base model (fuses
             its normalizations, rotary embeddings and activations on a GPU). The first calls compile
@@ -679,12 +784,15 @@ def marginalize(
     device = next(model.parameters()).device
     gpu = device.type != "cpu"
     flex = attention == "flex" or (attention == "auto" and gpu and flex_available())
+    if flex and compile and not gpu:
+        raise ValueError("compile=True with attention='flex' needs a GPU (torch's compiled FlexAttention on the "
+                         "CPU gives no log-sum-exp); use attention='packed' on the CPU")
     max_tokens_per_chunk = _check_int(max_tokens_per_chunk if max_tokens_per_chunk is not None
                                       else (16384 if gpu else 1024), "max_tokens_per_chunk", 1)
     tokens_per_row = _check_int(tokens_per_row if tokens_per_row is not None else (256 if gpu else 128),
                                 "tokens_per_row", 1)
     max_logits_elements = _check_int(max_logits_elements if max_logits_elements is not None
-                                     else (2**27 if gpu else 2**25), "max_logits_elements", 1)
+                                     else (2**28 if gpu else 2**25), "max_logits_elements", 1)
     input_ids = check_input_ids(input_ids, vocab).to(device)
     n_ctx = input_ids.shape[1]
     pos = _check_positions(positions, n_ctx).to(device)
@@ -734,6 +842,8 @@ def marginalize(
                 per_chunk = n_rows * leaves_per_row
             bar = tqdm(total=len(npos), desc=f"marginalize: level {level + 1} of {depth}", disable=not progress,
                        leave=False)
+            npos_host = npos.cpu()  # one wait per level: the segments of every logits block are cut on the host
+            pending: Callable[[], None] | None = None
             for start in range(0, len(npos), per_chunk):
                 sl = slice(start, min(len(npos), start + per_chunk))
                 c_pos, c_paths, c_w = npos[sl], paths[sl], log_w[sl]
@@ -745,7 +855,11 @@ def marginalize(
                     with record_function("marginal.unembedding"):
                         logits = adapter.logits(model, hid[blk], normed=True)
                     with record_function("marginal.reduce"):
-                        _accumulate(acc[:, :, level], logits, c_pos[blk], c_w[blk])
+                        seg = _segments(npos_host[sl][blk], device)
+                        finish = _accumulate(acc[:, :, level], logits, c_pos[blk], c_w[blk], seg, defer=True)
+                        if pending is not None:  # the previous block's exact pass, once this one is queued
+                            pending()
+                        pending = finish
                     if grow:
                         log_q = torch.log_softmax(logits.to(acc_dtype), dim=-1)
                         rows, toks, lw, _, _ = _nested_nucleus(log_q, top_ps, max_logits_elements)
@@ -754,6 +868,8 @@ def marginalize(
                         # a path is in the nucleus at top-p q only if every step is: weights add up
                         next_w.append(c_w[blk][rows] + lw)
                 bar.update(sl.stop - sl.start)
+            if pending is not None:
+                pending()
             bar.close()
             if grow:
                 npos, paths, log_w = torch.cat(next_pos), torch.cat(next_paths), torch.cat(next_w)
