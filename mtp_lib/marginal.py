@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -372,13 +373,22 @@ _FLEX_BLOCK = 128  # FlexAttention's block size (queries and keys)
 _FLEX_ATTENTION = "mtp_lib_tree_flex"  # our attention function's name in transformers' AttentionInterface
 
 
+try:  # FlexAttention: torch >= 2.5; the log-sum-exp is asked for by AuxRequest from torch 2.9
+    from torch.nn.attention.flex_attention import BlockMask as _BlockMask
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+except ImportError:  # pragma: no cover - older torch: attention="packed" only
+    _BlockMask = _flex_attention = None
+try:
+    from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
+
+    _FLEX_LSE: dict[str, Any] = {"return_aux": _AuxRequest(lse=True)}
+except ImportError:  # pragma: no cover
+    _FLEX_LSE = {"return_lse": True}
+
+
 def flex_available() -> bool:
     """Whether this torch has FlexAttention (torch >= 2.5)."""
-    try:
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _flex_attention is not None
 
 
 def _context_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
@@ -386,8 +396,6 @@ def _context_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
     ``0..ctx_end[q]`` (within the window in sliding layers; padding sees none). Only the 128 x 128
     blocks that hold an allowed pair are listed (the keys up to the block's largest context end), and
     the blocks that every query of a block sees whole are marked full (no mask evaluated there)."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     bs = _FLEX_BLOCK
     ctx_end, pos = packed.ctx_end[0], packed.pos_ids[0]
     length = len(ctx_end)
@@ -424,7 +432,7 @@ def _context_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
 
     kv_num, kv_idx = lists(partial)
     full_num, full_idx = lists(full)
-    block_mask: Any = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
+    block_mask: Any = _BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
                                                seq_lengths=(length, n_ctx))
     block_mask.ndim = 4  # GPT-2's forward reads attention_mask.ndim (a 4D mask is passed on as it is)
     return block_mask
@@ -457,12 +465,6 @@ def _tree_attention(packed: _Packed, window: int | None, all_sliding: bool,
 _COMPILED_FLEX: list[Callable[..., Any]] = []
 
 
-def _flex_lse_kwargs() -> dict[str, Any]:
-    try:  # torch >= 2.9
-        from torch.nn.attention.flex_attention import AuxRequest
-    except ImportError:
-        return {"return_lse": True}
-    return {"return_aux": AuxRequest(lse=True)}
 
 
 def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -477,10 +479,6 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     On a GPU outside ``torch.compile`` FlexAttention runs compiled (once per process, shapes dynamic
     after the first recompilation); on the CPU it is FlexAttention's reference implementation.
     """
-    import warnings
-
-    from torch.nn.attention.flex_attention import flex_attention
-
     if mtp_tree is None:
         raise RuntimeError("the tree attention of mtp_lib.marginal was called without its mtp_tree argument")
     k_ctx, v_ctx = mtp_tree.kv[module.layer_idx]  # type: ignore[index]
@@ -488,11 +486,6 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     n_kv = key.shape[1]
     scale = float(scaling) if scaling is not None else head_dim**-0.5
 
-    fn: Callable[..., Any] = flex_attention
-    if query.device.type != "cpu" and not torch.compiler.is_compiling():
-        if not _COMPILED_FLEX:
-            _COMPILED_FLEX.append(torch.compile(flex_attention))
-        fn = _COMPILED_FLEX[0]
     score_mod = None
     if softcap:
         cap = float(softcap)
@@ -500,10 +493,19 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
             return cap * torch.tanh(score / cap)
 
-    with warnings.catch_warnings():  # the CPU runs the reference implementation on purpose
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        out = fn(query, k_ctx, v_ctx, score_mod=score_mod, block_mask=attention_mask, scale=scale,
-                 enable_gqa=n_heads != n_kv, **_flex_lse_kwargs())
+    args = (query, k_ctx, v_ctx)
+    kwargs = dict(score_mod=score_mod, block_mask=attention_mask, scale=scale, enable_gqa=n_heads != n_kv,
+                  **_FLEX_LSE)
+    if torch.compiler.is_compiling():  # inside compile=True: traced with the model (no Python-side state here)
+        out = _flex_attention(*args, **kwargs)
+    elif query.device.type != "cpu":
+        if not _COMPILED_FLEX:
+            _COMPILED_FLEX.append(torch.compile(_flex_attention))
+        out = _COMPILED_FLEX[0](*args, **kwargs)
+    else:
+        with warnings.catch_warnings():  # the CPU runs the reference implementation on purpose
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            out = _flex_attention(*args, **kwargs)
     out_ctx, aux = out
     lse_ctx = aux if isinstance(aux, torch.Tensor) else aux.lse  # [1, H, L], natural log
 
