@@ -511,16 +511,18 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
 
     # the tree part: each slot against itself and its ancestors, in float32
     group = n_heads // n_kv
-    q = query.float().view(1, n_kv, group, length, head_dim)
-    k_tree = key.float()[:, :, mtp_tree.slots]  # [1, Hkv, L, 1 + A, hd]
-    v_tree = value.float()[:, :, mtp_tree.slots]
-    scores = torch.einsum("bkgld,bklad->bkgla", q, k_tree) * scale
+    # (elementwise products and sums, not einsum: 1 + A keys per query would make batched matrix-vector
+    # products, which run far slower on a GPU than one fused elementwise kernel)
+    q = query.float().view(1, n_kv, group, length, 1, head_dim)
+    k_tree = key.float()[:, :, None, mtp_tree.slots]  # [1, Hkv, 1, L, 1 + A, hd]
+    v_tree = value.float()[:, :, None, mtp_tree.slots]
+    scores = (q * k_tree).sum(-1) * scale  # [1, Hkv, G, L, 1 + A]
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     sliding = sliding_window is not None or mtp_tree.all_sliding
     scores = scores.masked_fill(~(mtp_tree.valid_sliding if sliding else mtp_tree.valid), -math.inf)
     lse_tree = torch.logsumexp(scores, dim=-1)  # [1, Hkv, G, L]; finite: a slot always sees itself
-    out_tree = torch.einsum("bkgla,bklad->bkgld", torch.exp(scores - lse_tree[..., None]), v_tree)
+    out_tree = (torch.exp(scores - lse_tree[..., None])[..., None] * v_tree).sum(-2)  # [1, Hkv, G, L, hd]
 
     lse_ctx = lse_ctx.float().view(1, n_kv, group, length)
     lse = torch.logaddexp(lse_ctx, lse_tree)
