@@ -373,17 +373,15 @@ _FLEX_BLOCK = 128  # FlexAttention's block size (queries and keys)
 _FLEX_ATTENTION = "mtp_lib_tree_flex"  # our attention function's name in transformers' AttentionInterface
 
 
-try:  # FlexAttention: torch >= 2.5; the log-sum-exp is asked for by AuxRequest from torch 2.9
-    from torch.nn.attention.flex_attention import BlockMask as _BlockMask
-    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
-except ImportError:  # pragma: no cover - older torch: attention="packed" only
-    _BlockMask = _flex_attention = None
-try:
-    from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
-
-    _FLEX_LSE: dict[str, Any] = {"return_aux": _AuxRequest(lse=True)}
+try:  # FlexAttention: torch >= 2.5 (older: attention="packed" only)
+    from torch.nn.attention import flex_attention as _flex_module
 except ImportError:  # pragma: no cover
-    _FLEX_LSE = {"return_lse": True}
+    _flex_module = None  # type: ignore[assignment]
+_flex_attention: Callable[..., Any] | None = getattr(_flex_module, "flex_attention", None)
+_BlockMask: Any = getattr(_flex_module, "BlockMask", None)
+# the log-sum-exp is asked for by an AuxRequest from torch 2.9, by return_lse before
+_FLEX_LSE: dict[str, Any] = ({"return_aux": _flex_module.AuxRequest(lse=True)} if hasattr(_flex_module, "AuxRequest")
+                             else {"return_lse": True})
 
 
 def flex_available() -> bool:
@@ -493,19 +491,21 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         def score_mod(score: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
             return cap * torch.tanh(score / cap)
 
+    flex = _flex_attention
+    assert flex is not None, "FlexAttention needs torch >= 2.5"
     args = (query, k_ctx, v_ctx)
     kwargs = dict(score_mod=score_mod, block_mask=attention_mask, scale=scale, enable_gqa=n_heads != n_kv,
                   **_FLEX_LSE)
     if torch.compiler.is_compiling():  # inside compile=True: traced with the model (no Python-side state here)
-        out = _flex_attention(*args, **kwargs)
+        out = flex(*args, **kwargs)
     elif query.device.type != "cpu":
         if not _COMPILED_FLEX:
-            _COMPILED_FLEX.append(torch.compile(_flex_attention))
+            _COMPILED_FLEX.append(torch.compile(flex))
         out = _COMPILED_FLEX[0](*args, **kwargs)
     else:
         with warnings.catch_warnings():  # the CPU runs the reference implementation on purpose
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-            out = _flex_attention(*args, **kwargs)
+            out = flex(*args, **kwargs)
     out_ctx, aux = out
     lse_ctx = aux if isinstance(aux, torch.Tensor) else aux.lse  # [1, H, L], natural log
 

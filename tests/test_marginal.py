@@ -91,36 +91,57 @@ def _assert_matches(result: MG.MarginalResult, model: torch.nn.Module, ids: torc
 # Correctness
 
 
+def _flex_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the FlexAttention calls of attention="flex" (the CPU runs its reference implementation)."""
+    calls: list[int] = []
+    real = MG._flex_attention
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(MG, "_flex_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("attention", ["packed", "flex"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_depth2_matches_brute_force(family: str) -> None:
+def test_depth2_matches_brute_force(family: str, attention: str, monkeypatch: pytest.MonkeyPatch) -> None:
     seed = fresh_seed()
     rng = random.Random(seed)
     model = _tiny(family, seed)
-    n_ctx = rng.randint(70, 100)  # beyond the tiny Gemma's sliding window of 64
+    # beyond the tiny Gemma's sliding window of 64; flex: beyond one key block of 128
+    n_ctx = rng.randint(70, 100) if attention == "packed" else rng.randint(130, 300)
     ids = torch.randint(0, TINY_VOCAB, (1, n_ctx), generator=torch.Generator().manual_seed(seed))
+    calls = _flex_calls(monkeypatch)
     for top_p in (1.0, rng.uniform(0.5, 0.95)):
         positions = [rng.randrange(n_ctx), n_ctx - 1] + ([rng.randrange(8)] if top_p < 1 else [])
-        result = MG.marginalize(model, ids, depth=2, top_p=top_p, positions=positions,
+        result = MG.marginalize(model, ids, depth=2, top_p=top_p, positions=positions, attention=attention,
                                 max_tokens_per_chunk=rng.randint(50, 400), tokens_per_row=rng.randint(1, 200),
                                 max_logits_elements=rng.randint(1, 300) * TINY_VOCAB)
         assert result.positions.tolist() == positions, f"seed {seed}"
         assert result.log_probs.shape == (len(positions), 2, TINY_VOCAB), f"seed {seed}"
         assert result.n_nodes == (int(result.n_candidates.sum()),), f"seed {seed}"
         _assert_matches(result, model, ids, top_p, seed)
+    # flex: one FlexAttention call per layer and step, none for packed
+    assert (len(calls) > 0) == (attention == "flex"), f"seed {seed}: {len(calls)} FlexAttention calls"
 
 
+@pytest.mark.parametrize("attention", ["packed", "flex"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_depth3_matches_brute_force(family: str) -> None:
+def test_depth3_matches_brute_force(family: str, attention: str) -> None:
     seed = fresh_seed()
     rng = random.Random(seed)
     model = _tiny(family, seed)
     n_ctx = rng.randint(66, 80) if family == "gemma" else rng.randint(5, 40)
+    if attention == "flex":
+        n_ctx += 128  # contexts of two key blocks
     ids = torch.randint(0, TINY_VOCAB, (1, n_ctx), generator=torch.Generator().manual_seed(seed))
     positions = [rng.randrange(n_ctx), n_ctx - 1]
     top_p = rng.uniform(*SMALL_TOP_P[family])
-    result = MG.marginalize(model, ids, depth=3, top_p=top_p, positions=positions,
-                            max_tokens_per_chunk=rng.randint(8, 64), tokens_per_row=rng.randint(1, 40),
-                            max_logits_elements=rng.randint(1, 40) * TINY_VOCAB)
+    result = MG.marginalize(model, ids, depth=3, top_p=top_p, positions=positions, attention=attention,
+                            max_tokens_per_chunk=rng.randint(8, 64) * (4 if attention == "flex" else 1),
+                            tokens_per_row=rng.randint(1, 40), max_logits_elements=rng.randint(1, 40) * TINY_VOCAB)
     assert len(result.n_nodes) == 2 and result.n_tokens_fed >= result.n_nodes[1], f"seed {seed}"
     _assert_matches(result, model, ids, top_p, seed)
 
@@ -147,9 +168,11 @@ def _small_vocab_model(family: str, seed: int, vocab: int = 40) -> Any:
     return model.double().eval()
 
 
+@pytest.mark.parametrize("attention", ["packed", "flex"])
 @pytest.mark.parametrize("family", ["llama", "gemma"])
-def test_depth3_exact_over_the_whole_vocabulary(family: str) -> None:
-    """top_p=1.0 at depth 3: V^2 paths per position, a packed tree with shared ancestors."""
+def test_depth3_exact_over_the_whole_vocabulary(family: str, attention: str) -> None:
+    """top_p=1.0 at depth 3: V^2 paths per position, a packed tree with shared ancestors (the Gemma
+    window of 4 cuts into the context)."""
     seed = fresh_seed()
     rng = random.Random(seed)
     model = _small_vocab_model(family, seed)
@@ -157,7 +180,7 @@ def test_depth3_exact_over_the_whole_vocabulary(family: str) -> None:
     n_ctx = rng.randint(3, 12)
     ids = torch.randint(0, vocab, (1, n_ctx), generator=torch.Generator().manual_seed(seed))
     positions = [n_ctx - 1, rng.randrange(n_ctx)]
-    result = MG.marginalize(model, ids, depth=3, top_p=1.0, positions=positions,
+    result = MG.marginalize(model, ids, depth=3, top_p=1.0, positions=positions, attention=attention,
                             max_tokens_per_chunk=rng.randint(50, 700), tokens_per_row=rng.randint(2, 300),
                             max_logits_elements=rng.randint(1, 200) * vocab)
     assert result.n_nodes == (2 * vocab, 2 * vocab**2), f"seed {seed}"
@@ -282,6 +305,75 @@ def test_compile_gives_what_eager_gives() -> None:
         MG.marginalize(model, ids, compile="yes")
 
 
+def test_context_block_mask_lists_every_allowed_pair() -> None:
+    """The flex step's BlockMask against the rule it stands for, pair by pair: every allowed (query, key)
+    pair lies in a listed block, blocks listed full hold allowed pairs only, and without a window
+    every block listed holds an allowed pair (the sparsity is real). The rule itself equals the
+    packed step's dense mask."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    bs = MG._FLEX_BLOCK
+    for i in range(60):
+        n_ctx = rng.randint(1, 5 * bs)
+        n_pos = rng.randint(1, 3) if i % 2 else rng.randint(1, 12)
+        near_edges = [t for k in range(1, 5) for t in range(k * bs - 2, k * bs + 2) if t < n_ctx]
+        pool = near_edges if i % 2 and near_edges else list(range(n_ctx))  # block edges: off-by-one errors show
+        positions = torch.tensor(sorted(rng.sample(pool, min(n_pos, len(pool)))))
+        depth = rng.choice([1, 2])  # paths of one or two tokens (levels 1 and 2)
+        npos = torch.sort(torch.randint(0, len(positions), (rng.randint(1, 3 * bs),))).values
+        paths = torch.randint(0, 50, (len(npos), depth))
+        packed = MG._pack(positions, npos, paths, len(npos), pad_to=bs)
+        window = rng.choice([None, rng.randint(1, 2 * bs)])
+        first = int(positions[0]) + 1  # the first position's level-1 tokens
+        edges = [first - (k * bs - 1) + 1 for k in range(1, 5) if k * bs <= first]
+        if i % 3 == 0 and edges:  # a window whose first key is the last key of a block
+            window = rng.choice(edges)
+        ctx = MG._Context(model=None, adapter=None, kv=[], n_ctx=n_ctx, dtype=torch.float32,  # type: ignore[arg-type]
+                          layer_types=None, window=window)
+        mask = MG._context_block_mask(packed, n_ctx, window)
+        length = packed.input_ids.shape[1]
+        q = torch.arange(length)[:, None]
+        kv = torch.arange(n_ctx)[None, :]
+        allowed = mask.mask_mod(0, 0, q, kv)
+        dense = MG._packed_masks(ctx, packed)[0, 0, :, :n_ctx] == 0  # the packed step's rule
+        assert torch.equal(allowed, dense), f"seed {seed}"
+        listed = torch.zeros(length // bs, -(-n_ctx // bs), dtype=torch.bool)
+        full = torch.zeros_like(listed)
+        for qb in range(length // bs):
+            listed[qb, mask.kv_indices[0, 0, qb, : mask.kv_num_blocks[0, 0, qb]].long()] = True
+            full[qb, mask.full_kv_indices[0, 0, qb, : mask.full_kv_num_blocks[0, 0, qb]].long()] = True
+        assert not (listed & full).any(), f"seed {seed}: a block listed both partial and full"
+        padded = torch.zeros(length, listed.shape[1] * bs, dtype=torch.bool)
+        padded[:, :n_ctx] = allowed
+        per_block = padded.view(length // bs, bs, -1, bs)
+        any_allowed = per_block.any(dim=(1, 3))
+        assert not (any_allowed & ~(listed | full)).any(), f"seed {seed}: an allowed pair outside the listed blocks"
+        for qb, kb in full.nonzero().tolist():
+            assert bool(per_block[qb, :, kb].all()), f"seed {seed}: block ({qb}, {kb}) marked full holds masked pairs"
+        if window is None:
+            assert torch.equal(any_allowed, listed | full), f"seed {seed}: a listed block holds no allowed pair"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flex_step_traces_in_one_graph(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile=True with attention="flex" (a GPU's setting): the whole model, tree attention included,
+    traces without a graph break (checked with fullgraph=True and the eager backend, which runs on the
+    CPU); a graph break would leave the layers uncompiled on the GPU."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    model = _tiny(family, seed, torch.float32)
+    n_ctx = rng.randint(130, 200)
+    ids = torch.randint(0, TINY_VOCAB, (1, n_ctx), generator=torch.Generator().manual_seed(seed))
+    kwargs: dict[str, Any] = dict(depth=2, top_p=0.9, positions=[n_ctx - 1, rng.randrange(n_ctx)])
+    want = MG.marginalize(model, ids, attention="packed", **kwargs)
+    monkeypatch.setattr(MG, "_compiled", lambda base: torch.compile(base, backend="eager", fullgraph=True))
+    step = MG._candidate_step
+    monkeypatch.setattr(MG, "_candidate_step", lambda *a: step(*a[:5], True, True))  # compiled, flex
+    got = MG.marginalize(model, ids, attention="packed", **kwargs)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-4, rtol=0, msg=lambda m: f"seed {seed}: {m}")
+
+
 def test_sums_stay_in_log_space_far_below_float32_underflow() -> None:
     """A very peaked float32 model: marginal log-probs of hundreds of nats below zero stay finite."""
     seed = fresh_seed()
@@ -369,7 +461,8 @@ def test_nucleus_is_the_smallest_set_reaching_top_p() -> None:
     ({"positions": [0.5]}, "positions"),
     ({"extra_top_p": [0.95], "top_p": 0.9}, "extra_top_p"), ({"extra_top_p": [0.0]}, "extra_top_p"),
     ({"max_tokens_per_chunk": 0}, "max_tokens_per_chunk"), ({"max_logits_elements": 0}, "max_logits_elements"),
-    ({"tokens_per_row": 0}, "tokens_per_row"),
+    ({"tokens_per_row": 0}, "tokens_per_row"), ({"attention": "sparse"}, "attention"),
+    ({"attention": "flex", "compile": True}, "attention='flex'"),  # on the CPU
 ])
 def test_invalid_arguments_raise_value_error_naming_them(kwargs: dict, name: str) -> None:
     model = _tiny("llama", 0, torch.float32)
