@@ -17,7 +17,11 @@ How it runs (:func:`marginalize`):
    after its own copy of the context's cache, holding ``tokens_per_row`` candidate tokens (of any
    positions), each with its own position id (``t + level``) and a tree attention mask that lets it
    see the cache up to its own context end ``t``, its ancestors in the tree and itself. Rows keep
-   the attention of each token to ``T + tokens_per_row`` keys, the batch keeps the matmuls large;
+   the attention of each token to ``T + tokens_per_row`` keys, the batch keeps the matmuls large.
+   With ``attention="flex"`` (compiled on a GPU by default) a step is one sequence instead, read
+   against the one context cache in place: FlexAttention computes only the 128 x 128 blocks of
+   (candidate, context key) pairs that the rule allows, and each token's ancestors and itself
+   (at most ``depth`` keys) are attended apart and merged by their log-sum-exps;
 3. the unembedding runs on a bounded number of candidates at a time, and each block is reduced at
    once into the ``[P, V]`` marginals (see :func:`_accumulate`): one softmax per candidate, a
    weighted sum per position shifted in log space, ``logaddexp`` across blocks.
@@ -760,8 +764,8 @@ def marginalize(
             implementation of the model). ``"flex"``: all tokens of a step in one sequence after the
             one cache, FlexAttention over the 128 x 128 blocks that hold allowed pairs only (each
             token computes about ``t + level`` keys instead of ``T + tokens_per_row``; compiled on a
-            GPU, a slow reference implementation on the CPU). ``"auto"``: flex on a GPU when this
-            torch has it, packed on the CPU.
+            GPU, a slow reference implementation on the CPU). ``"auto"``: flex with ``compile=True``
+            on a GPU, packed otherwise (eager on a GPU, packed measured faster).
 
     Returns:
         :class:`MarginalResult` with ``log_probs [P, depth, V]`` (float32) and ``n_candidates [P]``.
@@ -787,7 +791,12 @@ def marginalize(
     top_ps = [*extras, top_p]
     device = next(model.parameters()).device
     gpu = device.type != "cpu"
-    flex = attention == "flex" or (attention == "auto" and gpu and flex_available())
+    # auto: flex only compiled on a GPU. Measured side by side (SmolLM2, H100, 512-token context:
+    # data/results/gpu/benchmark-marginal-smollm2-135m-packed-vs-flex.json): compiled, flex and packed
+    # take the same time (its attention kernels take half the time, the rest dominates; packed rows
+    # attend to all T keys, so flex gains with longer contexts); eager, flex is slower (its tree part
+    # runs as separate kernels).
+    flex = attention == "flex" or (attention == "auto" and gpu and compile and flex_available())
     if flex and compile and not gpu:
         raise ValueError("compile=True with attention='flex' needs a GPU (torch's compiled FlexAttention on the "
                          "CPU gives no log-sum-exp); use attention='packed' on the CPU")
