@@ -4,7 +4,9 @@ Rows, on the same model, text and positions in one run:
 
   marginalize   mtp_lib.marginal.marginalize: the sample once with a KV cache, then every nucleus
                 candidate of every position as one token of packed tree steps on that cache
-                (one row per --configs entry: max_tokens_per_chunk x tokens_per_row)
+                (one row per --configs entry: max_tokens_per_chunk x tokens_per_row, and per
+                --attention value: packed rows on copies of the cache, or flex, one sequence per
+                step with block-sparse FlexAttention; with --compile each again compiled)
   naive         for each position, one forward pass of the context for p(x_{t+1}), then one full
                 forward pass of context + candidate per candidate (batch 1, no cache,
                 ``logits_to_keep=1``), log-softmax and a weighted log-sum-exp into the marginal.
@@ -22,6 +24,7 @@ included) and ``candidates_ratio_to_floor`` the same without the context pass (t
     python benchmarks/marginal.py --quick                                   # CPU, under a minute
     python benchmarks/marginal.py --device cuda --model smollm2-135m --dtype bfloat16 --out smol.json
     python benchmarks/marginal.py --device cuda --model gemma3-270m --dtype bfloat16 --out gemma.json
+    python benchmarks/marginal.py --device cuda --attention packed,flex --compile --configs 65536x1024
 
 Text: Brown Corpus passages from ``data/open_ended`` (mtp_lib.data), joined until ``--context``
 tokens. Positions: the last ``--positions`` context ends. The last line printed is
