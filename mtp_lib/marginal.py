@@ -467,8 +467,6 @@ def _tree_attention(packed: _Packed, window: int | None, all_sliding: bool,
 _COMPILED_FLEX: list[Callable[..., Any]] = []
 
 
-
-
 def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
                             softcap: float | None = None, mtp_tree: _TreeAttention | None = None,
