@@ -360,13 +360,22 @@ def _packed_masks(ctx: _Context, packed: _Packed) -> Any:
     for a in range(packed.ancestors.shape[-1]):
         own = own | (packed.ancestors[:, :, a, None] == slots)
     allowed[:, :, n_ctx:] = own
-    full = _mask_for(allowed, ctx.dtype)
-    if ctx.window is None:
-        return full
     pos_ids = packed.pos_ids
     key_pos = torch.cat([torch.arange(n_ctx, device=device).expand(n_rows, -1), pos_ids], dim=1)
-    sliding = _mask_for(allowed & ((pos_ids[:, :, None] - key_pos[:, None, :]) < ctx.window), ctx.dtype)
-    return {"full_attention": full, "sliding_attention": sliding} if ctx.layer_types else sliding
+
+    def make(window: int | None) -> torch.Tensor:
+        within = allowed if window is None else allowed & ((pos_ids[:, :, None] - key_pos[:, None, :]) < window)
+        return _mask_for(within, ctx.dtype)
+
+    return _masks_by_layer_type(ctx, make)
+
+
+def _masks_by_layer_type(ctx: _Context, make: Callable[[int | None], Any]) -> Any:
+    """The ``attention_mask`` argument of a step from ``make(window)``: one mask per layer type (Gemma
+    2/3), one windowed mask for all layers (Mistral), or one unwindowed mask."""
+    if ctx.layer_types:
+        return {"full_attention": make(None), "sliding_attention": make(ctx.window)}
+    return make(ctx.window)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,10 +579,8 @@ def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, 
     run = _compiled(base) if compile else base
     if flex:
         packed = _pack(positions, npos, paths, len(npos), pad_to=_FLEX_BLOCK)
+        mask = _masks_by_layer_type(ctx, lambda window: _context_block_mask(packed, ctx.n_ctx, window))
         all_sliding = ctx.window is not None and not ctx.layer_types
-        mask: Any = _context_block_mask(packed, ctx.n_ctx, ctx.window if all_sliding else None)
-        if ctx.layer_types:
-            mask = {"full_attention": mask, "sliding_attention": _context_block_mask(packed, ctx.n_ctx, ctx.window)}
         tree = _tree_attention(packed, ctx.window, all_sliding, ctx.kv)
         with _attention_function(ctx.model, _FLEX_ATTENTION):
             out = run(input_ids=packed.input_ids, position_ids=packed.pos_ids, attention_mask=mask,
@@ -841,16 +848,16 @@ def marginalize(
         n_nodes: list[int] = []
         n_tokens_fed = n_chunks = 0
         row_len = min(tokens_per_row, max_tokens_per_chunk)
-        n_rows = max(1, min(max_tokens_per_chunk // row_len, _CACHE_COPY_BUDGET // max(1, ctx.kv_bytes)))
+        # rows per step: packed, as many as the chunk and the cache copies allow; flex, one (no copies)
+        n_rows = 1 if flex else max(1, min(max_tokens_per_chunk // row_len,
+                                           _CACHE_COPY_BUDGET // max(1, ctx.kv_bytes)))
         for level in range(1, depth):
             n_nodes.append(len(npos))
             grow = level + 1 < depth
             next_pos, next_paths, next_w = [], [], []
-            if flex:  # one row per step: its leaves and their ancestors, at most max_tokens_per_chunk tokens
-                per_chunk = leaves_per_row = max(1, max_tokens_per_chunk // level)
-            else:
-                leaves_per_row = max(1, row_len // level)  # room for each leaf's ancestors
-                per_chunk = n_rows * leaves_per_row
+            # room for each leaf's ancestors: a row of a step holds its leaves and their ancestors
+            leaves_per_row = max(1, (max_tokens_per_chunk if flex else row_len) // level)
+            per_chunk = n_rows * leaves_per_row
             bar = tqdm(total=len(npos), desc=f"marginalize: level {level + 1} of {depth}", disable=not progress,
                        leave=False)
             npos_host = npos.cpu()  # one wait per level: the segments of every logits block are cut on the host
