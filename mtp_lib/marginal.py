@@ -18,10 +18,10 @@ How it runs (:func:`marginalize`):
    positions), each with its own position id (``t + level``) and a tree attention mask that lets it
    see the cache up to its own context end ``t``, its ancestors in the tree and itself. Rows keep
    the attention of each token to ``T + tokens_per_row`` keys, the batch keeps the matmuls large.
-   With ``attention="flex"`` (compiled on a GPU by default) a step is one sequence instead, read
-   against the one context cache in place: FlexAttention computes only the 128 x 128 blocks of
-   (candidate, context key) pairs that the rule allows, and each token's ancestors and itself
-   (at most ``depth`` keys) are attended apart and merged by their log-sum-exps;
+   With ``attention="flex"`` (compiled on a GPU by default) a step is one sequence instead, after
+   the one context cache read in place: one FlexAttention call per layer over the context's keys
+   and the step's own computes only the 128 x 128 blocks that hold allowed pairs (each query block's
+   context blocks up to its largest context end, its own diagonal block and its ancestors' blocks);
 3. the unembedding runs on a bounded number of candidates at a time, and each block is reduced at
    once into the ``[P, V]`` marginals (see :func:`_accumulate`): one softmax per candidate, a
    weighted sum per position shifted in log space, ``logaddexp`` across blocks.
@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import itertools
 import math
 import warnings
@@ -226,10 +228,20 @@ class _Context:
     layer_types: tuple[str, ...] | None  # set when the model takes one mask per layer type
     window: int | None  # sliding window of the sliding layers (or of every layer when layer_types is None)
 
+    _padded_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = dataclasses.field(default=None, repr=False)
+
     @property
     def kv_bytes(self) -> int:
         """Bytes of the whole context cache (all layers)."""
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
+
+    def padded_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The cache with its keys and values padded (zeros) to whole key blocks of the flex steps."""
+        if self._padded_kv is None:
+            pad = _padded_context(self.n_ctx) - self.n_ctx
+            self._padded_kv = [(nn.functional.pad(k, (0, 0, 0, pad)), nn.functional.pad(v, (0, 0, 0, pad)))
+                               for k, v in self.kv]
+        return self._padded_kv
 
 
 def _run_context(model: nn.Module, adapter: Any, input_ids: torch.Tensor) -> tuple[_Context, torch.Tensor]:
@@ -288,6 +300,17 @@ class _Packed:
     leaf_row: torch.Tensor  # [K] long
     leaf_slot: torch.Tensor  # [K] long
     n_tok: int  # tokens fed, padding excluded
+
+    def to(self, device: torch.device) -> _Packed:
+        """The layout on ``device``, copied from pinned memory without waiting (built on the CPU)."""
+        if device.type == "cpu":
+            return self
+
+        def up(x: torch.Tensor) -> torch.Tensor:
+            return x.pin_memory().to(device, non_blocking=True)
+        return dataclasses.replace(self, input_ids=up(self.input_ids), pos_ids=up(self.pos_ids),
+                                   ctx_end=up(self.ctx_end), ancestors=up(self.ancestors),
+                                   leaf_row=up(self.leaf_row), leaf_slot=up(self.leaf_slot))
 
 
 def _pack(positions: torch.Tensor, npos: torch.Tensor, paths: torch.Tensor, leaves_per_row: int,
@@ -392,9 +415,9 @@ except ImportError:  # pragma: no cover
     _flex_module = None  # type: ignore[assignment]
 _flex_attention: Callable[..., Any] | None = getattr(_flex_module, "flex_attention", None)
 _BlockMask: Any = getattr(_flex_module, "BlockMask", None)
-# the log-sum-exp is asked for by an AuxRequest from torch 2.9, by return_lse before
-_FLEX_LSE: dict[str, Any] = ({"return_aux": _flex_module.AuxRequest(lse=True)} if hasattr(_flex_module, "AuxRequest")
-                             else {"return_lse": True})
+# the transposed block lists serve the backward pass only; torch >= 2.6 can skip them
+_NO_Q_BLOCKS: dict[str, Any] = ({"compute_q_blocks": False} if _BlockMask is not None and "compute_q_blocks" in
+                                inspect.signature(_BlockMask.from_kv_blocks).parameters else {})
 
 
 def flex_available() -> bool:
@@ -402,29 +425,46 @@ def flex_available() -> bool:
     return _flex_attention is not None
 
 
-def _context_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
-    """The :class:`BlockMask` of the context part of a one-row step: slot ``q`` sees context keys
-    ``0..ctx_end[q]`` (within the window in sliding layers; padding sees none). Only the 128 x 128
-    blocks that hold an allowed pair are listed (the keys up to the block's largest context end), and
-    the blocks that every query of a block sees whole are marked full (no mask evaluated there)."""
+def _padded_context(n_ctx: int) -> int:
+    """Context keys of a flex step: the context padded to whole key blocks, so that the step's own keys
+    (appended after them) start a block."""
+    return -(-n_ctx // _FLEX_BLOCK) * _FLEX_BLOCK
+
+
+def _flex_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
+    """The :class:`BlockMask` of a one-row flex step. Its keys are the context's, padded to
+    ``n_pad = _padded_context(n_ctx)``, then the step's own slots (key ``n_pad + s`` is slot ``s``).
+    Slot ``q`` sees context keys ``0..ctx_end[q]``, itself and its ancestors, and in sliding layers only
+    keys whose position lies within the window; padding slots see themselves only.
+
+    Only the 128 x 128 blocks that hold an allowed pair are listed: context blocks up to the block's
+    largest context end (blocks that every query of the block sees whole are marked full, no mask
+    evaluated there), and of the step's own blocks the diagonal one and those of the ancestors."""
     bs = _FLEX_BLOCK
-    ctx_end, pos = packed.ctx_end[0], packed.pos_ids[0]
+    ctx_end, pos, anc = packed.ctx_end[0], packed.pos_ids[0], packed.ancestors[0]  # [L], [L], [L, A]
     length = len(ctx_end)
     device = ctx_end.device
-    n_qb, n_kb = length // bs, -(-n_ctx // bs)
+    n_qb, n_cb = length // bs, _padded_context(n_ctx) // bs
+    first = torch.full((), n_cb * bs, dtype=torch.long, device=device)  # a tensor: no recompilation per n_ctx
 
     def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
-        ok = kv <= ctx_end[q]
+        slot = (kv - first).clamp(min=0)  # the step's key kv, as a slot
+        ctx_ok = kv <= ctx_end[q]
+        tree_ok = slot == q
+        for a in range(anc.shape[1]):
+            tree_ok = tree_ok | (anc[q, a] == slot)
         if window is not None:
-            ok = ok & (pos[q] - kv < window)
-        return ok
+            ctx_ok = ctx_ok & (pos[q] - kv < window)
+            tree_ok = tree_ok & (pos[q] - pos[slot] < window)
+        return torch.where(kv < first, ctx_ok, tree_ok)
 
+    # the context blocks
     real = (ctx_end >= 0).view(n_qb, bs)
     big = torch.iinfo(torch.long).max // 4
     t_max = ctx_end.view(n_qb, bs).amax(-1)
     t_min = torch.where(real, ctx_end.view(n_qb, bs), big).amin(-1)
     t_min = torch.where(real.all(-1), t_min, torch.full_like(t_min, -1))  # a block with padding is never full
-    k_first = torch.arange(n_kb, device=device) * bs  # first and last key of each key block
+    k_first = torch.arange(n_cb, device=device) * bs  # first and last key of each key block
     k_last = k_first + bs - 1
     need = k_first <= t_max[:, None]
     full = k_last <= t_min[:, None]
@@ -434,7 +474,14 @@ def _context_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
         hi = torch.where(real, p, -big).amax(-1) - window + 1
         need &= k_last >= lo[:, None]
         full &= k_first >= hi[:, None]
-    partial = need & ~full
+    # the step's own blocks: the diagonal, and the blocks of each query's ancestors (-1: none, the diagonal)
+    q_block = torch.arange(length, device=device) // bs
+    anc_block = torch.where(anc >= 0, anc // bs, q_block[:, None])
+    own = torch.zeros(n_qb * n_qb, dtype=torch.bool, device=device)
+    own[(q_block[:, None] * n_qb + anc_block).reshape(-1)] = True
+    own[torch.arange(n_qb, device=device) * (n_qb + 1)] = True
+    partial = torch.cat([need & ~full, own.view(n_qb, n_qb)], dim=1)
+    full = torch.cat([full, torch.zeros(n_qb, n_qb, dtype=torch.bool, device=device)], dim=1)
 
     def lists(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         num = m.sum(-1, dtype=torch.int32)
@@ -444,33 +491,17 @@ def _context_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
     kv_num, kv_idx = lists(partial)
     full_num, full_idx = lists(full)
     block_mask: Any = _BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
-                                               seq_lengths=(length, n_ctx))
+                                               seq_lengths=(length, n_cb * bs + length), **_NO_Q_BLOCKS)
     block_mask.ndim = 4  # GPT-2's forward reads attention_mask.ndim (a 4D mask is passed on as it is)
     return block_mask
 
 
 @dataclasses.dataclass
-class _TreeAttention:
-    """What the attention function of a flex step needs besides the mask (passed to the model as the
+class _FlexContext:
+    """What the attention function of a flex step needs besides its mask (passed to the model as the
     keyword ``mtp_tree``, which transformers hands on to the attention function)."""
 
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: the context's keys and values, [1, Hkv, T, hd]
-    slots: torch.Tensor  # [L, 1 + A] long: each slot itself, then its ancestors (0 where none)
-    valid: torch.Tensor  # [L, 1 + A] bool
-    valid_sliding: torch.Tensor  # [L, 1 + A] bool: and within the sliding window
-    all_sliding: bool  # every layer has the window (Mistral)
-
-
-def _tree_attention(packed: _Packed, window: int | None, all_sliding: bool,
-                    kv: list[tuple[torch.Tensor, torch.Tensor]]) -> _TreeAttention:
-    length = packed.input_ids.shape[1]
-    own = torch.arange(length, device=packed.input_ids.device)[:, None]
-    slots = torch.cat([own, packed.ancestors[0]], dim=1)
-    valid = slots >= 0
-    slots = slots.clamp(min=0)
-    pos = packed.pos_ids[0]
-    valid_sliding = valid if window is None else valid & (pos[:, None] - pos[slots] < window)
-    return _TreeAttention(kv=kv, slots=slots, valid=valid, valid_sliding=valid_sliding, all_sliding=all_sliding)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: the context's keys and values padded, [1, Hkv, n_pad, hd]
 
 
 _COMPILED_FLEX: list[Callable[..., Any]] = []
@@ -478,12 +509,12 @@ _COMPILED_FLEX: list[Callable[..., Any]] = []
 
 def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                            softcap: float | None = None, mtp_tree: _TreeAttention | None = None,
-                            sliding_window: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                            softcap: float | None = None, mtp_tree: _FlexContext | None = None,
+                            **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function of the flex steps: ``query``, ``key`` and ``value`` are the
-    step's own slots (no cache); the context part runs through FlexAttention on the layer's context
-    keys with the step's BlockMask, the tree part (each slot and its ancestors, at most ``depth`` keys)
-    as a small dense computation, and the two are merged by their log-sum-exps.
+    step's own slots (no cache). One FlexAttention call over the layer's padded context keys followed
+    by the step's own keys, with the step's BlockMask (:func:`_flex_block_mask`; in sliding layers
+    transformers hands on the windowed one).
 
     On a GPU outside ``torch.compile`` FlexAttention runs compiled (once per process, shapes dynamic
     after the first recompilation); on the CPU it is FlexAttention's reference implementation.
@@ -491,8 +522,7 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     if mtp_tree is None:
         raise RuntimeError("the tree attention of mtp_lib.marginal was called without its mtp_tree argument")
     k_ctx, v_ctx = mtp_tree.kv[module.layer_idx]  # type: ignore[index]
-    _, n_heads, length, head_dim = query.shape
-    n_kv = key.shape[1]
+    n_heads, head_dim, n_kv = query.shape[1], query.shape[-1], key.shape[1]
     scale = float(scaling) if scaling is not None else head_dim**-0.5
 
     score_mod = None
@@ -504,9 +534,8 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
 
     flex = _flex_attention
     assert flex is not None, "FlexAttention needs torch >= 2.5"
-    args = (query, k_ctx, v_ctx)
-    kwargs = dict(score_mod=score_mod, block_mask=attention_mask, scale=scale, enable_gqa=n_heads != n_kv,
-                  **_FLEX_LSE)
+    args = (query, torch.cat([k_ctx, key], dim=2), torch.cat([v_ctx, value], dim=2))
+    kwargs = dict(score_mod=score_mod, block_mask=attention_mask, scale=scale, enable_gqa=n_heads != n_kv)
     if torch.compiler.is_compiling():  # inside compile=True: traced with the model (no Python-side state here)
         out = flex(*args, **kwargs)
     elif query.device.type != "cpu":
@@ -517,29 +546,7 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         with warnings.catch_warnings():  # the CPU runs the reference implementation on purpose
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
             out = flex(*args, **kwargs)
-    out_ctx, aux = out
-    lse_ctx = aux if isinstance(aux, torch.Tensor) else aux.lse  # [1, H, L], natural log
-
-    # the tree part: each slot against itself and its ancestors, in float32
-    group = n_heads // n_kv
-    # (elementwise products and sums, not einsum: 1 + A keys per query would make batched matrix-vector
-    # products, which run far slower on a GPU than one fused elementwise kernel)
-    q = query.float().view(1, n_kv, group, length, 1, head_dim)
-    k_tree = key.float()[:, :, None, mtp_tree.slots]  # [1, Hkv, 1, L, 1 + A, hd]
-    v_tree = value.float()[:, :, None, mtp_tree.slots]
-    scores = (q * k_tree).sum(-1) * scale  # [1, Hkv, G, L, 1 + A]
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    sliding = sliding_window is not None or mtp_tree.all_sliding
-    scores = scores.masked_fill(~(mtp_tree.valid_sliding if sliding else mtp_tree.valid), -math.inf)
-    lse_tree = torch.logsumexp(scores, dim=-1)  # [1, Hkv, G, L]; finite: a slot always sees itself
-    out_tree = (torch.exp(scores - lse_tree[..., None])[..., None] * v_tree).sum(-2)  # [1, Hkv, G, L, hd]
-
-    lse_ctx = lse_ctx.float().view(1, n_kv, group, length)
-    lse = torch.logaddexp(lse_ctx, lse_tree)
-    merged = (out_ctx.float().view(1, n_kv, group, length, head_dim) * torch.exp(lse_ctx - lse)[..., None]
-              + out_tree * torch.exp(lse_tree - lse)[..., None])
-    return merged.view(1, n_heads, length, head_dim).to(query.dtype).transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), None
 
 
 @contextlib.contextmanager
@@ -563,30 +570,29 @@ def _attention_function(model: nn.Module, name: str) -> Iterator[None]:
 
 def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, paths: torch.Tensor,
                     leaves_per_row: int, compile: bool = False, flex: bool = False) -> tuple[torch.Tensor, int]:
-    """Final-normed hidden states ``[K, d]`` of the leaves ``paths [K, l]`` of context ends
-    ``positions[npos]``, and the number of tokens fed.
+    """Final-normed hidden states ``[K, d]`` (on the model's device) of the leaves ``paths [K, l]`` of
+    context ends ``positions[npos]`` (all three on the CPU: the layout is built there, and the device
+    is not waited for), and the number of tokens fed.
 
     A token at tree level ``k`` of context end ``t`` gets position ``t + k`` and may attend to cache
     keys ``0..t``, to its ancestors and to itself (and to nothing outside the sliding window in
     sliding-window layers). Packed (``flex=False``): rows of ``leaves_per_row`` leaves, each after
-    its own copy of the context cache, with dense masks. Flex: all leaves in one row; the context part
-    by FlexAttention over the blocks the rule allows, reading the one cache in place, and the tree
-    part (ancestors and itself) apart (:func:`_tree_attention_forward`).
+    its own copy of the context cache, with dense masks. Flex: all leaves in one row after the one
+    cache, read in place, with a block-sparse mask (:func:`_tree_attention_forward`).
     """
     from transformers import DynamicCache
 
+    device = ctx.kv[0][0].device
     base = ctx.adapter.base(ctx.model)
     run = _compiled(base) if compile else base
     if flex:
-        packed = _pack(positions, npos, paths, len(npos), pad_to=_FLEX_BLOCK)
-        mask = _masks_by_layer_type(ctx, lambda window: _context_block_mask(packed, ctx.n_ctx, window))
-        all_sliding = ctx.window is not None and not ctx.layer_types
-        tree = _tree_attention(packed, ctx.window, all_sliding, ctx.kv)
+        packed = _pack(positions, npos, paths, len(npos), pad_to=_FLEX_BLOCK).to(device)
+        mask = _masks_by_layer_type(ctx, lambda window: _flex_block_mask(packed, ctx.n_ctx, window))
         with _attention_function(ctx.model, _FLEX_ATTENTION):
             out = run(input_ids=packed.input_ids, position_ids=packed.pos_ids, attention_mask=mask,
-                      use_cache=False, mtp_tree=tree)
+                      use_cache=False, mtp_tree=_FlexContext(kv=ctx.padded_kv()))
     else:
-        packed = _pack(positions, npos, paths, leaves_per_row)
+        packed = _pack(positions, npos, paths, leaves_per_row).to(device)
         n_rows = packed.input_ids.shape[0]
         cache = DynamicCache(ddp_cache_data=[(k.expand(n_rows, -1, -1, -1), v.expand(n_rows, -1, -1, -1))
                                              for k, v in ctx.kv])
@@ -624,7 +630,8 @@ def _segments(npos_host: torch.Tensor, device: torch.device) -> _Segments:
 
 
 def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log_w: torch.Tensor,
-                segments: _Segments | None = None, defer: bool = False) -> Callable[[], None] | None:
+                segments: _Segments | None = None,
+                recompute: Callable[[slice], torch.Tensor] | None = None) -> Callable[[], None] | None:
     """Add ``sum_i w_i softmax(logits_i)`` to ``acc [m, P, V]`` (log space) for the segments of ``npos``.
 
     ``logits [R, V]`` of candidates ``i`` of positions ``npos [R]`` (non-decreasing), with log weights
@@ -633,12 +640,15 @@ def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log
     each segment is shifted by its largest log weight, the weighted probabilities summed, and the
     shift added back to the log; blocks combine with ``logaddexp``. Entries whose sum underflows the
     floating type (marginals below about ``e^-87`` of the segment's largest weight, in float32) are
-    left out of that sum and added exactly with ``logsumexp``, so no finite log-probability is lost.
+    left out of that sum and added exactly with ``logsumexp`` (:func:`_exact_pass`), so no finite
+    log-probability is lost.
 
     ``segments``: the segments of ``npos`` cut on the host (else cut here, which waits for the device).
-    ``defer``: whether any entry underflowed is not waited for; the exact pass is returned as a
-    function to call later (after the next block is queued, so that the device does not idle), else
-    it runs here and None is returned.
+    ``recompute``: the logits of some rows again (from the hidden states). Given, whether any entry
+    underflowed is not waited for: a function is returned that waits for this block alone and adds
+    those entries, to be called once later work is queued so that the device does not idle (it
+    recomputes the few rows it needs, so the logits block is not kept). Else the exact pass runs here
+    and None is returned.
     """
     dtype = acc.dtype
     # bfloat16 logits (a bf16 model): probabilities and weights in bfloat16 too (computed in float32,
@@ -664,40 +674,53 @@ def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log
             total[j].index_add_(0, inv, probs * coef[:, j, None])
     # float32 (and bf16, same exponent range) loses precision in subnormals: those entries, and for the
     # bf16 products anything within 2^24 of them (below about e^-70 of the largest weight), are left
-    # out here and summed exactly by exact_pass
+    # out here and summed exactly by _exact_pass
     under = total < torch.finfo(dtype).tiny * (2.0**24 if low else 1.0)
     log_total = (torch.log(total) + shift.T[:, :, None]).masked_fill_(under, -math.inf)
     acc[:, uniq] = torch.logaddexp(acc[:, uniq], log_total)
 
     flag = under.any()
-    if defer and flag.device.type == "cuda":
+    if recompute is None:
+        if bool(flag):
+            _exact_pass(acc, lambda rows: logits[rows], under, w, seg)
+        return None
+    if flag.device.type == "cuda":
         host = torch.empty((), dtype=torch.bool, pin_memory=True)
         host.copy_(flag, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
+        event = torch.cuda.Event()
+        event.record()
+        ready: torch.cuda.Event | None = event
     else:
         host, ready = flag, None
 
-    def exact_pass() -> None:
+    def finish() -> None:
         if ready is not None:
             ready.synchronize()  # waits for this block only, not for what was queued after it
-        if not bool(host):
-            return
-        starts = [0, *itertools.accumulate(seg.counts_host)]
-        for j, g in under.any(dim=-1).nonzero().tolist():
-            rows = slice(starts[g], starts[g] + seg.counts_host[g])
-            if not bool(torch.isfinite(w[rows, j]).any()):
-                continue  # no candidate of this segment is in this nucleus: -inf is exact
-            cols = under[j, g].nonzero()[:, 0]
-            lse = torch.logsumexp(logits[rows].to(dtype), dim=-1)
-            y = logits[rows][:, cols].to(dtype) - lse[:, None] + w[rows, j, None]
-            p = seg.uniq_host[g]
-            acc[j, p, cols] = torch.logaddexp(acc[j, p, cols], torch.logsumexp(y, dim=0))
+        if bool(host):
+            _exact_pass(acc, recompute, under, w, seg)
 
-    if defer:
-        return exact_pass
-    exact_pass()
-    return None
+    return finish
+
+
+def _logits_of_rows(adapter: Any, model: nn.Module, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
+    return adapter.logits(model, hidden[rows], normed=True)
+
+
+def _exact_pass(acc: torch.Tensor, logits_of: Callable[[slice], torch.Tensor], under: torch.Tensor,
+                w: torch.Tensor, seg: _Segments) -> None:
+    """Add the entries ``under [m, S, V]`` that :func:`_accumulate` left out, by ``logsumexp`` in
+    ``acc``'s dtype; ``logits_of(rows)``: the logits of a segment's rows."""
+    dtype = acc.dtype
+    starts = [0, *itertools.accumulate(seg.counts_host)]
+    for j, g in under.any(dim=-1).nonzero().tolist():
+        rows = slice(starts[g], starts[g] + seg.counts_host[g])
+        if not bool(torch.isfinite(w[rows, j]).any()):
+            continue  # no candidate of this segment is in this nucleus: -inf is exact
+        cols = under[j, g].nonzero()[:, 0]
+        logits = logits_of(rows).to(dtype)
+        y = logits[:, cols] - torch.logsumexp(logits, dim=-1)[:, None] + w[rows, j, None]
+        p = seg.uniq_host[g]
+        acc[j, p, cols] = torch.logaddexp(acc[j, p, cols], torch.logsumexp(y, dim=0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -803,8 +826,8 @@ def marginalize(
     # runs as separate kernels).
     flex = attention == "flex" or (attention == "auto" and gpu and compile and flex_available())
     if flex and compile and not gpu:
-        raise ValueError("compile=True with attention='flex' needs a GPU (torch's compiled FlexAttention on the "
-                         "CPU gives no log-sum-exp); use attention='packed' on the CPU")
+        raise ValueError("compile=True with attention='flex' needs a GPU (torch's CPU inductor does not compile "
+                         "this FlexAttention step for every family, GPT-2's fails); use attention='packed' on the CPU")
     max_tokens_per_chunk = _check_int(max_tokens_per_chunk if max_tokens_per_chunk is not None
                                       else (16384 if gpu else 1024), "max_tokens_per_chunk", 1)
     tokens_per_row = _check_int(tokens_per_row if tokens_per_row is not None else (256 if gpu else 128),
@@ -813,7 +836,8 @@ def marginalize(
                                      else (2**28 if gpu else 2**25), "max_logits_elements", 1)
     input_ids = check_input_ids(input_ids, vocab).to(device)
     n_ctx = input_ids.shape[1]
-    pos = _check_positions(positions, n_ctx).to(device)
+    pos_host = _check_positions(positions, n_ctx).cpu()
+    pos = pos_host.to(device)
     if adapter.family == "gpt2":  # learned absolute positions: no room beyond the table
         limit = int(config.n_positions)
         if n_ctx + depth - 1 > limit:
@@ -860,24 +884,28 @@ def marginalize(
             per_chunk = n_rows * leaves_per_row
             bar = tqdm(total=len(npos), desc=f"marginalize: level {level + 1} of {depth}", disable=not progress,
                        leave=False)
-            npos_host = npos.cpu()  # one wait per level: the segments of every logits block are cut on the host
-            pending: Callable[[], None] | None = None
+            # one wait per level: the steps' layouts and the segments of every logits block are cut on the
+            # host, so that nothing below waits for the device (save the exact passes, one step late)
+            npos_host, paths_host = npos.cpu(), paths.cpu()
+            previous: list[Callable[[], None]] = []  # the exact passes of the step before
             for start in range(0, len(npos), per_chunk):
                 sl = slice(start, min(len(npos), start + per_chunk))
                 c_pos, c_paths, c_w = npos[sl], paths[sl], log_w[sl]
                 with record_function("marginal.candidate_step"):
-                    hid, n_tok = _candidate_step(ctx, pos, c_pos, c_paths, leaves_per_row, compile, flex)
+                    hid, n_tok = _candidate_step(ctx, pos_host, npos_host[sl], paths_host[sl], leaves_per_row,
+                                                 compile, flex)
                 n_chunks += 1
                 n_tokens_fed += n_tok
+                current: list[Callable[[], None]] = []
                 for blk in _row_blocks(len(c_pos), vocab, max_logits_elements):
                     with record_function("marginal.unembedding"):
                         logits = adapter.logits(model, hid[blk], normed=True)
                     with record_function("marginal.reduce"):
                         seg = _segments(npos_host[sl][blk], device)
-                        finish = _accumulate(acc[:, :, level], logits, c_pos[blk], c_w[blk], seg, defer=True)
-                        if pending is not None:  # the previous block's exact pass, once this one is queued
-                            pending()
-                        pending = finish
+                        recompute = functools.partial(_logits_of_rows, adapter, model, hid[blk])
+                        finish = _accumulate(acc[:, :, level], logits, c_pos[blk], c_w[blk], seg, recompute)
+                        assert finish is not None
+                        current.append(finish)
                     if grow:
                         log_q = torch.log_softmax(logits.to(acc_dtype), dim=-1)
                         rows, toks, lw, _, _ = _nested_nucleus(log_q, top_ps, max_logits_elements)
@@ -885,9 +913,12 @@ def marginalize(
                         next_paths.append(torch.cat([c_paths[blk][rows], toks[:, None]], dim=1))
                         # a path is in the nucleus at top-p q only if every step is: weights add up
                         next_w.append(c_w[blk][rows] + lw)
+                for finish in previous:  # the step before's, now that this one is queued
+                    finish()
+                previous = current
                 bar.update(sl.stop - sl.start)
-            if pending is not None:
-                pending()
+            for finish in previous:
+                finish()
             bar.close()
             if grow:
                 npos, paths, log_w = torch.cat(next_pos), torch.cat(next_paths), torch.cat(next_w)
