@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtp_lib import kernels
+from mtp_lib import marginal as MG
 from mtp_lib.marginal import MarginalResult, marginalize, nucleus
 from mtp_lib.models import LoadedModel, load_model
 
@@ -65,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", default="packed",
                    help="marginalize(attention=...) values to time, comma separated: packed, flex "
                         "(flex ignores tokens_per_row: one row per step)")
+    p.add_argument("--reduce", default="fused",
+                   help="the reduction of bf16 logits on a GPU, comma separated: fused (mtp_lib.kernels, Triton) "
+                        "and/or plain (softmax, then a matmul); elsewhere it is plain either way")
     p.add_argument("--compile", action="store_true",
                    help="also time each config with marginalize(compile=True) (torch.compile of the candidate steps)")
     p.add_argument("--max-logits-elements", type=int, help="marginalize's logits block (default: its own)")
@@ -261,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     attentions = args.attention.split(",")
     if set(attentions) - {"packed", "flex"}:
         raise SystemExit(f"--attention {args.attention!r}: give packed, flex or both, comma separated")
+    reduces = args.reduce.split(",")
+    if set(reduces) - {"fused", "plain"}:
+        raise SystemExit(f"--reduce {args.reduce!r}: give fused, plain or both, comma separated")
+    fused_possible = device.type == "cuda" and dtype == torch.bfloat16 and kernels.triton is not None
     # (attention, max_tokens_per_chunk, tokens_per_row): flex runs one row per step, so only the chunk counts
     runs = list(dict.fromkeys((a, c, r if a == "packed" else c) for a in attentions for c, r in configs))
 
@@ -286,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                             max_tokens_per_chunk=chunk, tokens_per_row=row, attention=attention)
             compile_s = time.perf_counter() - t0
             print(f"compiled in {compile_s:.0f} s", file=sys.stderr)
-        for attention, chunk, row in runs:
+        for (attention, chunk, row), reduce in ((run, red) for run in runs for red in reduces):
+            MG._FUSED_REDUCE = reduce == "fused"
             times, result = [], None
             for _ in range(args.repeats):
                 dt, result = _timed(lambda: marginalize(
@@ -297,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             assert result is not None
             sec = statistics.median(times)
             record = {"method": "marginalize+compile" if compiled else "marginalize", "attention": attention,
+                      "reduce": reduce if fused_possible else "plain",
                       "max_tokens_per_chunk": chunk, "tokens_per_row": row, "seconds": sec, "seconds_all": times,
                       "candidates": int(result.n_candidates.sum()), "tokens_fed": result.n_tokens_fed,
                       "chunks": result.n_chunks}
@@ -315,12 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         fastest = min(rows, key=lambda r: r["seconds"])
         chunk, row, compiled = fastest["max_tokens_per_chunk"], fastest["tokens_per_row"], fastest["method"] != "marginalize"
         attention = fastest["attention"]
+        MG._FUSED_REDUCE = fastest["reduce"] == "fused"
         profile(lambda: marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions,
                                     max_tokens_per_chunk=chunk, tokens_per_row=row,
                                     max_logits_elements=args.max_logits_elements, compile=compiled,
                                     attention=attention),
                 device, args.profile, f"{lm.name} {str(dtype)[6:]} on {_device_name(device)}, {attention} attention, "
-                                      f"chunk x row {chunk}x{row}{', compiled' if compiled else ''}")
+                                      f"{fastest['reduce']} reduction, chunk x row {chunk}x{row}"
+                                      f"{', compiled' if compiled else ''}")
+    MG._FUSED_REDUCE = True  # the library's default again
 
     flops = candidate_flops(lm, result)
     floor_s = flops["total"] / rate["flops_per_s"]
@@ -349,11 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # the table
-    print(f"\n{'method':<20} {'attention':>9} {'chunk x row':>12} {'seconds':>9} {'pos/s':>8} {'cand/s':>10} "
-          f"{'speedup':>8}")
+    print(f"\n{'method':<20} {'attention':>9} {'reduce':>6} {'chunk x row':>12} {'seconds':>9} {'pos/s':>8} "
+          f"{'cand/s':>10} {'speedup':>8}")
     for r in rows:
         cfg = f"{r['max_tokens_per_chunk']}x{r['tokens_per_row']}" if r["method"].startswith("marginalize") else "-"
-        cfg = f"{r.get('attention', '-'):>9} {cfg:>12}"
+        cfg = f"{r.get('attention', '-'):>9} {r.get('reduce', '-'):>6} {cfg:>12}"
         note = f"  (extrapolated from {r['timed_candidates']} of {r['candidates']} candidates)" \
             if r.get("extrapolated") else ""
         print(f"{r['method']:<20} {cfg} {r['seconds']:>9.3f} {len(positions) / r['seconds']:>8.2f} "
@@ -374,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "marginal", "device": str(device), "device_name": _device_name(device),
             "versions": _versions(), "model": lm.info(), "dtype": str(dtype).replace("torch.", ""),
             "settings": {"context": n_ctx, "positions": positions, "top_p": args.top_p, "depth": 2,
-                         "configs": [f"{c}x{r}" for c, r in configs], "attention": attentions,
+                         "configs": [f"{c}x{r}" for c, r in configs], "attention": attentions, "reduce": reduces,
                          "max_logits_elements": args.max_logits_elements,
                          "naive_candidates_per_position": args.naive_candidates, "repeats": args.repeats,
                          "quick": args.quick, "text": "Brown Corpus passages (mtp_lib.data.load_open_ended)"},

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from mtp_lib import kernels
 from mtp_lib.models import check_input_ids, eval_mode, get_adapter
 
 __all__ = ["MarginalResult", "Nucleus", "flex_available", "marginalize", "nucleus", "nucleus_size"]
@@ -605,6 +606,7 @@ def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, 
 # Reducing a block of candidate logits into the marginals
 
 
+_FUSED_REDUCE = True  # bf16 logits on a GPU with Triton: mtp_lib.kernels.weighted_softmax_sum (False: softmax, matmul)
 _DENSE_SEGMENTS = 16  # up to this many (position, top-p) pairs a block is summed by one small matmul
 _DENSE_BF16_ELEMENTS = 2**24  # bf16 blocks: by one matmul while its [pairs, rows] weight matrix stays this small
 
@@ -655,7 +657,6 @@ def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log
     # rounded once: at most 2^-8 relative, below the rounding of the logits themselves, and the same
     # exponent range as float32), summed by a bf16 matmul. Half the memory traffic of float32.
     low = logits.dtype == torch.bfloat16
-    probs = torch.softmax(logits, dim=-1, dtype=torch.bfloat16 if low else dtype)
     seg = segments if segments is not None else _segments(npos.cpu(), npos.device)
     uniq, inv = seg.uniq, seg.inverse
     n_seg, m = len(seg.uniq_host), log_w.shape[1]
@@ -664,11 +665,18 @@ def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log
     shift.scatter_reduce_(0, inv[:, None].expand(-1, m), w, reduce="amax")
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     coef = (w - shift[inv]).exp()  # [R, m], in [0, 1]
-    if n_seg * m <= _DENSE_SEGMENTS or (low and n_seg * m * len(npos) <= _DENSE_BF16_ELEMENTS):
-        dense = torch.zeros(m, n_seg, len(npos), dtype=probs.dtype, device=w.device)
-        dense[:, inv, torch.arange(len(npos), device=w.device)] = coef.T.to(probs.dtype)
-        total = (dense.reshape(m * n_seg, -1) @ probs).reshape(m, n_seg, -1).to(dtype)
+    n_out = n_seg * m
+    if n_out <= _DENSE_SEGMENTS or (low and n_out * len(npos) <= _DENSE_BF16_ELEMENTS):
+        dense = torch.zeros(m, n_seg, len(npos), dtype=torch.bfloat16 if low else dtype, device=w.device)
+        dense[:, inv, torch.arange(len(npos), device=w.device)] = coef.T.to(dense.dtype)
+        if low and _FUSED_REDUCE and n_out <= kernels.MAX_WEIGHT_ROWS and kernels.available(logits):
+            # one Triton pass for the log-sum-exps, one for the weighted sum: the probabilities are not written
+            total = kernels.weighted_softmax_sum(logits, dense.view(n_out, -1)).view(m, n_seg, -1)
+        else:
+            probs = torch.softmax(logits, dim=-1, dtype=dense.dtype)
+            total = (dense.view(n_out, -1) @ probs).view(m, n_seg, -1).to(dtype)
     else:
+        probs = torch.softmax(logits, dim=-1, dtype=torch.bfloat16 if low else dtype)
         total = torch.zeros(m, n_seg, probs.shape[1], dtype=dtype, device=probs.device)
         for j in range(m):
             total[j].index_add_(0, inv, probs * coef[:, j, None])

@@ -1,0 +1,110 @@
+"""mtp_lib.kernels against float64 references, on fresh random inputs. They run where Triton runs: on a
+CUDA device, or on the CPU with ``TRITON_INTERPRET=1`` (and Triton installed); else they are skipped."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from mtp_lib import kernels
+from seeds import fresh_seed
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RUNS = kernels.triton is not None and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+pytestmark = pytest.mark.skipif(not RUNS, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+
+
+def _case(rng: random.Random, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rows = rng.choice([1, rng.randint(2, 70), rng.randint(200, 600)])
+    vocab = rng.choice([rng.randint(1, 300), rng.randint(1000, 3000)])
+    n_out = rng.randint(1, kernels.MAX_WEIGHT_ROWS)
+    scale = rng.choice([1.0, 8.0, 40.0])  # peaked rows: probabilities far below bf16's smallest normal too
+    logits = (torch.randn(n_rows, vocab, generator=gen) * scale).to(torch.bfloat16)
+    coef = torch.rand(n_out, n_rows, generator=gen)
+    coef[torch.rand(n_out, n_rows, generator=gen) < 0.5] = 0.0  # each output row sums a subset (a position)
+    coef[torch.arange(n_out), torch.randint(0, n_rows, (n_out,), generator=gen)] = 1.0  # and at least one row
+    return logits.to(DEVICE), coef.to(DEVICE)
+
+
+def test_weighted_softmax_sum_matches_float64() -> None:
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(6 if DEVICE == "cuda" else 3):
+        logits, coef = _case(rng, gen)
+        got = kernels.weighted_softmax_sum(logits, coef)
+        coef64 = coef.to(torch.bfloat16).double()  # the kernel's weights are bfloat16
+        want = coef64 @ torch.softmax(logits.double(), dim=-1)
+        assert got.dtype == torch.float32 and got.shape == want.shape, f"seed {seed}"
+        # each probability is rounded to bfloat16 once (relative 2^-8; the terms are positive), and
+        # below float32's smallest normal (2^-126) it may be lost (subnormals, flushed on tensor cores):
+        # that range is what marginal._accumulate hands to its exact pass
+        # (the interpreter's float32 -> bfloat16 conversion truncates: relative 2^-7 there)
+        tiny = torch.finfo(torch.float32).tiny
+        err = (got.double() - want).abs()
+        bound = (2.0**-8 if DEVICE == "cuda" else 2.0**-7) * want + tiny * coef64.sum(-1, keepdim=True)
+        assert bool((err <= bound).all()), \
+            f"seed {seed}: shape {tuple(logits.shape)} x {coef.shape[0]}: error / bound {float((err / bound).max())}"
+        normal = want > 2.0**24 * tiny * coef64.sum(-1, keepdim=True)
+        assert bool(normal.any()) and bool((got.double()[normal] > 0).all()), f"seed {seed}"
+
+
+def test_weighted_softmax_sum_rows_log_sum_exp_far_from_zero() -> None:
+    """Logits of magnitude 1e3 (a peaked row): the shift by each row's log-sum-exp keeps them finite."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(37, 500, generator=gen) * 1000).to(torch.bfloat16).to(DEVICE)
+    coef = torch.ones(1, 37, device=DEVICE)
+    got = kernels.weighted_softmax_sum(logits, coef).double()
+    want = torch.softmax(logits.double(), dim=-1).sum(0, keepdim=True)
+    assert torch.isfinite(got).all(), f"seed {seed}"
+    rtol = 2.0**-8 if DEVICE == "cuda" else 2.0**-7
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=rtol, msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_weighted_softmax_sum_rejects_bad_input() -> None:
+    logits = torch.zeros(4, 10, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="coef"):
+        kernels.weighted_softmax_sum(logits, torch.ones(2, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="coef"):
+        kernels.weighted_softmax_sum(logits, torch.ones(kernels.MAX_WEIGHT_ROWS + 1, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.weighted_softmax_sum(logits.float(), torch.ones(1, 4, device=DEVICE))
+
+
+def test_marginal_reduction_fused_equals_plain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mtp_lib.marginal._accumulate with the fused kernel and with softmax + matmul: the same marginals
+    (up to bf16 rounding of the probabilities), the kernel really called."""
+    from mtp_lib import marginal as MG
+
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    calls: list[int] = []
+    real = kernels.weighted_softmax_sum
+
+    def spy(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "weighted_softmax_sum", spy)
+    for _ in range(3):
+        n_rows, vocab = rng.randint(2, 400), rng.randint(5, 3000)
+        logits = (torch.randn(n_rows, vocab, generator=gen) * rng.choice([1.0, 20.0])).to(torch.bfloat16).to(DEVICE)
+        npos = torch.sort(torch.randint(0, rng.randint(1, 5), (n_rows,), generator=gen)).values.to(DEVICE)
+        log_w = (torch.randn(n_rows, 2, generator=gen, dtype=torch.float64) * 3).to(DEVICE)
+        accs = []
+        for fused in (True, False):
+            monkeypatch.setattr(MG, "_FUSED_REDUCE", fused)
+            acc = torch.full((2, int(npos.max()) + 1, vocab), -float("inf"), device=DEVICE)
+            MG._accumulate(acc, logits, npos, log_w)
+            accs.append(acc)
+        assert torch.equal(torch.isinf(accs[0]), torch.isinf(accs[1])), f"seed {seed}"
+        fin = torch.isfinite(accs[1])
+        # two bf16 roundings of each probability (at most 2^-7 relative each, interpreter included)
+        torch.testing.assert_close(accs[0][fin], accs[1][fin], atol=2 * 2.0**-7, rtol=0,
+                                   msg=lambda m: f"seed {seed}: {m}")
+    assert calls, f"seed {seed}: the fused kernel was not used"
