@@ -131,17 +131,64 @@ def profile(fn: Callable[[], Any], device: torch.device, path: Path, title: str)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         _timed(fn, device)
+    idle: list[str] = []
+    if device.type == "cuda":
+        trace = path.with_suffix(".trace.json")
+        prof.export_chrome_trace(str(trace))
+        idle = ["", *device_idle(json.loads(trace.read_text())), ""]
+        trace.unlink()
     events = prof.key_averages()
     stages = [e for e in events if e.key.startswith("marginal.")]
     lines = [f"# {title}", "", f"{'stage':<26} {'calls':>6} {'cpu ms':>10} {'device ms':>10}"]
     for e in sorted(stages, key=lambda e: e.key):
         lines.append(f"{e.key:<26} {e.count:>6} {e.cpu_time_total / 1e3:>10.1f} "
                      f"{getattr(e, 'device_time_total', 0.0) / 1e3:>10.1f}")
+    lines += idle
     lines += ["", events.table(sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total",
                                row_limit=40)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}", file=sys.stderr)
+
+
+def device_idle(trace: dict[str, Any], min_gap_us: float = 50.0) -> list[str]:
+    """Where the device waited, from a chrome trace of torch.profiler: the kernels' busy time against
+    their span, and each gap of at least ``min_gap_us`` charged to the ``marginal.*`` range that was
+    open on the host when the kernel after the gap was launched (the host was late there)."""
+    events = trace.get("traceEvents", [])
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                     key=lambda e: e["ts"])
+    if not kernels:
+        return ["device idle: no kernels in the trace"]
+    launches = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    ranges = sorted(((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                     if e.get("cat") == "user_annotation" and e.get("name", "").startswith("marginal.")),
+                    key=lambda r: r[0])
+    busy, gaps, end = 0.0, [], kernels[0]["ts"]
+    by_range: dict[str, list[float]] = {}
+    for k in kernels:
+        start, stop = k["ts"], k["ts"] + k["dur"]
+        if start - end >= min_gap_us:
+            launched = launches.get(k.get("args", {}).get("correlation"))
+            where = "outside marginal.* ranges"
+            if launched is not None:
+                open_ranges = [r for r in ranges if r[0] <= launched <= r[1]]
+                if open_ranges:
+                    where = min(open_ranges, key=lambda r: r[1] - r[0])[2]
+            gaps.append((start - end, where, k["name"][:60]))
+            by_range.setdefault(where, []).append(start - end)
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = end - kernels[0]["ts"]
+    lines = [f"device busy {busy / 1e3:.1f} ms of a {span / 1e3:.1f} ms span (first to last kernel); "
+             f"gaps of {min_gap_us:.0f} us or more: {len(gaps)}, {sum(g[0] for g in gaps) / 1e3:.1f} ms in all",
+             f"{'host range when the next kernel was launched':<46} {'gaps':>6} {'ms':>8}"]
+    for where, gs in sorted(by_range.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"{where:<46} {len(gs):>6} {sum(gs) / 1e3:>8.1f}")
+    lines.append("largest gaps (ms, host range, next kernel):")
+    lines += [f"  {g / 1e3:7.2f}  {w:<26} {name}" for g, w, name in sorted(gaps, reverse=True)[:12]]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
