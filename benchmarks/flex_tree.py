@@ -1,0 +1,137 @@
+"""One layer of a flex candidate step: how the tree part (each candidate's own key) is best attended.
+
+Times, on the same random inputs at the shapes of one step (``--slots`` candidates of the last 64
+context ends of a ``--context``-token sample, SmolLM2-135M's heads by default), compiled:
+
+  context only      FlexAttention over the context keys with the step's BlockMask, with log-sum-exp
+                    (the part every design shares)
+  mtp_lib           mtp_lib.marginal's attention function: the above, and the tree part merged by
+                    elementwise products and the log-sum-exps
+  one call          one FlexAttention call over the context keys (padded to whole blocks) followed by
+                    the step's own keys, the tree part as each query block's diagonal block
+
+and checks that the last two agree. GPU only (compiled FlexAttention).
+
+    python benchmarks/flex_tree.py --out flex_tree.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtp_lib import marginal as MG
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slots", type=int, default=65536, help="candidates in the step")
+    p.add_argument("--context", type=int, default=512, help="tokens of the sample")
+    p.add_argument("--heads", default="9,3,64", help="query heads, key-value heads, head dim")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", type=Path)
+    return p.parse_args(argv)
+
+
+def one_call_mask(packed: Any, n_ctx: int) -> tuple[Any, int]:
+    """The BlockMask of the one-call design (depth 2: a slot sees context keys up to its end, and itself)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bs = MG._FLEX_BLOCK
+    ctx_end = packed.ctx_end[0]
+    length = len(ctx_end)
+    n_qb, n_cb = length // bs, -(-n_ctx // bs)
+    first = n_cb * bs
+    first_t = torch.full((), first, device=ctx_end.device)
+
+    def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return torch.where(kv < first_t, kv <= ctx_end[q], kv - first_t == q)
+
+    t_max = ctx_end.view(n_qb, bs).amax(-1)
+    need = torch.arange(n_cb, device=ctx_end.device) * bs <= t_max[:, None]
+    own = torch.eye(n_qb, dtype=torch.bool, device=ctx_end.device)
+    listed = torch.cat([need, own], dim=1)
+    num = listed.sum(-1, dtype=torch.int32)[None, None]
+    idx = torch.argsort((~listed).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None]
+    mask = BlockMask.from_kv_blocks(num.contiguous(), idx.contiguous(), BLOCK_SIZE=bs, mask_mod=mask_mod,
+                                    seq_lengths=(length, first + length))
+    return mask, first
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/flex_tree.py needs a CUDA device (compiled FlexAttention)")
+    from torch.nn.attention.flex_attention import flex_attention
+
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    n_heads, n_kv, head_dim = (int(x) for x in args.heads.split(","))
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.arange(args.context - 64, args.context)
+    npos = torch.sort(torch.randint(0, 64, (args.slots,), generator=gen)).values
+    paths = torch.randint(0, 1000, (args.slots, 1), generator=gen)
+    packed = MG._pack(positions, npos, paths, args.slots, pad_to=MG._FLEX_BLOCK).to(dev)
+    length = packed.input_ids.shape[1]
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dev, bf)
+
+    q = randn(1, length, n_heads, head_dim).transpose(1, 2)  # the layouts transformers hands on
+    key, value = (randn(1, length, n_kv, head_dim).transpose(1, 2) for _ in range(2))
+    k_ctx, v_ctx = randn(1, n_kv, args.context, head_dim), randn(1, n_kv, args.context, head_dim)
+    scale = head_dim**-0.5
+    ctx_mask = MG._context_block_mask(packed, args.context, None)
+    tree = MG._tree_attention(packed, None, False, [(k_ctx, v_ctx)])
+    one_mask, first = one_call_mask(packed, args.context)
+    pad = first - args.context
+    k_pad, v_pad = (nn.functional.pad(x, (0, 0, 0, pad)) for x in (k_ctx, v_ctx))
+    layer = nn.Module()
+    layer.layer_idx = 0  # type: ignore[assignment]
+
+    def context_only() -> Any:
+        return flex_attention(q, k_ctx, v_ctx, block_mask=ctx_mask, scale=scale, enable_gqa=True, **MG._FLEX_LSE)
+
+    def ours() -> torch.Tensor:
+        return MG._tree_attention_forward(layer, q, key, value, ctx_mask, scaling=scale, mtp_tree=tree)[0]
+
+    def one_call() -> torch.Tensor:
+        out = flex_attention(q, torch.cat([k_pad, key], 2), torch.cat([v_pad, value], 2), block_mask=one_mask,
+                             scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+
+    rows, outs = [], {}
+    for name, fn in [("context only", context_only), ("mtp_lib", ours), ("one call", one_call)]:
+        compiled = torch.compile(fn)
+        with torch.inference_mode():
+            for _ in range(3):
+                out = compiled()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(args.repeats):
+                compiled()
+            stop.record()
+            torch.cuda.synchronize()
+        ms = start.elapsed_time(stop) / args.repeats
+        outs[name] = out
+        rows.append({"variant": name, "ms_per_layer": ms})
+        print(f"{name:<14} {ms:8.3f} ms per layer", file=sys.stderr)
+    diff = float((outs["mtp_lib"].float() - outs["one call"].float()).abs().max())
+    print(f"mtp_lib vs one call: max |difference| {diff:.2e}", file=sys.stderr)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "benchmark": "flex_tree", "device_name": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+            "settings": {"slots": args.slots, "padded_slots": length, "context": args.context,
+                         "heads": [n_heads, n_kv, head_dim], "dtype": "bfloat16", "repeats": args.repeats},
+            "rows": rows, "max_abs_diff_mtp_lib_vs_one_call": diff}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
