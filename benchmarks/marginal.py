@@ -160,8 +160,8 @@ def device_idle(trace: dict[str, Any], min_gap_us: float = 50.0) -> list[str]:
                      key=lambda e: e["ts"])
     if not kernels:
         return ["device idle: no kernels in the trace"]
-    launches = {e["args"]["correlation"]: e["ts"] for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    launches = {e["args"]["correlation"]: e["ts"] for e in events  # runtime launches, and Triton's by the driver
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     ranges = sorted(((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                      if e.get("cat") == "user_annotation" and e.get("name", "").startswith("marginal.")),
                     key=lambda r: r[0])
@@ -181,11 +181,11 @@ def device_idle(trace: dict[str, Any], min_gap_us: float = 50.0) -> list[str]:
         busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
     span = end - kernels[0]["ts"]
-    lines = [f"device busy {busy / 1e3:.1f} ms of a {span / 1e3:.1f} ms span (first to last kernel); "
-             f"gaps of {min_gap_us:.0f} us or more: {len(gaps)}, {sum(g[0] for g in gaps) / 1e3:.1f} ms in all",
+    lines = [f"device busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span (first to last kernel); "
+             f"gaps of {min_gap_us:.0f} us or more: {len(gaps)}, {sum(g[0] for g in gaps) / 1e3:.2f} ms in all",
              f"{'host range when the next kernel was launched':<46} {'gaps':>6} {'ms':>8}"]
     for where, gs in sorted(by_range.items(), key=lambda kv: -sum(kv[1])):
-        lines.append(f"{where:<46} {len(gs):>6} {sum(gs) / 1e3:>8.1f}")
+        lines.append(f"{where:<46} {len(gs):>6} {sum(gs) / 1e3:>8.2f}")
     lines.append("largest gaps (ms, host range, next kernel):")
     lines += [f"  {g / 1e3:7.2f}  {w:<26} {name}" for g, w, name in sorted(gaps, reverse=True)[:12]]
     return lines

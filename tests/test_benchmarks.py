@@ -34,11 +34,12 @@ def test_device_idle_charges_gaps_to_the_host_range_open_at_launch() -> None:
         launch(30, 2), kernel(120, 50, 2),  # back to back: no gap
         launch(500, 3), kernel(510, 10, 3),  # launched late, in marginal.reduce: a gap of 340 us
         launch(600, 4), kernel(540, 30, 4),  # (out of order launch times do not matter) a gap of 20 us: below 50
+        {**launch(160, 5), "cat": "cuda_driver"}, kernel(700, 10, 5),  # a Triton launch (driver API), 130 us late
     ]
     lines = bench.device_idle({"traceEvents": events})
-    assert lines[0].startswith("device busy 0.2 ms of a 0.6 ms span"), lines[0]
-    assert "gaps of 50 us or more: 1, 0.3 ms in all" in lines[0], lines[0]
+    assert lines[0].startswith("device busy 0.20 ms of a 0.69 ms span"), lines[0]
+    assert "gaps of 50 us or more: 2, 0.47 ms in all" in lines[0], lines[0]
     row = next(line for line in lines if line.startswith("marginal.reduce"))
-    assert row.split()[1:] == ["1", "0.3"], row
+    assert row.split()[1:] == ["2", "0.47"], row
     assert any("k3" in line for line in lines), lines
     assert bench.device_idle({"traceEvents": []}) == ["device idle: no kernels in the trace"]
