@@ -24,7 +24,10 @@ How it runs (:func:`marginalize`):
    (at most ``depth`` keys) are attended apart and merged by their log-sum-exps;
 3. the unembedding runs on a bounded number of candidates at a time, and each block is reduced at
    once into the ``[P, V]`` marginals (see :func:`_accumulate`): one softmax per candidate, a
-   weighted sum per position shifted in log space, ``logaddexp`` across blocks.
+   weighted sum per position shifted in log space, ``logaddexp`` across blocks (bf16 logits on a GPU
+   with Triton: :func:`mtp_lib.kernels.weighted_softmax_sum`, which does not write the softmax).
+   Nothing waits for the device inside a tree level: the layouts of the steps are built on the
+   host, and the check for sums that underflowed waits one step late.
 
 Memory stays bounded by ``max_tokens_per_chunk`` (one step), the cache copies (about 1 GiB) and
 ``max_logits_elements`` (the logits block), whatever the nucleus size: small models keep thousands of
@@ -501,9 +504,10 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     slot itself and its ancestors, at most ``depth`` keys) is a few elementwise products, merged with
     the context part by its log-sum-exp.
 
-    (Measured on an H100, 65,536 slots of SmolLM2's shapes, one layer: this takes 0.39 ms; one
-    FlexAttention call over the context keys followed by the step's own keys, the tree part as their
-    diagonal blocks, took 0.54 ms, FlexAttention of the context part alone 0.30 ms.)
+    (``benchmarks/flex_tree.py``, one layer of 65,536 slots at SmolLM2's shapes on an H100,
+    ``data/results/gpu/benchmark-flex-tree.json``: this takes 0.39 ms, FlexAttention of the context
+    part alone 0.29 ms; one FlexAttention call over the context keys followed by the step's own
+    keys, the tree part as their diagonal blocks, took 0.71 ms.)
 
     On a GPU outside ``torch.compile`` FlexAttention runs compiled (once per process, shapes dynamic
     after the first recompilation); on the CPU it is FlexAttention's reference implementation.
@@ -841,7 +845,7 @@ def marginalize(
             one cache, FlexAttention over the 128 x 128 blocks that hold allowed pairs only (each
             token computes about ``t + level`` keys instead of ``T + tokens_per_row``; compiled on a
             GPU, a slow reference implementation on the CPU). ``"auto"``: flex with ``compile=True``
-            on a GPU, packed otherwise (eager on a GPU, packed measured faster).
+            on a GPU, packed otherwise (eager on a GPU, packed measured a little faster).
 
     Returns:
         :class:`MarginalResult` with ``log_probs [P, depth, V]`` (float32) and ``n_candidates [P]``.
@@ -868,10 +872,9 @@ def marginalize(
     device = next(model.parameters()).device
     gpu = device.type != "cpu"
     # auto: flex only compiled on a GPU. Measured side by side (SmolLM2, H100, 512-token context:
-    # data/results/gpu/benchmark-marginal-smollm2-135m-packed-vs-flex.json): compiled, flex and packed
-    # take the same time (its attention kernels take half the time, the rest dominates; packed rows
-    # attend to all T keys, so flex gains with longer contexts); eager, flex is slower (its tree part
-    # runs as separate kernels).
+    # data/results/gpu/benchmark-marginal-smollm2-135m-packed-vs-flex.json): compiled, flex takes
+    # 0.23 s where packed takes 0.27-0.28 s; eager, flex is a little slower (0.48 s against 0.46-0.47 s:
+    # its tree part runs as separate kernels).
     flex = attention == "flex" or (attention == "auto" and gpu and compile and flex_available())
     if flex and compile and not gpu:
         raise ValueError("compile=True with attention='flex' needs a GPU (torch's compiled FlexAttention on the "
