@@ -2,7 +2,8 @@
 
 The library behind the executable book of "On multi-token prediction for efficient LLM inference"
 (Mehra, Alonso Garcia, Mauch, 2025). One module a concern: ``models``, ``data``, ``results``,
-``marginal``, ``lens``, ``heads``, ``train``, ``decode``, ``metrics``, ``plots``, ``book``.
+``marginal`` (with its GPU kernels in ``kernels``), ``lens``, ``heads``, ``train``, ``decode``, ``metrics``,
+``plots``, ``book``.
 """
 
 __version__ = "0.1.0"
