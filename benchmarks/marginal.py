@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--naive-candidates", type=int, help="naive: candidates timed per position, then "
                                                         "extrapolated (default 16; quick 4); 0 = all")
     p.add_argument("--repeats", type=int, help="timed runs of marginalize per config, median (default 3; quick 1)")
+    p.add_argument("--warmup", type=int, help="untimed runs of each row before its timed ones (default 1 on a GPU, "
+                                              "0 on the CPU): a setting timed after others in the same process was "
+                                              "slower in its first runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, help="write the table and settings as JSON here")
     p.add_argument("--profile", type=Path, help="also profile one run of the best config (torch.profiler) and "
@@ -303,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model, device=args.device, dtype=args.dtype, progress=lambda m: print(m, file=sys.stderr))
     device, dtype = lm.device, next(lm.model.parameters()).dtype
+    warmup = args.warmup if args.warmup is not None else (1 if device.type == "cuda" else 0)
     ids = _text_ids(lm, args.context).to(device)
     n_ctx = ids.shape[1]
     if not 1 <= args.positions <= n_ctx:
@@ -345,12 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         for (attention, chunk, row), reduce in ((run, red) for run in runs for red in reduces):
             MG._FUSED_REDUCE = reduce == "fused"
             times, result = [], None
-            for _ in range(args.repeats):
+            for i in range(warmup + args.repeats):
                 dt, result = _timed(lambda: marginalize(
                     lm.model, ids, depth=2, top_p=args.top_p, positions=positions, max_tokens_per_chunk=chunk,
                     tokens_per_row=row, max_logits_elements=args.max_logits_elements, compile=compiled,
                     attention=attention), device)
-                times.append(dt)
+                if i >= warmup:
+                    times.append(dt)
             assert result is not None
             sec = statistics.median(times)
             record = {"method": "marginalize+compile" if compiled else "marginalize", "attention": attention,
@@ -438,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                          "configs": [f"{c}x{r}" for c, r in configs], "attention": attentions, "reduce": reduces,
                          "max_logits_elements": args.max_logits_elements,
                          "naive_candidates_per_position": args.naive_candidates, "repeats": args.repeats,
+                         "warmup": warmup,
                          "quick": args.quick, "text": "Brown Corpus passages (mtp_lib.data.load_open_ended)"},
             "rows": rows, **summary,
         }
