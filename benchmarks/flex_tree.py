@@ -56,11 +56,8 @@ def one_call_mask(packed: Any, n_ctx: int) -> tuple[Any, int]:
     t_max = ctx_end.view(n_qb, bs).amax(-1)
     need = torch.arange(n_cb, device=ctx_end.device) * bs <= t_max[:, None]
     own = torch.eye(n_qb, dtype=torch.bool, device=ctx_end.device)
-    listed = torch.cat([need, own], dim=1)
-    num = listed.sum(-1, dtype=torch.int32)[None, None]
-    idx = torch.argsort((~listed).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None, None]
-    mask = BlockMask.from_kv_blocks(num.contiguous(), idx.contiguous(), BLOCK_SIZE=bs, mask_mod=mask_mod,
-                                    seq_lengths=(length, first + length))
+    num, idx = MG._block_lists(torch.cat([need, own], dim=1))
+    mask = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(length, first + length))
     return mask, first
 
 

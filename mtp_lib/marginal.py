@@ -422,6 +422,14 @@ def flex_available() -> bool:
     return _flex_attention is not None
 
 
+def _block_lists(listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BlockMask's block lists from ``listed [query blocks, key blocks]`` (bool): how many key
+    blocks each query block lists, and their indices first (ascending), ``[1, 1, Q]`` and ``[1, 1, Q, K]``."""
+    num = listed.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~listed).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num[None, None].contiguous(), idx[None, None].contiguous()
+
+
 def _context_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
     """The :class:`BlockMask` of the context part of a one-row step: slot ``q`` sees context keys
     ``0..ctx_end[q]`` (within the window in sliding layers; padding sees none). Only the 128 x 128
@@ -456,13 +464,8 @@ def _context_block_mask(packed: _Packed, n_ctx: int, window: int | None) -> Any:
         full &= k_first >= hi[:, None]
     partial = need & ~full
 
-    def lists(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        num = m.sum(-1, dtype=torch.int32)
-        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return num[None, None].contiguous(), idx[None, None].contiguous()
-
-    kv_num, kv_idx = lists(partial)
-    full_num, full_idx = lists(full)
+    kv_num, kv_idx = _block_lists(partial)
+    full_num, full_idx = _block_lists(full)
     block_mask: Any = _BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
                                                seq_lengths=(length, n_ctx), **_NO_Q_BLOCKS)
     block_mask.ndim = 4  # GPT-2's forward reads attention_mask.ndim (a 4D mask is passed on as it is)

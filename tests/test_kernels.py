@@ -3,7 +3,6 @@ CUDA device, or on the CPU with ``TRITON_INTERPRET=1`` (and Triton installed); e
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
@@ -13,7 +12,7 @@ from mtp_lib import kernels
 from seeds import fresh_seed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-RUNS = kernels.triton is not None and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+RUNS = kernels.triton is not None and (DEVICE == "cuda" or kernels._interpreting())
 pytestmark = pytest.mark.skipif(not RUNS, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
 
 
