@@ -338,22 +338,24 @@ def main(argv: list[str] | None = None) -> int:
     best: tuple[float, MarginalResult] | None = None
     first: MarginalResult | None = None
     compile_s: float | None = None
+
+    def run(attention: str, chunk: int, row: int, compiled: bool) -> MarginalResult:
+        return marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions, max_tokens_per_chunk=chunk,
+                           tokens_per_row=row, max_logits_elements=args.max_logits_elements, compile=compiled,
+                           attention=attention)
+
     for compiled in ([False, True] if args.compile else [False]):
         if compiled:  # compile outside the timing (the first calls compile, then shapes turn dynamic)
             t0 = time.perf_counter()
             for attention, chunk, row in runs:
-                marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions, compile=True,
-                            max_tokens_per_chunk=chunk, tokens_per_row=row, attention=attention)
+                run(attention, chunk, row, True)
             compile_s = time.perf_counter() - t0
             print(f"compiled in {compile_s:.0f} s", file=sys.stderr)
         for (attention, chunk, row), reduce in ((run, red) for run in runs for red in reduces):
             MG._FUSED_REDUCE = reduce == "fused"
             times, result = [], None
             for i in range(warmup + args.repeats):
-                dt, result = _timed(lambda: marginalize(
-                    lm.model, ids, depth=2, top_p=args.top_p, positions=positions, max_tokens_per_chunk=chunk,
-                    tokens_per_row=row, max_logits_elements=args.max_logits_elements, compile=compiled,
-                    attention=attention), device)
+                dt, result = _timed(lambda: run(attention, chunk, row, compiled), device)
                 if i >= warmup:
                     times.append(dt)
             assert result is not None
@@ -379,13 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         chunk, row, compiled = fastest["max_tokens_per_chunk"], fastest["tokens_per_row"], fastest["method"] != "marginalize"
         attention = fastest["attention"]
         MG._FUSED_REDUCE = fastest["reduce"] == "fused"
-        profile(lambda: marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions,
-                                    max_tokens_per_chunk=chunk, tokens_per_row=row,
-                                    max_logits_elements=args.max_logits_elements, compile=compiled,
-                                    attention=attention),
-                device, args.profile, f"{lm.name} {str(dtype)[6:]} on {_device_name(device)}, {attention} attention, "
-                                      f"{fastest['reduce']} reduction, chunk x row {chunk}x{row}"
-                                      f"{', compiled' if compiled else ''}")
+        title = (f"{lm.name} {str(dtype)[6:]} on {_device_name(device)}, {attention} attention, {fastest['reduce']} "
+                 f"reduction, chunk x row {chunk}x{row}{', compiled' if compiled else ''}")
+        profile(lambda: run(attention, chunk, row, compiled), device, args.profile, title)
     MG._FUSED_REDUCE = True  # the library's default again
 
     flops = candidate_flops(lm, result)
