@@ -374,6 +374,40 @@ def test_flex_step_traces_in_one_graph(family: str, monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-4, rtol=0, msg=lambda m: f"seed {seed}: {m}")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_context_pass_traces_in_one_graph(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile=True also compiles the context pass (the sample with its KV cache): it traces without a
+    graph break (fullgraph=True, the eager backend, on the CPU) and gives the eager pass's hidden states
+    and cache; and marginalize(compile=True) runs it so."""
+    seed = fresh_seed()
+    model = _tiny(family, seed, torch.float32)
+    ids = torch.randint(0, TINY_VOCAB, (1, random.Random(seed).randint(8, 60)),
+                        generator=torch.Generator().manual_seed(seed))
+    adapter = MG.get_adapter(model)
+    torch._dynamo.reset()  # other tests' compilations of the same code object count against its limit
+    fn = torch.compile(MG._context_forward, backend="eager", fullgraph=True)
+    calls: list[int] = []
+
+    def compiled(base: Any, input_ids: torch.Tensor, cache: Any) -> Any:
+        calls.append(input_ids.shape[1])
+        return fn(base, input_ids, cache)
+
+    monkeypatch.setattr(MG, "_compiled_context", lambda: compiled)
+    with torch.inference_mode():
+        want_ctx, want = MG._run_context(model, adapter, ids)
+        assert calls == []
+        got_ctx, got = MG._run_context(model, adapter, ids, compile=True)
+    assert calls == [ids.shape[1]]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m: f"seed {seed}: {m}")
+    assert len(got_ctx.kv) == len(want_ctx.kv) == model.config.num_hidden_layers
+    for (k, v), (k0, v0) in zip(got_ctx.kv, want_ctx.kv):
+        torch.testing.assert_close((k, v), (k0, v0), atol=1e-5, rtol=0)
+    calls.clear()
+    MG.marginalize(model, ids, depth=2, top_p=0.5, positions=[ids.shape[1] - 1], compile=True)
+    assert calls == [ids.shape[1]], "marginalize(compile=True) ran its context pass eagerly"
+    torch._dynamo.reset()
+
+
 def test_sums_stay_in_log_space_far_below_float32_underflow() -> None:
     """A very peaked float32 model: marginal log-probs of hundreds of nats below zero stay finite."""
     seed = fresh_seed()
