@@ -10,9 +10,12 @@ context ends of a ``--context``-token sample, SmolLM2-135M's heads by default), 
   one call          one FlexAttention call over the context keys (padded to whole blocks) followed by
                     the step's own keys, the tree part as each query block's diagonal block
 
-and checks that the last two agree. GPU only (compiled FlexAttention).
+and checks that the last two agree. With ``--kernel-options``, the first two again with each of
+FlexAttention's kernel_options given (block sizes, warps, stages), checked against torch's defaults.
+GPU only (compiled FlexAttention).
 
     python benchmarks/flex_tree.py --out flex_tree.json
+    python benchmarks/flex_tree.py --kernel-options 'default;{"BLOCK_M": 64, "BLOCK_N": 64};{"num_warps": 8}'
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=512, help="tokens of the sample")
     p.add_argument("--heads", default="9,3,64", help="query heads, key-value heads, head dim")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--kernel-options", default="default",
+                   help="FlexAttention kernel_options to time the first two variants with, semicolon separated: "
+                        "default (torch's) or a JSON object, e.g. 'default;{\"BLOCK_M\": 64, \"BLOCK_N\": 64}'")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
@@ -91,19 +97,34 @@ def main(argv: list[str] | None = None) -> int:
     layer = nn.Module()
     layer.layer_idx = 0  # type: ignore[assignment]
 
+    options: dict[str, Any] | None = None  # the kernel_options of the first two variants
+
     def context_only() -> Any:
-        return flex_attention(q, k_ctx, v_ctx, block_mask=ctx_mask, scale=scale, enable_gqa=True, **MG._FLEX_LSE)
+        kernel_options: Any = options
+        return flex_attention(q, k_ctx, v_ctx, block_mask=ctx_mask, scale=scale, enable_gqa=True, **MG._FLEX_LSE,
+                              kernel_options=kernel_options)
 
     def ours() -> torch.Tensor:
-        return MG._tree_attention_forward(layer, q, key, value, ctx_mask, scaling=scale, mtp_tree=tree)[0]
+        MG._FLEX_KERNEL_OPTIONS = options
+        try:
+            return MG._tree_attention_forward(layer, q, key, value, ctx_mask, scaling=scale, mtp_tree=tree)[0]
+        finally:
+            MG._FLEX_KERNEL_OPTIONS = None
 
     def one_call() -> torch.Tensor:
         out = flex_attention(q, torch.cat([k_pad, key], 2), torch.cat([v_pad, value], 2), block_mask=one_mask,
                              scale=scale, enable_gqa=True)
         return out.transpose(1, 2).contiguous()
 
+    # torch's defaults first (the others are checked against them), then each option given
+    option_list: list[dict[str, Any] | None] = [None]
+    for text in args.kernel_options.split(";"):
+        if text.strip() not in ("", "default"):
+            option_list.append(json.loads(text))
+    variants = [(name, fn, o) for o in option_list for name, fn in [("context only", context_only), ("mtp_lib", ours)]]
+    variants.append(("one call", one_call, None))
     rows, outs = [], {}
-    for name, fn in [("context only", context_only), ("mtp_lib", ours), ("one call", one_call)]:
+    for name, fn, options in variants:
         compiled = torch.compile(fn)
         with torch.inference_mode():
             for _ in range(3):
@@ -115,9 +136,14 @@ def main(argv: list[str] | None = None) -> int:
             stop.record()
             torch.cuda.synchronize()
         ms = start.elapsed_time(stop) / args.repeats
-        outs[name] = out
-        rows.append({"variant": name, "ms_per_layer": ms})
-        print(f"{name:<14} {ms:8.3f} ms per layer", file=sys.stderr)
+        if options is None:
+            outs[name] = out
+        else:
+            diff = float((out[0] if isinstance(out, tuple) else out).float().sub(
+                (outs[name][0] if isinstance(outs[name], tuple) else outs[name]).float()).abs().max())
+        rows.append({"variant": name, "kernel_options": options, "ms_per_layer": ms,
+                     **({"max_abs_diff_vs_default": diff} if options is not None else {})})
+        print(f"{name:<14} {ms:8.3f} ms per layer{f'  kernel_options {options}' if options else ''}", file=sys.stderr)
     diff = float((outs["mtp_lib"].float() - outs["one call"].float()).abs().max())
     print(f"mtp_lib vs one call: max |difference| {diff:.2e}", file=sys.stderr)
     if args.out:

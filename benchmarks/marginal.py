@@ -71,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reduce", default="fused",
                    help="the reduction of bf16 logits on a GPU, comma separated: fused (mtp_lib.kernels, Triton) "
                         "and/or plain (softmax, then a matmul); elsewhere it is plain either way")
+    p.add_argument("--flex-options", default="default",
+                   help="FlexAttention kernel_options of the flex rows, semicolon separated: default (torch's) "
+                        "or a JSON object, e.g. 'default;{\"BLOCK_M\": 64, \"BLOCK_N\": 64, \"num_warps\": 4}' "
+                        "(GPU; each is compiled anew)")
     p.add_argument("--compile", action="store_true",
                    help="also time each config with marginalize(compile=True) (torch.compile of the candidate steps)")
     p.add_argument("--max-logits-elements", type=int, help="marginalize's logits block (default: its own)")
@@ -92,6 +96,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.naive_candidates = args.naive_candidates if args.naive_candidates is not None else (4 if quick else 16)
     args.repeats = args.repeats or (1 if quick else 3)
     return args
+
+
+def _flex_options(text: str) -> str | None:
+    """One --flex-options entry: None for torch's defaults, else the JSON object, normalized."""
+    text = text.strip()
+    if text in ("", "default"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--flex-options entry {text!r} is not JSON ({err}): give default or an object such as "
+                         '{"BLOCK_M": 64, "BLOCK_N": 64}') from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"--flex-options entry {text!r} must be a JSON object (FlexAttention's kernel_options)")
+    return json.dumps(value, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     if set(reduces) - {"fused", "plain"}:
         raise SystemExit(f"--reduce {args.reduce!r}: give fused, plain or both, comma separated")
     fused_possible = device.type == "cuda" and dtype == torch.bfloat16 and kernels.triton is not None
-    # (attention, max_tokens_per_chunk, tokens_per_row): flex runs one row per step, so only the chunk counts
-    runs = list(dict.fromkeys((a, c, r if a == "packed" else c) for a in attentions for c, r in configs))
+    flex_options = [_flex_options(o) for o in args.flex_options.split(";")]
+    # (attention, max_tokens_per_chunk, tokens_per_row, FlexAttention kernel_options as JSON or None): flex
+    # runs one row per step, so only the chunk counts
+    runs = list(dict.fromkeys((a, c, r if a == "packed" else c, o) for a in attentions for c, r in configs
+                              for o in (flex_options if a == "flex" else [None])))
 
     print(f"{lm.name} ({lm.info()['params'] / 1e6:.0f}M params, vocab {lm.vocab_size}) {str(dtype)[6:]} on "
           f"{_device_name(device)}; context {n_ctx} tokens, {len(positions)} positions, top_p {args.top_p}",
@@ -345,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     first: MarginalResult | None = None
     compile_s: float | None = None
 
-    def run(attention: str, chunk: int, row: int, compiled: bool) -> MarginalResult:
+    def run(attention: str, chunk: int, row: int, options: str | None, compiled: bool) -> MarginalResult:
+        MG._FLEX_KERNEL_OPTIONS = None if options is None else json.loads(options)
         return marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions, max_tokens_per_chunk=chunk,
                            tokens_per_row=row, max_logits_elements=args.max_logits_elements, compile=compiled,
                            attention=attention)
@@ -353,23 +376,25 @@ def main(argv: list[str] | None = None) -> int:
     for compiled in ([False, True] if args.compile else [False]):
         if compiled:  # compile outside the timing (the first calls compile, then shapes turn dynamic)
             t0 = time.perf_counter()
-            for attention, chunk, row in runs:
-                run(attention, chunk, row, True)
+            for attention, chunk, row, options in runs:
+                run(attention, chunk, row, options, True)
             compile_s = time.perf_counter() - t0
             print(f"compiled in {compile_s:.0f} s", file=sys.stderr)
         ctx_s = context_pass(compiled)
-        for (attention, chunk, row), reduce in ((run, red) for run in runs for red in reduces):
+        for (attention, chunk, row, options), reduce in ((run, red) for run in runs for red in reduces):
             MG._FUSED_REDUCE = reduce == "fused"
             times, result = [], None
             for i in range(warmup + args.repeats):
-                dt, result = _timed(lambda: run(attention, chunk, row, compiled), device)
+                dt, result = _timed(lambda: run(attention, chunk, row, options, compiled), device)
                 if i >= warmup:
                     times.append(dt)
             assert result is not None
             sec = statistics.median(times)
             record = {"method": "marginalize+compile" if compiled else "marginalize", "attention": attention,
                       "reduce": reduce if fused_possible else "plain",
-                      "max_tokens_per_chunk": chunk, "tokens_per_row": row, "seconds": sec, "seconds_all": times,
+                      "max_tokens_per_chunk": chunk, "tokens_per_row": row,
+                      **({"flex_options": json.loads(options)} if options is not None else {}),
+                      "seconds": sec, "seconds_all": times,
                       "context_pass_s": ctx_s, "candidates": int(result.n_candidates.sum()),
                       "tokens_fed": result.n_tokens_fed,
                       "chunks": result.n_chunks}
@@ -388,11 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         fastest = min(rows, key=lambda r: r["seconds"])
         chunk, row, compiled = fastest["max_tokens_per_chunk"], fastest["tokens_per_row"], fastest["method"] != "marginalize"
         attention = fastest["attention"]
+        options = json.dumps(fastest["flex_options"]) if "flex_options" in fastest else None
         MG._FUSED_REDUCE = fastest["reduce"] == "fused"
         title = (f"{lm.name} {str(dtype)[6:]} on {_device_name(device)}, {attention} attention, {fastest['reduce']} "
-                 f"reduction, chunk x row {chunk}x{row}{', compiled' if compiled else ''}")
-        profile(lambda: run(attention, chunk, row, compiled), device, args.profile, title)
-    MG._FUSED_REDUCE = True  # the library's default again
+                 f"reduction, chunk x row {chunk}x{row}{', compiled' if compiled else ''}"
+                 f"{f', kernel_options {options}' if options else ''}")
+        profile(lambda: run(attention, chunk, row, options, compiled), device, args.profile, title)
+    MG._FUSED_REDUCE, MG._FLEX_KERNEL_OPTIONS = True, None  # the library's defaults again
 
     flops = candidate_flops(lm, result)
     floor_s = flops["total"] / rate["flops_per_s"]
@@ -428,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = f"{r.get('attention', '-'):>9} {r.get('reduce', '-'):>6} {cfg:>12}"
         note = f"  (extrapolated from {r['timed_candidates']} of {r['candidates']} candidates)" \
             if r.get("extrapolated") else ""
+        if "flex_options" in r:
+            note += f"  kernel_options {json.dumps(r['flex_options'])}"
         print(f"{r['method']:<20} {cfg} {r['seconds']:>9.3f} {len(positions) / r['seconds']:>8.2f} "
               f"{r['candidates'] / r['seconds']:>10.0f} {nv['seconds'] / r['seconds']:>7.1f}x{note}")
     print(f"\nnucleus at top-{args.top_p}: mean {summary['nucleus']['mean']:.0f}, median "
@@ -447,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": _versions(), "model": lm.info(), "dtype": str(dtype).replace("torch.", ""),
             "settings": {"context": n_ctx, "positions": positions, "top_p": args.top_p, "depth": 2,
                          "configs": [f"{c}x{r}" for c, r in configs], "attention": attentions, "reduce": reduces,
+                         "flex_options": [None if o is None else json.loads(o) for o in flex_options],
                          "max_logits_elements": args.max_logits_elements,
                          "naive_candidates_per_position": args.naive_candidates, "repeats": args.repeats,
                          "warmup": warmup,

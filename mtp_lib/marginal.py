@@ -424,6 +424,11 @@ def _masks_by_layer_type(ctx: _Context, make: Callable[[int | None], Any]) -> An
 
 
 _FLEX_BLOCK = 128  # FlexAttention's block size (queries and keys)
+# FlexAttention's kernel_options for the context part (None: torch's defaults, on an H100 in
+# bf16 BLOCK_M=128, BLOCK_N=128, 3 stages, 4 warps at head_dim 64). Set by benchmarks/flex_tree.py and
+# benchmarks/marginal.py --flex-options to compare settings; the BlockMask's 128-blocks must be
+# multiples of BLOCK_M and BLOCK_N.
+_FLEX_KERNEL_OPTIONS: dict[str, Any] | None = None
 _FLEX_ATTENTION = "mtp_lib_tree_flex"  # our attention function's name in transformers' AttentionInterface
 
 
@@ -558,6 +563,8 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     args = (query, k_ctx, v_ctx)
     kwargs = dict(score_mod=score_mod, block_mask=attention_mask, scale=scale, enable_gqa=n_heads != n_kv,
                   **_FLEX_LSE)
+    if _FLEX_KERNEL_OPTIONS is not None:  # (the CPU's reference implementation ignores them)
+        kwargs["kernel_options"] = dict(_FLEX_KERNEL_OPTIONS)
     if torch.compiler.is_compiling():  # inside compile=True: traced with the model (no Python-side state here)
         out = flex(*args, **kwargs)
     elif query.device.type != "cpu":

@@ -104,6 +104,30 @@ def _flex_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def test_flex_kernel_options_reach_flex_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MG._FLEX_KERNEL_OPTIONS (what benchmarks/flex_tree.py and benchmarks/marginal.py --flex-options
+    compare) is handed to every FlexAttention call, and none is handed by default."""
+    seed = fresh_seed()
+    model = _tiny("llama", seed, torch.float32)
+    ids = torch.randint(0, TINY_VOCAB, (1, 40), generator=torch.Generator().manual_seed(seed))
+    seen: list[Any] = []
+    real = MG._flex_attention
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("kernel_options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(MG, "_flex_attention", spy)
+    want = MG.marginalize(model, ids, depth=2, top_p=0.5, positions=[39], attention="flex")
+    assert seen and all(o is None for o in seen)
+    seen.clear()
+    options = {"BLOCK_M": 64, "BLOCK_N": 64}
+    monkeypatch.setattr(MG, "_FLEX_KERNEL_OPTIONS", options)
+    got = MG.marginalize(model, ids, depth=2, top_p=0.5, positions=[39], attention="flex")
+    assert seen and all(o == options for o in seen), seen
+    torch.testing.assert_close(got.log_probs, want.log_probs)
+
+
 @pytest.mark.parametrize("attention", ["packed", "flex"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_depth2_matches_brute_force(family: str, attention: str, monkeypatch: pytest.MonkeyPatch) -> None:
