@@ -158,7 +158,8 @@ def profile(fn: Callable[[], Any], device: torch.device, path: Path, title: str)
     if device.type == "cuda":
         trace = path.with_suffix(".trace.json")
         prof.export_chrome_trace(str(trace))
-        idle = ["", *device_idle(json.loads(trace.read_text())), ""]
+        events_json = json.loads(trace.read_text())
+        idle = ["", *device_idle(events_json), "", *kernel_totals(events_json), ""]
         trace.unlink()
     events = prof.key_averages()
     stages = [e for e in events if e.key.startswith("marginal.")]
@@ -172,6 +173,19 @@ def profile(fn: Callable[[], Any], device: torch.device, path: Path, title: str)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}", file=sys.stderr)
+
+
+def kernel_totals(trace: dict[str, Any], top: int = 30) -> list[str]:
+    """The ``top`` device kernels by total time, with their whole names (torch.profiler's table cuts
+    them, and Inductor's fused kernels are told apart by the ends of their names)."""
+    totals: dict[str, list[float]] = {}
+    for e in trace.get("traceEvents", []):
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
+            totals.setdefault(e["name"], []).append(float(e["dur"]))
+    rows = sorted(totals.items(), key=lambda kv: -sum(kv[1]))[:top]
+    lines = [f"kernels by device time (top {top}): {'ms':>8} {'calls':>6} {'us/call':>8}  name"]
+    lines += [f"{'':<30} {sum(d) / 1e3:>8.2f} {len(d):>6} {sum(d) / len(d):>8.1f}  {name}" for name, d in rows]
+    return lines
 
 
 def device_idle(trace: dict[str, Any], min_gap_us: float = 50.0) -> list[str]:

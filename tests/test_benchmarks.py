@@ -43,3 +43,19 @@ def test_device_idle_charges_gaps_to_the_host_range_open_at_launch() -> None:
     assert row.split()[1:] == ["2", "0.47"], row
     assert any("k3" in line for line in lines), lines
     assert bench.device_idle({"traceEvents": []}) == ["device idle: no kernels in the trace"]
+
+
+def test_kernel_totals_sum_each_kernel_with_its_whole_name() -> None:
+    bench = _load("marginal")
+    long = "triton_per_fused__to_copy__unsafe_view_add_bmm_cat_clone_mul_neg_slice_3"
+    events = [
+        {"cat": "kernel", "name": long, "ts": 0, "dur": 100},
+        {"cat": "kernel", "name": long, "ts": 200, "dur": 300},
+        {"cat": "kernel", "name": "gemm", "ts": 600, "dur": 250},
+        {"cat": "gpu_memset", "name": "Memset", "ts": 0, "dur": 5},  # the third: cut by top=2
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 999},  # host side: not a kernel
+    ]
+    lines = bench.kernel_totals({"traceEvents": events}, top=2)
+    assert len(lines) == 3
+    assert lines[1].split() == ["0.40", "2", "200.0", long], lines[1]
+    assert lines[2].split() == ["0.25", "1", "250.0", "gemm"], lines[2]
