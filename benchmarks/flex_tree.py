@@ -7,10 +7,11 @@ context ends of a ``--context``-token sample, SmolLM2-135M's heads by default), 
                     (the part every design shares)
   mtp_lib           mtp_lib.marginal's attention function: the above, and the tree part merged by
                     elementwise products and the log-sum-exps
+  merge kernel      mtp_lib with the tree part by mtp_lib.kernels.tree_merge (one Triton kernel) instead
   one call          one FlexAttention call over the context keys (padded to whole blocks) followed by
                     the step's own keys, the tree part as each query block's diagonal block
 
-and checks that the last two agree. With ``--kernel-options``, the first two again with each of
+and checks that the last three agree. With ``--kernel-options``, the first two again with each of
 FlexAttention's kernel_options given (block sizes, warps, stages), checked against torch's defaults.
 GPU only (compiled FlexAttention).
 
@@ -111,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             MG._FLEX_KERNEL_OPTIONS = None
 
+    def ours_merge_kernel() -> torch.Tensor:
+        MG._FUSED_MERGE = True
+        try:
+            return MG._tree_attention_forward(layer, q, key, value, ctx_mask, scaling=scale, mtp_tree=tree)[0]
+        finally:
+            MG._FUSED_MERGE = False
+
     def one_call() -> torch.Tensor:
         out = flex_attention(q, torch.cat([k_pad, key], 2), torch.cat([v_pad, value], 2), block_mask=one_mask,
                              scale=scale, enable_gqa=True)
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if text.strip() not in ("", "default"):
             option_list.append(json.loads(text))
     variants = [(name, fn, o) for o in option_list for name, fn in [("context only", context_only), ("mtp_lib", ours)]]
-    variants.append(("one call", one_call, None))
+    variants += [("merge kernel", ours_merge_kernel, None), ("one call", one_call, None)]
     rows, outs = [], {}
     for name, fn, options in variants:
         compiled = torch.compile(fn)
@@ -145,14 +153,16 @@ def main(argv: list[str] | None = None) -> int:
                      **({"max_abs_diff_vs_default": diff} if options is not None else {})})
         print(f"{name:<14} {ms:8.3f} ms per layer{f'  kernel_options {options}' if options else ''}", file=sys.stderr)
     diff = float((outs["mtp_lib"].float() - outs["one call"].float()).abs().max())
-    print(f"mtp_lib vs one call: max |difference| {diff:.2e}", file=sys.stderr)
+    diff_kernel = float((outs["mtp_lib"].float() - outs["merge kernel"].float()).abs().max())
+    print(f"mtp_lib vs one call: max |difference| {diff:.2e}; vs the merge kernel {diff_kernel:.2e}", file=sys.stderr)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "benchmark": "flex_tree", "device_name": torch.cuda.get_device_name(dev), "torch": torch.__version__,
             "settings": {"slots": args.slots, "padded_slots": length, "context": args.context,
                          "heads": [n_heads, n_kv, head_dim], "dtype": "bfloat16", "repeats": args.repeats},
-            "rows": rows, "max_abs_diff_mtp_lib_vs_one_call": diff}, indent=1))
+            "rows": rows, "max_abs_diff_mtp_lib_vs_one_call": diff,
+            "max_abs_diff_mtp_lib_vs_merge_kernel": diff_kernel}, indent=1))
     return 0
 
 

@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reduce", default="fused",
                    help="the reduction of bf16 logits on a GPU, comma separated: fused (mtp_lib.kernels, Triton) "
                         "and/or plain (softmax, then a matmul); elsewhere it is plain either way")
+    p.add_argument("--merge", default="plain",
+                   help="the tree part of the flex rows on a GPU, comma separated: plain (elementwise products, "
+                        "fused by torch.compile) and/or fused (mtp_lib.kernels.tree_merge, Triton)")
     p.add_argument("--flex-options", default="default",
                    help="FlexAttention kernel_options of the flex rows, semicolon separated: default (torch's) "
                         "or a JSON object, e.g. 'default;{\"BLOCK_M\": 64, \"BLOCK_N\": 64, \"num_warps\": 4}' "
@@ -355,11 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     if set(reduces) - {"fused", "plain"}:
         raise SystemExit(f"--reduce {args.reduce!r}: give fused, plain or both, comma separated")
     fused_possible = device.type == "cuda" and dtype == torch.bfloat16 and kernels.triton is not None
+    merge_possible = device.type == "cuda" and kernels.triton is not None
+    merges = args.merge.split(",")
+    if set(merges) - {"fused", "plain"}:
+        raise SystemExit(f"--merge {args.merge!r}: give fused, plain or both, comma separated")
     flex_options = [_flex_options(o) for o in args.flex_options.split(";")]
-    # (attention, max_tokens_per_chunk, tokens_per_row, FlexAttention kernel_options as JSON or None): flex
-    # runs one row per step, so only the chunk counts
-    runs = list(dict.fromkeys((a, c, r if a == "packed" else c, o) for a in attentions for c, r in configs
-                              for o in (flex_options if a == "flex" else [None])))
+    # (attention, max_tokens_per_chunk, tokens_per_row, FlexAttention kernel_options as JSON or None, merge):
+    # flex runs one row per step, so only the chunk counts
+    runs = list(dict.fromkeys((a, c, r if a == "packed" else c, o, m) for a in attentions for c, r in configs
+                              for o in (flex_options if a == "flex" else [None])
+                              for m in (merges if a == "flex" else ["plain"])))
 
     print(f"{lm.name} ({lm.info()['params'] / 1e6:.0f}M params, vocab {lm.vocab_size}) {str(dtype)[6:]} on "
           f"{_device_name(device)}; context {n_ctx} tokens, {len(positions)} positions, top_p {args.top_p}",
@@ -381,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     first: MarginalResult | None = None
     compile_s: float | None = None
 
-    def run(attention: str, chunk: int, row: int, options: str | None, compiled: bool) -> MarginalResult:
+    def run(attention: str, chunk: int, row: int, options: str | None, merge: str, compiled: bool) -> MarginalResult:
         MG._FLEX_KERNEL_OPTIONS = None if options is None else json.loads(options)
+        MG._FUSED_MERGE = merge == "fused"
         return marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions, max_tokens_per_chunk=chunk,
                            tokens_per_row=row, max_logits_elements=args.max_logits_elements, compile=compiled,
                            attention=attention)
@@ -390,16 +399,16 @@ def main(argv: list[str] | None = None) -> int:
     for compiled in ([False, True] if args.compile else [False]):
         if compiled:  # compile outside the timing (the first calls compile, then shapes turn dynamic)
             t0 = time.perf_counter()
-            for attention, chunk, row, options in runs:
-                run(attention, chunk, row, options, True)
+            for attention, chunk, row, options, merge in runs:
+                run(attention, chunk, row, options, merge, True)
             compile_s = time.perf_counter() - t0
             print(f"compiled in {compile_s:.0f} s", file=sys.stderr)
         ctx_s = context_pass(compiled)
-        for (attention, chunk, row, options), reduce in ((run, red) for run in runs for red in reduces):
+        for (attention, chunk, row, options, merge), reduce in ((run, red) for run in runs for red in reduces):
             MG._FUSED_REDUCE = reduce == "fused"
             times, result = [], None
             for i in range(warmup + args.repeats):
-                dt, result = _timed(lambda: run(attention, chunk, row, options, compiled), device)
+                dt, result = _timed(lambda: run(attention, chunk, row, options, merge, compiled), device)
                 if i >= warmup:
                     times.append(dt)
             assert result is not None
@@ -408,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                       "reduce": reduce if fused_possible else "plain",
                       "max_tokens_per_chunk": chunk, "tokens_per_row": row,
                       **({"flex_options": json.loads(options)} if options is not None else {}),
+                      **({"merge": merge if merge_possible else "plain"} if attention == "flex" else {}),
                       "seconds": sec, "seconds_all": times,
                       "context_pass_s": ctx_s, "candidates": int(result.n_candidates.sum()),
                       "tokens_fed": result.n_tokens_fed,
@@ -428,12 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         chunk, row, compiled = fastest["max_tokens_per_chunk"], fastest["tokens_per_row"], fastest["method"] != "marginalize"
         attention = fastest["attention"]
         options = json.dumps(fastest["flex_options"]) if "flex_options" in fastest else None
+        merge = fastest.get("merge", "plain")
         MG._FUSED_REDUCE = fastest["reduce"] == "fused"
         title = (f"{lm.name} {str(dtype)[6:]} on {_device_name(device)}, {attention} attention, {fastest['reduce']} "
                  f"reduction, chunk x row {chunk}x{row}{', compiled' if compiled else ''}"
-                 f"{f', kernel_options {options}' if options else ''}")
-        profile(lambda: run(attention, chunk, row, options, compiled), device, args.profile, title)
-    MG._FUSED_REDUCE, MG._FLEX_KERNEL_OPTIONS = True, None  # the library's defaults again
+                 f"{f', kernel_options {options}' if options else ''}{', merge kernel' if merge == 'fused' else ''}")
+        profile(lambda: run(attention, chunk, row, options, merge, compiled), device, args.profile, title)
+    MG._FUSED_REDUCE, MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE = True, None, False  # the library's defaults again
 
     flops = candidate_flops(lm, result)
     floor_s = flops["total"] / rate["flops_per_s"]
@@ -471,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             if r.get("extrapolated") else ""
         if "flex_options" in r:
             note += f"  kernel_options {json.dumps(r['flex_options'])}"
+        if r.get("merge") == "fused":
+            note += "  merge kernel"
         print(f"{r['method']:<20} {cfg} {r['seconds']:>9.3f} {len(positions) / r['seconds']:>8.2f} "
               f"{r['candidates'] / r['seconds']:>10.0f} {nv['seconds'] / r['seconds']:>7.1f}x{note}")
     print(f"\nnucleus at top-{args.top_p}: mean {summary['nucleus']['mean']:.0f}, median "
@@ -491,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {"context": n_ctx, "positions": positions, "top_p": args.top_p, "depth": 2,
                          "configs": [f"{c}x{r}" for c, r in configs], "attention": attentions, "reduce": reduces,
                          "flex_options": [None if o is None else json.loads(o) for o in flex_options],
+                         "merge": merges,
                          "max_logits_elements": args.max_logits_elements,
                          "naive_candidates_per_position": args.naive_candidates, "repeats": args.repeats,
                          "warmup": warmup,

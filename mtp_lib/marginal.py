@@ -577,9 +577,22 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
             out = flex(*args, **kwargs)
     out_ctx, aux = out
     lse_ctx = aux if isinstance(aux, torch.Tensor) else aux.lse  # [1, H, L], natural log; -inf: no context key
+    sliding = sliding_window is not None or mtp_tree.all_sliding
+    valid = mtp_tree.valid_sliding if sliding else mtp_tree.valid
+    if _FUSED_MERGE and kernels.tree_merge_available(query):
+        return kernels.tree_merge(query, key, value, out_ctx, lse_ctx, mtp_tree.ancestors, valid, scale, softcap), None
+    return _merge_tree_part(query, key, value, out_ctx, lse_ctx, mtp_tree.ancestors, valid, scale, softcap), None
 
-    # the tree part, in float32: each slot's own key (no gather) and its ancestors' (gathered by slot),
-    # one score per key and head; then a softmax over [context, self, ancestors] by their log-sum-exps
+
+def _merge_tree_part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out_ctx: torch.Tensor,
+                     lse_ctx: torch.Tensor, ancestors: torch.Tensor, valid: torch.Tensor, scale: float,
+                     softcap: float | None) -> torch.Tensor:
+    """The tree part of a flex step, in float32: each slot's own key (no gather) and its ancestors'
+    (gathered by slot), one score per key and head; then a softmax over [context, self, ancestors]
+    by their log-sum-exps. Returns ``[1, L, H, hd]`` (what :func:`mtp_lib.kernels.tree_merge` does in
+    one kernel)."""
+    _, n_heads, length, head_dim = query.shape
+    n_kv = key.shape[1]
     group = n_heads // n_kv
     q = query.float().view(1, n_kv, group, length, head_dim)
 
@@ -587,11 +600,9 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         s = (q * k.float()[:, :, None]).sum(-1) * scale
         return softcap * torch.tanh(s / softcap) if softcap else s
 
-    sliding = sliding_window is not None or mtp_tree.all_sliding
-    valid = mtp_tree.valid_sliding if sliding else mtp_tree.valid
     scores, values = [score(key)], [value]  # a slot always sees itself
-    for a in range(mtp_tree.ancestors.shape[1]):
-        slot = mtp_tree.ancestors[:, a]
+    for a in range(ancestors.shape[1]):
+        slot = ancestors[:, a]
         scores.append(score(key[:, :, slot]).masked_fill(~valid[:, a], -math.inf))
         values.append(value[:, :, slot])
     lse_ctx = lse_ctx.float().view(1, n_kv, group, length)
@@ -606,7 +617,7 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
         num = num + v.float()[:, :, None] * w[..., None]
         den = den + w
     merged = num / den[..., None]
-    return merged.view(1, n_heads, length, head_dim).to(query.dtype).transpose(1, 2).contiguous(), None
+    return merged.view(1, n_heads, length, head_dim).to(query.dtype).transpose(1, 2).contiguous()
 
 
 @contextlib.contextmanager
@@ -669,6 +680,9 @@ def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, 
 
 
 _FUSED_REDUCE = True  # bf16 logits on a GPU with Triton: mtp_lib.kernels.weighted_softmax_sum (False: softmax, matmul)
+# the flex steps' tree part by mtp_lib.kernels.tree_merge on a GPU (False: _merge_tree_part's elementwise
+# products, which torch.compile fuses); off until measured (benchmarks/marginal.py --merge fused,plain)
+_FUSED_MERGE = False
 _DENSE_SEGMENTS = 16  # up to this many (position, top-p) pairs a block is summed by one small matmul
 _DENSE_BF16_ELEMENTS = 2**24  # bf16 blocks: by one matmul while its [pairs, rows] weight matrix stays this small
 

@@ -107,3 +107,101 @@ def test_marginal_reduction_fused_equals_plain(monkeypatch: pytest.MonkeyPatch) 
         torch.testing.assert_close(accs[0][fin], accs[1][fin], atol=2 * 2.0**-7, rtol=0,
                                    msg=lambda m: f"seed {seed}: {m}")
     assert calls, f"seed {seed}: the fused kernel was not used"
+
+
+def _merge_case(rng: random.Random, gen: torch.Generator, dtype: torch.dtype, n_anc: int,
+                softcap: float | None) -> tuple:
+    """A flex step's tree part on random inputs: layouts as transformers and FlexAttention hand them on."""
+    n_kv = rng.choice([1, 2, 3])
+    n_heads = n_kv * rng.choice([1, 2, 3])
+    head_dim = rng.choice([16, 48, 64])  # 48: not a power of 2
+    length = rng.randint(1, 150)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    query = randn(1, length, n_heads, head_dim).transpose(1, 2)  # strided, as the projections give it
+    key, value = (randn(1, length, n_kv, head_dim).transpose(1, 2) for _ in range(2))
+    out_ctx = randn(1, n_heads, length, head_dim)
+    lse = (torch.randn(1, n_heads, length, generator=gen) * 3).to(DEVICE)
+    lse[torch.rand(1, n_heads, length, generator=gen) < 0.2] = -torch.inf  # no context key (padding)
+    ancestors = torch.randint(0, length, (length, n_anc), generator=gen).to(DEVICE)
+    valid = (torch.rand(length, n_anc, generator=gen) < 0.7).to(DEVICE)
+    scale = head_dim**-0.5 * rng.choice([1.0, 4.0])
+    return query, key, value, out_ctx, lse, ancestors, valid, scale, softcap
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tree_merge_matches_the_reference_merge(dtype: torch.dtype) -> None:
+    """kernels.tree_merge against marginal._merge_tree_part (the elementwise path), in float64."""
+    from mtp_lib import marginal as MG
+
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for n_anc, softcap in [(0, None), (1, None), (3, None), (rng.choice([0, 2]), 2.0)]:
+        case = _merge_case(rng, gen, dtype, n_anc, softcap)
+        query = case[0]
+        got = kernels.tree_merge(*case)
+        as64 = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in case]
+        want = MG._merge_tree_part(*as64)
+        assert got.dtype == dtype and got.shape == want.shape == (1, query.shape[2], query.shape[1], query.shape[3])
+        # float32 sums in the kernel, one rounding to the dtype at the end
+        tol = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
+        err = float((got.double() - want).abs().max())
+        assert err <= tol * (1 + float(want.abs().max())), f"seed {seed}: max error {err}"
+
+
+def test_tree_merge_rejects_bad_shapes() -> None:
+    gen = torch.Generator().manual_seed(0)
+    case = list(_merge_case(random.Random(0), gen, torch.float32, 1, None))
+    with pytest.raises(ValueError, match="lse_ctx"):
+        kernels.tree_merge(*case[:4], case[4][:, :, :0], *case[5:])
+    with pytest.raises(ValueError, match="valid"):
+        kernels.tree_merge(*case[:6], case[6].int(), *case[7:])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_marginalize_flex_with_the_merge_kernel_equals_without(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """marginalize(attention="flex", depth=3) with marginal._FUSED_MERGE on and off: the same marginals,
+    the kernel really called (ancestors in the tree; the tiny Gemma's window of 64 cuts into it)."""
+    from mtp_lib import marginal as MG
+    from mtp_lib.models import TINY_VOCAB, build_tiny_model
+
+    seed = fresh_seed()
+    model = build_tiny_model(family, n_layers=6 if family == "gemma" else 3, hidden=32, seed=seed).to(DEVICE)
+    ids = torch.randint(0, TINY_VOCAB, (1, 150), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    calls: list[int] = []
+    real = kernels.tree_merge
+
+    def spy(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kernels, "tree_merge", spy)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(MG, "_FUSED_MERGE", fused)
+        results.append(MG.marginalize(model, ids, depth=3, top_p=0.6, positions=[149, 100], attention="flex"))
+    assert calls, "the merge kernel was not called"
+    torch.testing.assert_close(results[0].log_probs, results[1].log_probs, atol=1e-4, rtol=0,
+                               msg=lambda m: f"seed {seed}: {m}")
+
+
+def test_the_merge_kernel_traces_inside_the_compiled_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile=True with attention="flex" and the merge kernel: the step still traces as one graph
+    (fullgraph=True, the eager backend; the kernel is an opaque custom op) and gives the same marginals."""
+    from mtp_lib import marginal as MG
+    from mtp_lib.models import TINY_VOCAB, build_tiny_model
+
+    seed = fresh_seed()
+    model = build_tiny_model("llama", n_layers=2, hidden=32, seed=seed).to(DEVICE)
+    ids = torch.randint(0, TINY_VOCAB, (1, 140), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    kwargs: dict = dict(depth=2, top_p=0.8, positions=[139, 60], attention="flex")
+    want = MG.marginalize(model, ids, **kwargs)
+    monkeypatch.setattr(MG, "_FUSED_MERGE", True)
+    monkeypatch.setattr(MG, "_compiled", lambda base: torch.compile(base, backend="eager", fullgraph=True))
+    step = MG._candidate_step
+    monkeypatch.setattr(MG, "_candidate_step", lambda *a: step(*a[:5], True, True))  # compiled, flex
+    got = MG.marginalize(model, ids, **kwargs)
+    torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-4, rtol=0, msg=lambda m: f"seed {seed}: {m}")
