@@ -105,19 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         return flex_attention(q, k_ctx, v_ctx, block_mask=ctx_mask, scale=scale, enable_gqa=True, **MG._FLEX_LSE,
                               kernel_options=kernel_options)
 
-    def ours() -> torch.Tensor:
-        MG._FLEX_KERNEL_OPTIONS = options
+    def ours(merge_kernel: bool = False) -> torch.Tensor:
+        MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE = options, merge_kernel
         try:
             return MG._tree_attention_forward(layer, q, key, value, ctx_mask, scaling=scale, mtp_tree=tree)[0]
         finally:
-            MG._FLEX_KERNEL_OPTIONS = None
+            MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE = None, False
 
     def ours_merge_kernel() -> torch.Tensor:
-        MG._FUSED_MERGE = True
-        try:
-            return MG._tree_attention_forward(layer, q, key, value, ctx_mask, scaling=scale, mtp_tree=tree)[0]
-        finally:
-            MG._FUSED_MERGE = False
+        return ours(merge_kernel=True)
 
     def one_call() -> torch.Tensor:
         out = flex_attention(q, torch.cat([k_pad, key], 2), torch.cat([v_pad, value], 2), block_mask=one_mask,

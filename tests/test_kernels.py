@@ -4,6 +4,7 @@ CUDA device, or on the CPU with ``TRITON_INTERPRET=1`` (and Triton installed); e
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,19 @@ from seeds import fresh_seed
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNS = kernels.triton is not None and (DEVICE == "cuda" or kernels._interpreting())
 pytestmark = pytest.mark.skipif(not RUNS, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Count the calls of ``kernels.<name>`` (which still runs)."""
+    calls: list[int] = []
+    real = getattr(kernels, name)
+
+    def spy(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(kernels, name, spy)
+    return calls
 
 
 def _case(rng: random.Random, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,14 +96,7 @@ def test_marginal_reduction_fused_equals_plain(monkeypatch: pytest.MonkeyPatch) 
     seed = fresh_seed()
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    calls: list[int] = []
-    real = kernels.weighted_softmax_sum
-
-    def spy(*args: object) -> torch.Tensor:
-        calls.append(1)
-        return real(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(kernels, "weighted_softmax_sum", spy)
+    calls = _spy(monkeypatch, "weighted_softmax_sum")
     for _ in range(3):
         n_rows, vocab = rng.randint(2, 400), rng.randint(5, 3000)
         logits = (torch.randn(n_rows, vocab, generator=gen) * rng.choice([1.0, 20.0])).to(torch.bfloat16).to(DEVICE)
@@ -110,7 +117,7 @@ def test_marginal_reduction_fused_equals_plain(monkeypatch: pytest.MonkeyPatch) 
 
 
 def _merge_case(rng: random.Random, gen: torch.Generator, dtype: torch.dtype, n_anc: int,
-                softcap: float | None) -> tuple:
+                softcap: float | None) -> tuple[Any, ...]:
     """A flex step's tree part on random inputs: layouts as transformers and FlexAttention hand them on."""
     n_kv = rng.choice([1, 2, 3])
     n_heads = n_kv * rng.choice([1, 2, 3])
@@ -143,7 +150,7 @@ def test_tree_merge_matches_the_reference_merge(dtype: torch.dtype) -> None:
         case = _merge_case(rng, gen, dtype, n_anc, softcap)
         query = case[0]
         got = kernels.tree_merge(*case)
-        as64 = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in case]
+        as64: list[Any] = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in case]
         want = MG._merge_tree_part(*as64)
         assert got.dtype == dtype and got.shape == want.shape == (1, query.shape[2], query.shape[1], query.shape[3])
         # float32 sums in the kernel, one rounding to the dtype at the end
@@ -154,11 +161,14 @@ def test_tree_merge_matches_the_reference_merge(dtype: torch.dtype) -> None:
 
 def test_tree_merge_rejects_bad_shapes() -> None:
     gen = torch.Generator().manual_seed(0)
-    case = list(_merge_case(random.Random(0), gen, torch.float32, 1, None))
+    query, key, value, out_ctx, lse, ancestors, valid, scale, _ = _merge_case(random.Random(0), gen, torch.float32, 1,
+                                                                              None)
     with pytest.raises(ValueError, match="lse_ctx"):
-        kernels.tree_merge(*case[:4], case[4][:, :, :0], *case[5:])
+        kernels.tree_merge(query, key, value, out_ctx, lse[:, :, :0], ancestors, valid, scale)
     with pytest.raises(ValueError, match="valid"):
-        kernels.tree_merge(*case[:6], case[6].int(), *case[7:])
+        kernels.tree_merge(query, key, value, out_ctx, lse, ancestors, valid.int(), scale)
+    with pytest.raises(ValueError, match="key and value"):
+        kernels.tree_merge(query, key[:, :, :-1], value, out_ctx, lse, ancestors, valid, scale)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
@@ -171,14 +181,7 @@ def test_marginalize_flex_with_the_merge_kernel_equals_without(family: str, monk
     seed = fresh_seed()
     model = build_tiny_model(family, n_layers=6 if family == "gemma" else 3, hidden=32, seed=seed).to(DEVICE)
     ids = torch.randint(0, TINY_VOCAB, (1, 150), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-    calls: list[int] = []
-    real = kernels.tree_merge
-
-    def spy(*args: object) -> torch.Tensor:
-        calls.append(1)
-        return real(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(kernels, "tree_merge", spy)
+    calls = _spy(monkeypatch, "tree_merge")
     results = []
     for fused in (True, False):
         monkeypatch.setattr(MG, "_FUSED_MERGE", fused)
@@ -202,6 +205,6 @@ def test_the_merge_kernel_traces_inside_the_compiled_step(monkeypatch: pytest.Mo
     monkeypatch.setattr(MG, "_FUSED_MERGE", True)
     monkeypatch.setattr(MG, "_compiled", lambda base: torch.compile(base, backend="eager", fullgraph=True))
     step = MG._candidate_step
-    monkeypatch.setattr(MG, "_candidate_step", lambda *a: step(*a[:5], True, True))  # compiled, flex
+    monkeypatch.setattr(MG, "_candidate_step", lambda *a: step(*a[:5], True, True))  # type: ignore[call-arg]  # compiled, flex
     got = MG.marginalize(model, ids, **kwargs)
     torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-4, rtol=0, msg=lambda m: f"seed {seed}: {m}")
