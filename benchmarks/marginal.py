@@ -396,6 +396,13 @@ def main(argv: list[str] | None = None) -> int:
                            tokens_per_row=row, max_logits_elements=args.max_logits_elements, compile=compiled,
                            attention=attention)
 
+    if args.compile:
+        # every (flex kernel_options, merge) setting compiles the steps anew, static then dynamic, on the
+        # one code object of transformers' forward wrapper; past torch's 8 per code object a setting
+        # would silently run eager
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 + 4 * len(runs))
     for compiled in ([False, True] if args.compile else [False]):
         if compiled:  # compile outside the timing (the first calls compile, then shapes turn dynamic)
             t0 = time.perf_counter()
