@@ -101,6 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _choices(flag: str, value: str, first: str, second: str) -> list[str]:
+    """The comma-separated values of ``flag``, each one of the two allowed."""
+    values = value.split(",")
+    if set(values) - {first, second}:
+        raise SystemExit(f"{flag} {value!r}: give {first}, {second} or both, comma separated")
+    return values
+
+
 def _flex_options(text: str) -> str | None:
     """One --flex-options entry: None for torch's defaults, else the JSON object, normalized."""
     text = text.strip()
@@ -178,13 +186,18 @@ def profile(fn: Callable[[], Any], device: torch.device, path: Path, title: str)
     print(f"wrote {path}", file=sys.stderr)
 
 
+def _device_events(trace: dict[str, Any]) -> list[dict[str, Any]]:
+    """The device's kernels, copies and memsets in a chrome trace of torch.profiler."""
+    return [e for e in trace.get("traceEvents", [])
+            if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+
+
 def kernel_totals(trace: dict[str, Any], top: int = 30) -> list[str]:
     """The ``top`` device kernels by total time, with their whole names (torch.profiler's table cuts
     them, and Inductor's fused kernels are told apart by the ends of their names)."""
     totals: dict[str, list[float]] = {}
-    for e in trace.get("traceEvents", []):
-        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e:
-            totals.setdefault(e["name"], []).append(float(e["dur"]))
+    for e in _device_events(trace):
+        totals.setdefault(e["name"], []).append(float(e["dur"]))
     rows = sorted(totals.items(), key=lambda kv: -sum(kv[1]))[:top]
     lines = [f"kernels by device time (top {top}): {'ms':>8} {'calls':>6} {'us/call':>8}  name"]
     lines += [f"{'':<30} {sum(d) / 1e3:>8.2f} {len(d):>6} {sum(d) / len(d):>8.1f}  {name}" for name, d in rows]
@@ -196,8 +209,7 @@ def device_idle(trace: dict[str, Any], min_gap_us: float = 50.0) -> list[str]:
     their span, and each gap of at least ``min_gap_us`` charged to the ``marginal.*`` range that was
     open on the host when the kernel after the gap was launched (the host was late there)."""
     events = trace.get("traceEvents", [])
-    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
-                     key=lambda e: e["ts"])
+    kernels = sorted(_device_events(trace), key=lambda e: e["ts"])
     if not kernels:
         return ["device idle: no kernels in the trace"]
     launches = {e["args"]["correlation"]: e["ts"] for e in events  # runtime launches, and Triton's by the driver
@@ -351,17 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     positions = list(range(n_ctx - args.positions, n_ctx))
     default_configs = "16384x256,8192x128,32768x512" if device.type == "cuda" else "1024x128"
     configs = [tuple(int(x) for x in c.split("x")) for c in (args.configs or default_configs).split(",")]
-    attentions = args.attention.split(",")
-    if set(attentions) - {"packed", "flex"}:
-        raise SystemExit(f"--attention {args.attention!r}: give packed, flex or both, comma separated")
-    reduces = args.reduce.split(",")
-    if set(reduces) - {"fused", "plain"}:
-        raise SystemExit(f"--reduce {args.reduce!r}: give fused, plain or both, comma separated")
+    attentions = _choices("--attention", args.attention, "packed", "flex")
+    reduces = _choices("--reduce", args.reduce, "fused", "plain")
     fused_possible = device.type == "cuda" and dtype == torch.bfloat16 and kernels.triton is not None
     merge_possible = device.type == "cuda" and kernels.triton is not None
-    merges = args.merge.split(",")
-    if set(merges) - {"fused", "plain"}:
-        raise SystemExit(f"--merge {args.merge!r}: give fused, plain or both, comma separated")
+    merges = _choices("--merge", args.merge, "fused", "plain")
     flex_options = [_flex_options(o) for o in args.flex_options.split(";")]
     # (attention, max_tokens_per_chunk, tokens_per_row, FlexAttention kernel_options as JSON or None, merge):
     # flex runs one row per step, so only the chunk counts

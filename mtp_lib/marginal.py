@@ -276,17 +276,13 @@ def _context_forward(base: nn.Module, input_ids: torch.Tensor, cache: Any) -> An
     return base(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, use_cache=True)
 
 
-_COMPILED_CONTEXT: list[Callable[..., Any]] = []
-
-
+@functools.cache
 def _compiled_context() -> Callable[..., Any]:
     """``torch.compile`` of :func:`_context_forward`, once per process. Compiling this function rather than
     the base model keeps the context pass's compilations (one per model, and one more once sample
     lengths vary) on its own code object: torch allows 8 per code object, and the base models' forward
     wrapper is one code object shared by the transformers model classes, which the candidate steps use."""
-    if not _COMPILED_CONTEXT:
-        _COMPILED_CONTEXT.append(torch.compile(_context_forward))
-    return _COMPILED_CONTEXT[0]
+    return torch.compile(_context_forward)
 
 
 def _mask_for(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -320,15 +316,20 @@ class _Packed:
     n_tok: int  # tokens fed, padding excluded
 
     def to(self, device: torch.device) -> _Packed:
-        """The layout on ``device``, copied from pinned memory without waiting (built on the CPU)."""
+        """The layout on ``device`` (built on the CPU; see :func:`_upload`)."""
         if device.type == "cpu":
             return self
-
-        def up(x: torch.Tensor) -> torch.Tensor:
-            return x.pin_memory().to(device, non_blocking=True)
+        up = functools.partial(_upload, device=device)
         return dataclasses.replace(self, input_ids=up(self.input_ids), pos_ids=up(self.pos_ids),
                                    ctx_end=up(self.ctx_end), ancestors=up(self.ancestors),
                                    leaf_row=up(self.leaf_row), leaf_slot=up(self.leaf_slot))
+
+
+def _upload(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``: to a GPU from pinned memory, without waiting for it."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _pack(positions: torch.Tensor, npos: torch.Tensor, paths: torch.Tensor, leaves_per_row: int,
@@ -523,7 +524,10 @@ def _tree_attention(packed: _Packed, window: int | None, all_sliding: bool,
     return _TreeAttention(kv=kv, ancestors=anc, valid=valid, valid_sliding=valid_sliding, all_sliding=all_sliding)
 
 
-_COMPILED_FLEX: list[Callable[..., Any]] = []
+@functools.cache
+def _compiled_flex() -> Callable[..., Any]:
+    """``torch.compile`` of FlexAttention, once per process (a GPU's flex steps outside ``compile=True``)."""
+    return torch.compile(_flex_attention)
 
 
 def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -568,9 +572,7 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     if torch.compiler.is_compiling():  # inside compile=True: traced with the model (no Python-side state here)
         out = flex(*args, **kwargs)
     elif query.device.type != "cpu":
-        if not _COMPILED_FLEX:
-            _COMPILED_FLEX.append(torch.compile(flex))
-        out = _COMPILED_FLEX[0](*args, **kwargs)
+        out = _compiled_flex()(*args, **kwargs)
     else:
         with warnings.catch_warnings():  # the CPU runs the reference implementation on purpose
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -700,11 +702,7 @@ class _Segments:
 def _segments(npos_host: torch.Tensor, device: torch.device) -> _Segments:
     """Segments of ``npos_host`` (a CPU tensor), copied to ``device`` without waiting for it."""
     uniq, inv, counts = torch.unique_consecutive(npos_host, return_inverse=True, return_counts=True)
-    if device.type == "cuda":
-        uniq_d, inv_d = (x.pin_memory().to(device, non_blocking=True) for x in (uniq, inv))
-    else:
-        uniq_d, inv_d = uniq.to(device), inv.to(device)
-    return _Segments(uniq=uniq_d, inverse=inv_d, uniq_host=uniq.tolist(), counts_host=counts.tolist())
+    return _Segments(uniq=_upload(uniq, device), inverse=_upload(inv, device), uniq_host=uniq.tolist(), counts_host=counts.tolist())
 
 
 def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log_w: torch.Tensor,
