@@ -5,9 +5,10 @@ context ends of a ``--context``-token sample, SmolLM2-135M's heads by default), 
 
   context only      FlexAttention over the context keys with the step's BlockMask, with log-sum-exp
                     (the part every design shares)
-  mtp_lib           mtp_lib.marginal's attention function: the above, and the tree part merged by
-                    elementwise products and the log-sum-exps
-  merge kernel      mtp_lib with the tree part by mtp_lib.kernels.tree_merge (one Triton kernel) instead
+  mtp_lib           mtp_lib.marginal's attention function with marginal._FUSED_MERGE off: the above,
+                    and the tree part merged by elementwise products and the log-sum-exps
+  merge kernel      the same with the tree part by mtp_lib.kernels.tree_merge (one Triton kernel): the
+                    library's default
   one call          one FlexAttention call over the context keys (padded to whole blocks) followed by
                     the step's own keys, the tree part as each query block's diagonal block
 
@@ -107,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
                               kernel_options=kernel_options)
 
     def ours(merge_kernel: bool = False) -> torch.Tensor:
+        saved = MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE
         MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE = options, merge_kernel
         try:
             return MG._tree_attention_forward(layer, q, key, value, ctx_mask, scaling=scale, mtp_tree=tree)[0]
         finally:
-            MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE = None, False
+            MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE = saved
 
     def ours_merge_kernel() -> torch.Tensor:
         return ours(merge_kernel=True)

@@ -71,9 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reduce", default="fused",
                    help="the reduction of bf16 logits on a GPU, comma separated: fused (mtp_lib.kernels, Triton) "
                         "and/or plain (softmax, then a matmul); elsewhere it is plain either way")
-    p.add_argument("--merge", default="plain",
-                   help="the tree part of the flex rows on a GPU, comma separated: plain (elementwise products, "
-                        "fused by torch.compile) and/or fused (mtp_lib.kernels.tree_merge, Triton)")
+    p.add_argument("--merge", default="fused",
+                   help="the tree part of the flex rows on a GPU, comma separated: fused (mtp_lib.kernels.tree_merge, "
+                        "Triton; the library's default) and/or plain (elementwise products, fused by torch.compile)")
     p.add_argument("--flex-options", default="default",
                    help="FlexAttention kernel_options of the flex rows, semicolon separated: default (torch's) "
                         "or a JSON object, e.g. 'default;{\"BLOCK_M\": 64, \"BLOCK_N\": 64, \"num_warps\": 4}' "
@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                      for _ in range(warmup + args.repeats)]
         return statistics.median(times[warmup:])
 
+    defaults = MG._FUSED_REDUCE, MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE  # each row sets its own
     rows: list[dict[str, Any]] = []
     best: tuple[float, MarginalResult, float] | None = None
     first: MarginalResult | None = None
@@ -457,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"reduction, chunk x row {chunk}x{row}{', compiled' if compiled else ''}"
                  f"{f', kernel_options {options}' if options else ''}{', merge kernel' if merge == 'fused' else ''}")
         profile(lambda: run(attention, chunk, row, options, merge, compiled), device, args.profile, title)
-    MG._FUSED_REDUCE, MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE = True, None, False  # the library's defaults again
+    MG._FUSED_REDUCE, MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE = defaults  # the library's defaults again
 
     flops = candidate_flops(lm, result)
     floor_s = flops["total"] / rate["flops_per_s"]

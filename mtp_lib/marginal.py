@@ -431,6 +431,9 @@ _FLEX_BLOCK = 128  # FlexAttention's block size (queries and keys)
 # multiples of BLOCK_M and BLOCK_N.
 _FLEX_KERNEL_OPTIONS: dict[str, Any] | None = None
 _FLEX_ATTENTION = "mtp_lib_tree_flex"  # our attention function's name in transformers' AttentionInterface
+# torch's compiled FlexAttention (a GPU's) refuses heads of fewer dimensions ("NYI: embedding dimension
+# of the query, key, and value must be at least 16", torch 2.11 on an H200)
+_FLEX_MIN_HEAD_DIM = 16
 
 
 try:  # FlexAttention: torch >= 2.5 (older: attention="packed" only)
@@ -450,6 +453,12 @@ _NO_Q_BLOCKS: dict[str, Any] = ({"compute_q_blocks": False} if _BlockMask is not
 def flex_available() -> bool:
     """Whether this torch has FlexAttention (torch >= 2.5)."""
     return _flex_attention is not None
+
+
+def _head_dim(config: Any) -> int:
+    """The attention heads' dimension of a transformers config (``head_dim``, else hidden / heads)."""
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim) if head_dim else int(config.hidden_size) // int(config.num_attention_heads)
 
 
 def _block_lists(listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -543,7 +552,10 @@ def _tree_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     (``benchmarks/flex_tree.py``, one layer of 65,536 slots at SmolLM2's shapes on an H100,
     ``data/results/gpu/benchmark-flex-tree.json``: this takes 0.39 ms, FlexAttention of the context
     part alone 0.29 ms; one FlexAttention call over the context keys followed by the step's own
-    keys, the tree part as their diagonal blocks, took 0.71 ms.)
+    keys, the tree part as their diagonal blocks, took 0.71 ms. On a GPU the tree part is one Triton
+    kernel, :func:`mtp_lib.kernels.tree_merge`, by default (``_FUSED_MERGE``): on an H200 it took
+    0.38 ms per layer in this benchmark against the products' 0.36, yet the whole ``marginalize`` ran
+    1-5% faster with it, where ``torch.compile`` fuses the products with the model's other operations.)
 
     On a GPU outside ``torch.compile`` FlexAttention runs compiled (once per process, shapes dynamic
     after the first recompilation); on the CPU it is FlexAttention's reference implementation.
@@ -683,8 +695,10 @@ def _candidate_step(ctx: _Context, positions: torch.Tensor, npos: torch.Tensor, 
 
 _FUSED_REDUCE = True  # bf16 logits on a GPU with Triton: mtp_lib.kernels.weighted_softmax_sum (False: softmax, matmul)
 # the flex steps' tree part by mtp_lib.kernels.tree_merge on a GPU (False: _merge_tree_part's elementwise
-# products, which torch.compile fuses); off until measured (benchmarks/marginal.py --merge fused,plain)
-_FUSED_MERGE = False
+# products, which torch.compile fuses). Measured side by side, compiled, bf16, H200 (benchmarks/marginal.py
+# --merge fused,plain, in both orders; data/results/gpu/*-flex-h200.json and repeats/*-h200-reversed.json):
+# SmolLM2 0.200 s against 0.205 s and 0.191 against 0.201; Gemma 3 0.210 against 0.212 and 0.207 against 0.218
+_FUSED_MERGE = True
 _DENSE_SEGMENTS = 16  # up to this many (position, top-p) pairs a block is summed by one small matmul
 _DENSE_BF16_ELEMENTS = 2**24  # bf16 blocks: by one matmul while its [pairs, rows] weight matrix stays this small
 
@@ -891,8 +905,9 @@ def marginalize(
             implementation of the model). ``"flex"``: all tokens of a step in one sequence after the
             one cache, FlexAttention over the 128 x 128 blocks that hold allowed pairs only (each
             token computes about ``t + level`` keys instead of ``T + tokens_per_row``; compiled on a
-            GPU, a slow reference implementation on the CPU). ``"auto"``: flex with ``compile=True``
-            on a GPU, packed otherwise (eager on a GPU, packed measured a little faster).
+            GPU, a slow reference implementation on the CPU; on a GPU the heads need at least 16
+            dimensions). ``"auto"``: flex with ``compile=True`` on a GPU, packed otherwise (eager on a
+            GPU, packed measured a little faster; heads of fewer than 16 dimensions).
 
     Returns:
         :class:`MarginalResult` with ``log_probs [P, depth, V]`` (float32) and ``n_candidates [P]``.
@@ -922,7 +937,11 @@ def marginalize(
     # data/results/gpu/benchmark-marginal-smollm2-135m-packed-vs-flex.json): compiled, flex takes
     # 0.23 s where packed takes 0.27-0.28 s; eager, flex is a little slower (0.48 s against 0.46-0.47 s:
     # its tree part runs as separate kernels).
-    flex = attention == "flex" or (attention == "auto" and gpu and compile and flex_available())
+    small_heads = gpu and _head_dim(config) < _FLEX_MIN_HEAD_DIM  # compiled FlexAttention refuses them
+    flex = attention == "flex" or (attention == "auto" and gpu and compile and flex_available() and not small_heads)
+    if flex and small_heads:
+        raise ValueError(f"attention='flex' on a GPU needs heads of at least {_FLEX_MIN_HEAD_DIM} dimensions (torch's "
+                         f"compiled FlexAttention), this model's have {_head_dim(config)}; use attention='packed'")
     if flex and compile and not gpu:
         raise ValueError("compile=True with attention='flex' needs a GPU (torch's compiled FlexAttention on the "
                          "CPU gives no log-sum-exp); use attention='packed' on the CPU")

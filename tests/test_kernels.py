@@ -14,6 +14,9 @@ from seeds import fresh_seed
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNS = kernels.triton is not None and (DEVICE == "cuda" or kernels._interpreting())
+# the tiny models' width: heads of 16 dimensions on a GPU (its compiled FlexAttention refuses fewer),
+# of 8 in the interpreter (faster)
+HIDDEN = 64 if DEVICE == "cuda" else 32
 pytestmark = pytest.mark.skipif(not RUNS, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
 
 
@@ -179,7 +182,7 @@ def test_marginalize_flex_with_the_merge_kernel_equals_without(family: str, monk
     from mtp_lib.models import TINY_VOCAB, build_tiny_model
 
     seed = fresh_seed()
-    model = build_tiny_model(family, n_layers=6 if family == "gemma" else 3, hidden=32, seed=seed).to(DEVICE)
+    model = build_tiny_model(family, n_layers=6 if family == "gemma" else 3, hidden=HIDDEN, seed=seed).to(DEVICE)
     ids = torch.randint(0, TINY_VOCAB, (1, 150), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     calls = _spy(monkeypatch, "tree_merge")
     results = []
@@ -198,7 +201,7 @@ def test_the_merge_kernel_traces_inside_the_compiled_step(monkeypatch: pytest.Mo
     from mtp_lib.models import TINY_VOCAB, build_tiny_model
 
     seed = fresh_seed()
-    model = build_tiny_model("llama", n_layers=2, hidden=32, seed=seed).to(DEVICE)
+    model = build_tiny_model("llama", n_layers=2, hidden=HIDDEN, seed=seed).to(DEVICE)
     ids = torch.randint(0, TINY_VOCAB, (1, 140), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     kwargs: dict = dict(depth=2, top_p=0.8, positions=[139, 60], attention="flex")
     want = MG.marginalize(model, ids, **kwargs)

@@ -529,6 +529,20 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs: dict, name: str
         MG.marginalize(model, ids, **kwargs)
 
 
+@pytest.mark.parametrize(("family", "hidden", "want"), [("llama", 32, 8), ("gpt2", 64, 16), ("gemma", 48, 12),
+                                                     ("gpt_neox", 128, 32)])
+def test_head_dim_of_each_family(family: str, hidden: int, want: int) -> None:
+    assert MG._head_dim(build_tiny_model(family, n_layers=1, hidden=hidden).config) == want
+
+
+def test_flex_on_an_accelerator_rejects_heads_below_16_dimensions() -> None:
+    """torch's compiled FlexAttention refuses heads of fewer than 16 dimensions on a GPU: say so before
+    running anything (a model on the meta device stands for the GPU here)."""
+    model = _tiny("llama", 0, torch.float32).to("meta")  # heads of 8 dimensions
+    with pytest.raises(ValueError, match="at least 16 dimensions.*attention='packed'"):
+        MG.marginalize(model, torch.randint(0, TINY_VOCAB, (1, 5)), attention="flex")
+
+
 @pytest.mark.parametrize("ids", [torch.zeros(1, 0, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long),
                                  torch.zeros(1, 5), torch.full((1, 5), TINY_VOCAB), [[1, 2, 3]]])
 def test_invalid_input_ids_raise_value_error(ids: object) -> None:
