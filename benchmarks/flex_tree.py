@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", default="9,3,64", help="query heads, key-value heads, head dim")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--kernel-options", default="default",
-                   help="FlexAttention kernel_options to time the first two variants with, semicolon separated: "
+                   help="FlexAttention kernel_options to time the context part with, semicolon separated: "
                         "default (torch's) or a JSON object, e.g. 'default;{\"BLOCK_M\": 64, \"BLOCK_N\": 64}'")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     layer = nn.Module()
     layer.layer_idx = 0  # type: ignore[assignment]
 
-    options: dict[str, Any] | None = None  # the kernel_options of the first two variants
+    options: dict[str, Any] | None = None  # the kernel_options of the variant being timed
 
     def context_only() -> Any:
         kernel_options: Any = options
@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.kernel_options.split(";"):
         if text.strip() not in ("", "default"):
             option_list.append(json.loads(text))
-    variants: list[tuple[str, Any, dict[str, Any] | None]] = [("context only", context_only, None), ("mtp_lib", ours, None), ("merge kernel", ours_merge_kernel, None),
-                ("one call", one_call, None)]
+    variants: list[tuple[str, Any, dict[str, Any] | None]] = [
+        ("context only", context_only, None), ("mtp_lib", ours, None), ("merge kernel", ours_merge_kernel, None),
+        ("one call", one_call, None)]
     variants += [("context only", context_only, o) for o in option_list[1:]]
     rows: list[dict[str, Any]] = []
     outs: dict[str, Any] = {}

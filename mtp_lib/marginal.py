@@ -716,7 +716,8 @@ class _Segments:
 def _segments(npos_host: torch.Tensor, device: torch.device) -> _Segments:
     """Segments of ``npos_host`` (a CPU tensor), copied to ``device`` without waiting for it."""
     uniq, inv, counts = torch.unique_consecutive(npos_host, return_inverse=True, return_counts=True)
-    return _Segments(uniq=_upload(uniq, device), inverse=_upload(inv, device), uniq_host=uniq.tolist(), counts_host=counts.tolist())
+    return _Segments(uniq=_upload(uniq, device), inverse=_upload(inv, device), uniq_host=uniq.tolist(),
+                     counts_host=counts.tolist())
 
 
 def _accumulate(acc: torch.Tensor, logits: torch.Tensor, npos: torch.Tensor, log_w: torch.Tensor,
@@ -936,7 +937,7 @@ def marginalize(
     # auto: flex only compiled on a GPU. Measured side by side (SmolLM2, H100, 512-token context:
     # data/results/gpu/benchmark-marginal-smollm2-135m-packed-vs-flex.json): compiled, flex takes
     # 0.23 s where packed takes 0.27-0.28 s; eager, flex is a little slower (0.48 s against 0.46-0.47 s:
-    # its tree part runs as separate kernels).
+    # its tree part ran as separate kernels then; not measured again since the merge kernel).
     small_heads = gpu and _head_dim(config) < _FLEX_MIN_HEAD_DIM  # compiled FlexAttention refuses them
     flex = attention == "flex" or (attention == "auto" and gpu and compile and flex_available() and not small_heads)
     if flex and small_heads:
