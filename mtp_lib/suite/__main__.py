@@ -1,0 +1,64 @@
+"""Command line of the size suite: build the stream, train sizes, analyze them (cached results).
+
+    python -m mtp_lib.suite stream  --profile gpu
+    python -m mtp_lib.suite train   --profile gpu --size 14m 31m
+    python -m mtp_lib.suite analyze --profile gpu --size 14m 31m
+    python -m mtp_lib.suite run     --profile gpu --size 160m      # train, then analyze
+
+Data parallel on several GPUs: ``accelerate launch --multi_gpu --num_processes N -m mtp_lib.suite train ...``
+(only training runs in every process). ``--set key=value`` overrides a setting of the profile
+(for example ``--set steps=20``); values are read as YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from mtp_lib.suite.run import SuiteSettings, analyze_size, stream_result, train_size
+
+
+def _settings(args: argparse.Namespace) -> SuiteSettings:
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return SuiteSettings.from_profile(args.profile, **overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mtp_lib.suite", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["stream", "train", "analyze", "run"])
+    parser.add_argument("--profile", default="cpu", help="tiny, cpu or gpu (chapters/profiles/<profile>.yaml)")
+    parser.add_argument("--size", nargs="*", default=None, help="sizes (default: the profile's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    parser.add_argument("--fresh", action="store_true", help="discard a checkpoint of another run and start over")
+    parser.add_argument("--device", default="auto", help="device of the analyses: auto, cpu or cuda")
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings(args)
+        sizes = args.size or list(settings.sizes)
+        for size in sizes:
+            SuiteSettings(**{**settings.__dict__, "sizes": (size,)})  # checks the size name
+        manifest = stream_result(settings)
+        print(f"stream {manifest.value['fingerprint']}: {manifest.value['tokens']:,} tokens ({manifest.path.name})")
+        for size in sizes if args.command != "stream" else []:
+            if args.command in ("train", "run"):
+                r = train_size(settings, size, fresh=args.fresh)
+                print(json.dumps({k: r.value[k] for k in ("size", "non_embedding_params", "train_tokens",
+                                                          "final_loss", "tokens_per_s", "mfu")}), r.path.name)
+            if args.command in ("analyze", "run"):
+                a = analyze_size(settings, size, device=args.device)
+                print(f"analysis of {size}: {a.path.name}")
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The suite as cached results: the stream, each size's training, each size's analyses.
+
+Three kinds of result, each its own file under ``data/results/<profile>/`` (so the suite can be
+trained over several separate GPU runs, one size at a time):
+
+- ``ch05-stream``: the stream's manifest (sources, licences, token counts, fingerprint);
+- ``ch05-train-<size>``: the size's training record (sizes, tokens seen, losses, tokens/s, MFU);
+- ``ch05-analysis-<size>``: Chapter 1's and 2's analyses of the final weights, and the 2nd-token
+  accuracy along training from the log-spaced snapshots.
+
+The stream, checkpoints and snapshots live outside the repository (``$MTP_CACHE_DIR/suite``); the
+weights are not committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtp_lib import results
+from mtp_lib.suite import analysis, pretrain, shapes
+from mtp_lib.suite.stream import Stream, StreamSpec, build_stream, load_stream
+
+__all__ = ["SuiteSettings", "analyze_size", "stream_result", "suite_dir", "train_size"]
+
+VERSION = 1
+TASKS = ("translation", "open-ended")
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteSettings:
+    """Every setting of the suite (Chapter 5's parameters; the profiles set them)."""
+
+    sizes: tuple[str, ...] = ("micro-32", "micro-64", "micro-128")
+    sources: tuple[str, ...] = ("translation", "kjv", "brown", "austen", "shakespeare", "sentences", "gcide")
+    vocab_size: int = 4096
+    max_docs: int = 0
+    stream_seed: int = 0
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 256
+    micro_batch: int = 0
+    train_seed: int = 1234
+    compile: bool = True
+    n_samples: int = 10
+    last_tokens: int = 20
+    top_k: int = 5
+    top_p: float = 0.99
+    nucleus_top_p: tuple[float, ...] = (0.9,)
+    along_training: bool = True
+    along_samples: int = 10
+    open_ended_tokens: int = 200
+    profile: str = "cpu"
+    compute: bool = True  # False: a missing result is an error that says how to compute it
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for size in self.sizes:
+            shapes.shape(size)
+        StreamSpec(tuple(self.sources), self.vocab_size, self.max_docs, self.stream_seed)
+
+    @classmethod
+    def from_profile(cls, profile: str, **overrides: Any) -> SuiteSettings:
+        """The settings of ``chapters/profiles/<profile>.yaml`` for Chapter 5, then ``overrides``."""
+        path = results.repo_root() / "chapters" / "profiles" / f"{profile}.yaml"
+        if not path.is_file():
+            raise ValueError(f"no profile {profile!r} ({path.name} is missing): choose tiny, cpu or gpu")
+        values = (yaml.safe_load(path.read_text())["chapters"].get("05_size_suite") or {}) | overrides
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - fields
+        if unknown:
+            raise ValueError(f"unknown suite settings {sorted(unknown)}: the settings are {sorted(fields)}")
+        tuples = {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
+        return cls(**(values | tuples | {"profile": profile}))
+
+    @property
+    def stream_spec(self) -> StreamSpec:
+        return StreamSpec(tuple(self.sources), self.vocab_size, self.max_docs, self.stream_seed)
+
+    def train_spec(self, size: str) -> pretrain.TrainSpec:
+        return pretrain.TrainSpec(size=size, steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
+                                  seed=self.train_seed, micro_batch=self.micro_batch, compile=self.compile,
+                                  checkpoint_every=max(50, self.steps // 10))
+
+
+def suite_dir() -> Path:
+    """Where streams, checkpoints and snapshots live: ``$MTP_SUITE_DIR`` or ``$MTP_CACHE_DIR/suite``."""
+    if os.environ.get("MTP_SUITE_DIR"):
+        return Path(os.environ["MTP_SUITE_DIR"])
+    return Path(os.environ.get("MTP_CACHE_DIR", Path.home() / ".cache" / "mtp_lib")) / "suite"
+
+
+def _cached(name: str, config: dict[str, Any], compute: Callable[[], Any], settings: SuiteSettings,
+            how: str, device: Any = None) -> results.CachedResult:
+    path = results.results_dir(settings.profile) / f"{name}-{results.config_key(results.to_jsonable(config), VERSION)}.json"
+    if not settings.compute and not path.is_file():
+        raise FileNotFoundError(f"the {settings.profile} profile has no result {path.name} ({name}), and this run "
+                                f"does not compute (compute=False). Compute it with: {how}")
+    return results.cached(name, config, compute, profile=settings.profile, version=VERSION, device=device)
+
+
+def _stream_folder(settings: SuiteSettings) -> Path:
+    key = results.config_key(results.to_jsonable(dataclasses.asdict(settings.stream_spec)), VERSION)
+    return suite_dir() / f"stream-{key}"
+
+
+def stream_result(settings: SuiteSettings) -> results.CachedResult:
+    """The stream's manifest (building the stream when it is not cached)."""
+    def build() -> dict[str, Any]:
+        return open_stream(settings).manifest
+
+    return _cached("ch05-stream", dataclasses.asdict(settings.stream_spec), build, settings,
+                   f"python -m mtp_lib.suite stream --profile {settings.profile}")
+
+
+def open_stream(settings: SuiteSettings) -> Stream:
+    """The built stream of these settings (built into :func:`suite_dir` the first time)."""
+    folder = _stream_folder(settings)
+    if (folder / "manifest.json").is_file():
+        return load_stream(folder)
+    return build_stream(settings.stream_spec, folder, downloads=suite_dir() / "downloads")
+
+
+def _train_config(settings: SuiteSettings, size: str, fingerprint: str) -> dict[str, Any]:
+    return {"data_fingerprint": fingerprint, "recipe": settings.train_spec(size).recipe()}
+
+
+def run_folder(settings: SuiteSettings, size: str, fingerprint: str) -> Path:
+    key = results.config_key(results.to_jsonable(_train_config(settings, size, fingerprint)), VERSION)
+    return suite_dir() / "runs" / f"{size}-{key}"
+
+
+def train_size(settings: SuiteSettings, size: str, *, fresh: bool = False) -> results.CachedResult:
+    """``size`` trained on the stream (resuming a killed run from its checkpoint)."""
+    manifest = stream_result(settings).value
+    fingerprint = manifest["fingerprint"]
+
+    def train() -> dict[str, Any]:
+        stream = open_stream(settings)
+        eos = stream.tokenizer.eos_token_id
+        return pretrain.pretrain(stream.tokens, stream.fingerprint, len(stream.tokenizer), settings.train_spec(size),
+                                 run_folder(settings, size, fingerprint), eos_id=eos, fresh=fresh,
+                                 progress=settings.progress)
+
+    return _cached(f"ch05-train-{size}", _train_config(settings, size, fingerprint), train, settings,
+                   f"python -m mtp_lib.suite train --profile {settings.profile} --size {size} (on a GPU for the "
+                   "gpu profile)")
+
+
+def _analysis_config(settings: SuiteSettings, size: str, fingerprint: str) -> dict[str, Any]:
+    keys = ("n_samples", "last_tokens", "top_k", "top_p", "nucleus_top_p", "along_training", "along_samples",
+            "open_ended_tokens")
+    return _train_config(settings, size, fingerprint) | {k: getattr(settings, k) for k in keys}
+
+
+def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto") -> results.CachedResult:
+    """Chapter 1's and 2's analyses of ``size`` (final weights), and along its training."""
+    import torch
+
+    from mtp_lib.models import resolve_device
+
+    trained = train_size(settings, size)
+    fingerprint = trained.value["data_fingerprint"]
+    dev = resolve_device(device)
+
+    def analyze() -> dict[str, Any]:
+        stream = open_stream(settings)
+        folder = run_folder(settings, size, fingerprint)
+        config = shapes.gpt_neox_config(size, len(stream.tokenizer), max_positions=max(2048, settings.seq_len),
+                                        eos_id=stream.tokenizer.eos_token_id)
+        samples = {t: analysis.evaluation_samples(stream.tokenizer, t, settings.n_samples,
+                                                  open_ended_tokens=settings.open_ended_tokens) for t in TASKS}
+        final = pretrain.load_snapshot(folder, settings.steps, config).to(dev)
+        out: dict[str, Any] = {"size": size, "device": results.device_name(dev), "final": {}, "lens": {},
+                               "along": {}}
+        for task in TASKS:
+            out["final"][task] = analysis.marginal_hits(final, samples[task], last=settings.last_tokens,
+                                                        k=settings.top_k, top_p=settings.top_p,
+                                                        nucleus_top_p=settings.nucleus_top_p)
+            out["lens"][task] = analysis.lens_kl(final, samples[task], last=settings.last_tokens)
+        del final
+        if settings.along_training:
+            for step in pretrain.snapshot_steps(settings.steps)[:-1]:
+                model = pretrain.load_snapshot(folder, step, config).to(dev)
+                out["along"][str(step)] = {
+                    t: analysis.marginal_hits(model, samples[t][:settings.along_samples], last=settings.last_tokens,
+                                              k=settings.top_k, top_p=settings.top_p, nucleus_top_p=())
+                    for t in TASKS}
+                del model
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        return out
+
+    return _cached(f"ch05-analysis-{size}", _analysis_config(settings, size, fingerprint), analyze, settings,
+                   f"python -m mtp_lib.suite analyze --profile {settings.profile} --size {size}", device=dev)

@@ -1,0 +1,243 @@
+"""The size suite: stream, schedule and data order, pretraining with exact resume, bad input, analyses."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import tarfile
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtp_lib import data
+from mtp_lib.suite import analysis, pretrain, shapes
+from mtp_lib.suite import sources as S
+from mtp_lib.suite.run import SuiteSettings, train_size
+from mtp_lib.suite.stream import StreamSpec, build_stream, held_out_overlap, load_stream
+
+from seeds import fresh_seed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("stream")
+    return build_stream(StreamSpec(("translation",), vocab_size=300, max_docs=300), folder / "s",
+                        downloads=folder / "dl")
+
+
+def test_stream_is_deterministic_and_holds_no_evaluation_text(stream, tmp_path: Path) -> None:
+    again = build_stream(StreamSpec(("translation",), vocab_size=300, max_docs=300), tmp_path / "s",
+                         downloads=tmp_path / "dl")
+    assert again.fingerprint == stream.fingerprint
+    assert np.array_equal(np.asarray(again.tokens), np.asarray(stream.tokens))
+    texts = stream.dataset()["text"]
+    assert len(texts) == 300 and stream.manifest["sources"]["translation"]["documents"] == 300
+    validation = [data.translation_prompt(p)[1] for p in data.load_translation("validation")[:200]]
+    assert not set(validation) & set(texts)
+    eos = stream.tokenizer.eos_token_id
+    assert int((np.asarray(stream.tokens) == eos).sum()) == 300  # one end-of-text per document
+    assert stream.tokenizer.decode(stream.dataset()["input_ids"][0]) == texts[0]
+
+
+def test_held_out_overlap_finds_copies_whatever_their_spacing() -> None:
+    rng = random.Random(fresh_seed())
+    words = [f"w{rng.randrange(10**6)}" for _ in range(40)]
+    text = " ".join(words)
+    copy = "Intro. " + ",  ".join(words).upper() + " outro"
+    other = " ".join(f"v{rng.randrange(10**6)}" for _ in range(40))
+    half = " ".join(words[:26])
+    share = held_out_overlap([copy, other], {"a": text})["a"]
+    assert share == 1.0
+    assert held_out_overlap([other], {"a": text})["a"] == 0.0
+    assert math.isclose(held_out_overlap([half], {"a": text})["a"], (26 - 11) / (40 - 11))
+
+
+def test_brown_reader_drops_the_evaluation_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    tgz = tmp_path / "brown.tgz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        for name, body in [("ca01", "The/at jury/nn said/vbd ./."), ("ca02", "It/pps rained/vbd ./.")]:
+            blob = body.encode()
+            info = tarfile.TarInfo(f"package/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    monkeypatch.setattr(S, "held_out_brown_files", lambda: {"ca01"})
+    assert list(S.read_source("brown", {"brown": tgz}, tmp_path)) == ["It rained."]
+
+
+def test_validation_rule_matches_the_committed_split() -> None:
+    val = {p.id.split("/")[-1] for p in data.load_translation("validation")}
+    train = [p.id.split("/")[-1] for p in data.load_translation("train")[:3000]]
+    assert all(S.is_validation_chapter(ref) for ref in val)
+    assert not any(S.is_validation_chapter(ref) for ref in train)
+
+
+def test_learning_rate_and_data_order() -> None:
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    steps, n, b = rng.randrange(50, 400), rng.randrange(5, 40), rng.randrange(1, 9)
+    spec = pretrain.TrainSpec("micro-32", steps, lr=1e-3)
+    warm = max(1, round(0.01 * steps))
+    lrs = [pretrain.learning_rate(spec, s) for s in range(steps)]
+    assert math.isclose(lrs[warm - 1], 1e-3) and all(a <= 1e-3 + 1e-15 for a in lrs), f"seed {seed}"
+    assert math.isclose(pretrain.learning_rate(spec, steps), 1e-4), f"seed {seed}"  # decays to 10%
+    assert all(x >= y for x, y in zip(lrs[warm:], lrs[warm + 1:])), f"seed {seed}"
+    order = np.concatenate([pretrain.batch_windows(s, b, n, 7) for s in range(3 * n)])
+    for e in range(3 * b):  # every epoch visits every window once
+        assert sorted(order[e * n:(e + 1) * n]) == list(range(n)), f"seed {seed}"
+    assert not np.array_equal(order[:n], order[n:2 * n]) or n < 3
+    assert np.array_equal(pretrain.batch_windows(3, b, n, 7), order[3 * b:4 * b])
+    assert pretrain.snapshot_steps(100) == [0, 1, 2, 4, 8, 16, 32, 64, 100]
+
+
+def _spec(**kw) -> pretrain.TrainSpec:
+    return pretrain.TrainSpec(**({"size": "micro-32", "steps": 6, "batch_size": 4, "seq_len": 16, "compile": False,
+                                  "log_every": 1, "checkpoint_every": 3} | kw))
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(stream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vocab = len(stream.tokenizer)
+    whole = pretrain.pretrain(stream.tokens, stream.fingerprint, vocab, _spec(), tmp_path / "a", progress=False)
+    calls = {"n": 0}
+    original = pretrain._Run.train_step
+
+    def dies_after_five(self):
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self)
+
+    monkeypatch.setattr(pretrain._Run, "train_step", dies_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.pretrain(stream.tokens, stream.fingerprint, vocab, _spec(), tmp_path / "b", progress=False)
+    monkeypatch.setattr(pretrain._Run, "train_step", original)
+    resumed = pretrain.pretrain(stream.tokens, stream.fingerprint, vocab, _spec(), tmp_path / "b", progress=False)
+    assert resumed["throughput"]["resumed_from_step"] == 4  # the checkpoint of step 4; step 5 is redone
+    assert resumed["history"] == whole["history"]
+    config = shapes.gpt_neox_config("micro-32", vocab)
+    for step in (0, 4, 6):
+        a = pretrain.load_snapshot(tmp_path / "a", step, config).state_dict()
+        b = pretrain.load_snapshot(tmp_path / "b", step, config).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"step {step}"
+    assert whole["history"][-1]["loss"] < whole["history"][0]["loss"]
+    assert whole["train_tokens"] == 6 * 4 * 16 and whole["data_fingerprint"] == stream.fingerprint
+
+
+def test_a_checkpoint_of_another_run_or_a_broken_one_is_refused(stream, tmp_path: Path) -> None:
+    vocab = len(stream.tokenizer)
+    pretrain.pretrain(stream.tokens, stream.fingerprint, vocab, _spec(steps=3), tmp_path, progress=False)
+    with pytest.raises(RuntimeError, match=r"belongs to another run.*recipe.size.*micro-64.*fresh=True"):
+        pretrain.pretrain(stream.tokens, stream.fingerprint, vocab, _spec(size="micro-64", steps=3), tmp_path,
+                          progress=False)
+    with pytest.raises(RuntimeError, match="data: checkpoint"):
+        pretrain.pretrain(stream.tokens, "0" * 16, vocab, _spec(steps=3), tmp_path, progress=False)
+    snapshots = sorted(tmp_path.glob("step-*.safetensors"))
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="cannot be read.*corrupted"):
+        pretrain.pretrain(stream.tokens, stream.fingerprint, vocab, _spec(steps=3), tmp_path, progress=False)
+    assert sorted(tmp_path.glob("step-*.safetensors")) == snapshots  # nothing trained is lost
+    fresh = pretrain.pretrain(stream.tokens, stream.fingerprint, vocab, _spec(size="micro-64", steps=3), tmp_path,
+                              fresh=True, progress=False)
+    assert fresh["size"] == "micro-64"
+
+
+def test_bad_sizes_and_settings_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="unknown size '7b'.*14m"):
+        pretrain.TrainSpec("7b", 10)
+    with pytest.raises(ValueError, match="unknown suite settings"):
+        SuiteSettings.from_profile("tiny", learning_rate=1)
+    card = types.SimpleNamespace(total_memory=8 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    with pytest.raises(RuntimeError, match="needs about .* GiB, the device has 8 GiB: lower micro_batch"):
+        pretrain._check_fits(_spec(size="410m", seq_len=2048), 50000, 64, torch.device("cuda"))
+    pretrain._check_fits(_spec(size="14m"), 16384, 8, torch.device("cuda"))
+
+
+def test_a_missing_gpu_result_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path))
+    settings = SuiteSettings.from_profile("gpu")
+    assert not settings.compute and "160m" in settings.sizes
+    with pytest.raises(FileNotFoundError, match="python -m mtp_lib.suite stream --profile gpu"):
+        train_size(settings, "160m")
+
+
+def test_model_shapes_follow_pythia() -> None:
+    from transformers import GPTNeoXForCausalLM
+
+    counts = {}
+    for size in ("14m", "70m"):
+        model = GPTNeoXForCausalLM(shapes.gpt_neox_config(size, 50304))
+        counts[size] = shapes.param_counts(model)
+    # Pythia's published sizes with its 50,304-token vocabulary: 14,067,712 and 70,426,624 parameters
+    assert counts["14m"]["params"] == 14_067_712 and counts["70m"]["params"] == 70_426_624
+    assert counts["14m"]["non_embedding_params"] == 1_189_888
+
+
+def test_marginal_hits_against_brute_force(stream) -> None:
+    """top_p = 1: the 2nd-token marginal is an exact sum over the vocabulary, computed here by one
+    forward pass per intermediate token y, in float64."""
+    from transformers import GPTNeoXForCausalLM
+
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    vocab = len(stream.tokenizer)
+    model = GPTNeoXForCausalLM(shapes.gpt_neox_config("micro-32", vocab)).double().eval()
+    sample = analysis.evaluation_samples(stream.tokenizer, "translation", 1)[0]
+    got = analysis.marginal_hits(model, [sample], last=3, k=5, top_p=1.0, nucleus_top_p=())[0]
+    ids = torch.tensor(sample.input_ids)
+    want1, want2 = [], []
+    with torch.no_grad():
+        for j in data.evaluation_targets(sample, 3):
+            p_next = model(ids[None, :j]).logits[0, -1].softmax(-1)
+            want1.append(int((p_next > p_next[ids[j]]).sum() < 5))
+            p_y = model(ids[None, :j - 1]).logits[0, -1].softmax(-1)
+            ctx = ids[:j - 1].repeat(vocab, 1)
+            after = model(torch.cat([ctx, torch.arange(vocab)[:, None]], 1)).logits[:, -1].softmax(-1)
+            marginal = (p_y[:, None] * after).sum(0)
+            want2.append(int((marginal > marginal[ids[j]]).sum() < 5))
+    assert got["next"] == want1 and got["second"] == want2, f"seed {seed}"
+    assert got["nucleus"]["1"] == [vocab] * 3
+
+
+_DDP_SCRIPT = """
+import sys, numpy as np
+from pathlib import Path
+from mtp_lib.suite import pretrain
+from mtp_lib.suite.stream import load_stream
+stream = load_stream(Path(sys.argv[1]))
+spec = pretrain.TrainSpec("micro-64", 4, batch_size=8, seq_len=16, compile=False, log_every=1)
+rec = pretrain.pretrain(stream.tokens, stream.fingerprint, len(stream.tokenizer), spec, Path(sys.argv[2]),
+                        progress=False)
+print("processes", rec["throughput"]["processes"])
+"""
+
+
+def test_two_processes_train_what_one_does(stream, tmp_path: Path) -> None:
+    """Data parallel (torchrun, gloo on the CPU, as ``accelerate launch`` starts it on GPUs): each
+    process takes half of every global batch; the weights equal one process's up to summation order."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    runs = {}
+    for n in (1, 2):
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+                    if n > 1 else [sys.executable])
+        out = subprocess.run([*launcher, str(script), str(stream.folder), str(tmp_path / str(n))],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             cwd=Path(__file__).resolve().parents[1])
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"processes {n}" in out.stdout
+        runs[n] = load_file(str(tmp_path / str(n) / "step-000004.safetensors"))
+    for name, value in runs[1].items():
+        diff = (value.double() - runs[2][name].double()).abs().max().item()
+        assert diff <= 3e-5, f"{name} differs by {diff}"  # 1% of one AdamW step at lr 3e-3
