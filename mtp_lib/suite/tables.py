@@ -1,0 +1,205 @@
+"""Chapter 5's tables and the size claims' verdicts, from the suite's cached results.
+
+The claims are trends over model size. Every size is evaluated on the same samples and the same
+target tokens (one tokenizer), so a trend is estimated *paired*: a bootstrap draws samples, every
+size's statistic is recomputed on the drawn samples, and the least-squares slope against
+log10(non-embedding parameters) is fitted to those; the 95% percentile interval of the slope goes
+to :func:`mtp_lib.report.verdict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mtp_lib.metrics import Interval, mean_with_ci
+from mtp_lib.report import verdict
+
+__all__ = ["accuracy_frame", "along_frame", "kl_at_depth", "kl_frame", "loss_frame", "nucleus_frame",
+           "paired_trend", "size_claims", "size_table", "source_table", "standin_text"]
+
+TASKS = ("translation", "open-ended")
+OFFSETS = {1: "next", 2: "second"}
+MODEL = "book suite"
+
+
+def size_table(trains: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per size: shape, parameters, tokens seen (per parameter, epochs), loss, speed."""
+    rows = []
+    for size, r in trains.items():
+        v = r.value
+        s = v["shape"]
+        rows.append({"size": size, "d / L / H": f"{s['d_model']} / {s['n_layers']} / {s['n_heads']}",
+                     "params": v["params"], "non-embedding params": v["non_embedding_params"],
+                     "tokens seen": v["train_tokens"], "tokens per non-emb. param": round(
+                         v["train_tokens"] / v["non_embedding_params"]), "epochs": round(v["epochs"], 2),
+                     "peak lr": v["recipe"]["peak_lr"], "final loss": v["final_loss"],
+                     "tokens/s": v["tokens_per_s"], "MFU": v["mfu"], "device": v["throughput"]["device"]})
+    return pd.DataFrame(rows).set_index("size")
+
+
+def loss_frame(trains: Mapping[str, Any]) -> pd.DataFrame:
+    return pd.DataFrame([{"size": size, **h} for size, r in trains.items() for h in r.value["history"]])
+
+
+def _hits(records: Sequence[Mapping[str, Any]], offset: int) -> tuple[np.ndarray, list[str]]:
+    key = OFFSETS[offset]
+    values = [h for rec in records for h in rec[key]]
+    groups = [rec["id"] for rec in records for _ in rec[key]]
+    return np.asarray(values, dtype=float), groups
+
+
+def _nominal(size: str, trains: Mapping[str, Any]) -> float:
+    # Pythia sizes sit at their nominal size (as the paper's axis); ours otherwise at their parameters
+    return float(size[:-1]) * (1e6 if size.endswith("m") else 1e9) if size[0].isdigit() else float(
+        trains[size].value["params"])
+
+
+def accuracy_frame(trains: Mapping[str, Any], analyses: Mapping[str, Any]) -> pd.DataFrame:
+    """Rows for :func:`mtp_lib.plots.marginal.accuracy_by_size`: top-k accuracy with intervals."""
+    rows = []
+    for size, a in analyses.items():
+        for task in TASKS:
+            for offset in OFFSETS:
+                hits, groups = _hits(a.value["final"][task], offset)
+                ci = mean_with_ci(hits, groups=groups)
+                rows.append({"model": MODEL, "size": size, "params": _nominal(size, trains), "task": task,
+                             "offset": offset, "accuracy": ci.mean, "accuracy_lo": ci.lo, "accuracy_hi": ci.hi})
+    return pd.DataFrame(rows)
+
+
+def nucleus_frame(trains: Mapping[str, Any], analyses: Mapping[str, Any]) -> pd.DataFrame:
+    """Rows for :func:`mtp_lib.plots.marginal.nucleus_by_size`: mean nucleus size with intervals."""
+    rows = []
+    for size, a in analyses.items():
+        for task in TASKS:
+            records = a.value["final"][task]
+            for q in records[0]["nucleus"]:
+                values = [n for rec in records for n in rec["nucleus"][q]]
+                groups = [rec["id"] for rec in records for _ in rec["nucleus"][q]]
+                ci = mean_with_ci(np.asarray(values, dtype=float), groups=groups)
+                rows.append({"model": MODEL, "size": size, "params": _nominal(size, trains), "task": task,
+                             "top_p": float(q), "nucleus": ci.mean, "nucleus_lo": ci.lo, "nucleus_hi": ci.hi})
+    return pd.DataFrame(rows)
+
+
+def kl_frame(analyses: Mapping[str, Any], task: str = "translation") -> pd.DataFrame:
+    """Rows for :func:`mtp_lib.plots.lens.kl_by_depth`: per size, sample and layer l, KL at depth l / L."""
+    rows = []
+    for size, a in analyses.items():
+        for per_sample in a.value["lens"][task]:
+            n = len(per_sample)
+            rows += [{"model": size, "depth": (i + 1) / n, "kl": kl} for i, kl in enumerate(per_sample)]
+    return pd.DataFrame(rows)
+
+
+def along_frame(trains: Mapping[str, Any], analyses: Mapping[str, Any]) -> pd.DataFrame:
+    """2nd- and next-token accuracy at each log-spaced snapshot (and the final weights)."""
+    rows = []
+    for size, a in analyses.items():
+        tokens_per_step = trains[size].value["train_tokens"] / trains[size].value["recipe"]["steps"]
+        steps = {**a.value["along"], str(trains[size].value["recipe"]["steps"]): a.value["final"]}
+        for step, by_task in steps.items():
+            for task in TASKS:
+                n = len(by_task[task]) if step in a.value["along"] else len(next(iter(a.value["along"].values()))[task])
+                for offset in OFFSETS:
+                    hits, _ = _hits(by_task[task][:n], offset)
+                    rows.append({"size": size, "step": int(step), "tokens": int(step) * tokens_per_step,
+                                 "task": task, "offset": offset, "accuracy": float(hits.mean())})
+    return pd.DataFrame(rows)
+
+
+def kl_at_depth(per_sample: Sequence[float], depth: float = 0.5) -> float:
+    """KL at normalized depth ``depth``, linearly interpolated between layers (layer l at l / L)."""
+    n = len(per_sample)
+    return float(np.interp(depth, np.arange(1, n + 1) / n, per_sample))
+
+
+def paired_trend(stat: Callable[[str, np.ndarray], float], sizes: Sequence[str], x: Sequence[float],
+                 n_samples: int, *, n_boot: int = 2000, seed: int = 0) -> Interval:
+    """Slope of ``stat(size, samples)`` against ``x`` (least squares), with a paired bootstrap: every
+    draw of sample indices is shared by all sizes. ``stat`` gets the size and an index array."""
+    xs = np.asarray(x, dtype=float)
+    xs = xs - xs.mean()
+
+    def slope(idx: np.ndarray) -> float:
+        ys = np.array([stat(s, idx) for s in sizes])
+        return float((xs * (ys - ys.mean())).sum() / (xs ** 2).sum())
+
+    rng = np.random.default_rng(seed)
+    boots = [slope(rng.integers(0, n_samples, n_samples)) for _ in range(n_boot)]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return Interval(slope(np.arange(n_samples)), float(lo), float(hi))
+
+
+def _per_sample(analyses: Mapping[str, Any], size: str, task: str, fn: Callable[[Mapping[str, Any]], float]
+                ) -> np.ndarray:
+    return np.array([fn(rec) for rec in analyses[size].value["final"][task]])
+
+
+def size_claims(trains: Mapping[str, Any], analyses: Mapping[str, Any], *, min_samples: int = 5,
+                n_boot: int = 2000) -> pd.DataFrame:
+    """The paper's size claims, each a paired trend over our sizes with its verdict.
+
+    - 2nd-token accuracy grows with size (Figure 1): slope of accuracy per decade of parameters > 0;
+    - the nucleus shrinks with size (Figure 4): slope of log10(mean top-p nucleus) < 0;
+    - layers specialize earlier in larger models (Figure 2): slope of the logit lens' KL at half
+      depth < 0 (on the translation positions, as the paper).
+    """
+    sizes = sorted(analyses, key=lambda s: trains[s].value["non_embedding_params"])
+    x = [np.log10(trains[s].value["non_embedding_params"]) for s in sizes]
+    rows = []
+    for task in TASKS:
+        acc2 = {s: _per_sample(analyses, s, task, lambda r: float(np.mean(r["second"]))) for s in sizes}
+        q = max(analyses[sizes[0]].value["final"][task][0]["nucleus"], key=float)  # the marginal's own top-p
+        nuc = {s: _per_sample(analyses, s, task, lambda r, q=q: float(np.mean(r["nucleus"][q]))) for s in sizes}
+        n = len(acc2[sizes[0]])
+        checks = [("2nd-token accuracy grows with size", "accuracy per decade", "greater",
+                   lambda s, i, d=acc2: float(d[s][i].mean())),
+                  (f"the top-{q} nucleus shrinks with size", "log10 candidates per decade", "less",
+                   lambda s, i, d=nuc: float(np.log10(d[s][i].mean())))]
+        if task == "translation":
+            kl = {s: np.array([kl_at_depth(p) for p in analyses[s].value["lens"][task]]) for s in sizes}
+            checks.append(("layers specialize earlier in larger models (KL at half depth falls)",
+                           "nats per decade", "less", lambda s, i, d=kl: float(d[s][i].mean())))
+        for claim, unit, direction, stat in checks:
+            trend = paired_trend(stat, sizes, x, n, n_boot=n_boot)
+            v = verdict(trend, direction=direction, samples=n, min_samples=min_samples)
+            rows.append({"claim": claim, "task": task, "slope": f"{v.text.split(':')[0]} {unit}",
+                         "verdict": v.label, "per size": ", ".join(
+                             f"{s} {stat(s, np.arange(n)):.3g}" for s in sizes)})
+    return pd.DataFrame(rows)
+
+
+def source_table(manifest: Mapping[str, Any]) -> pd.DataFrame:
+    """The stream's sources: package, licence, documents, words, tokens and share of the stream."""
+    rows = [{"source": name, "package": f"{s['package']} {s['version']} ({s['registry']})", "licence": s["licence"],
+             "documents": s["documents"], "words": s["words"], "tokens": s["tokens"],
+             "share": round(s["tokens"] / manifest["tokens"], 3), "what": s["description"]}
+            for name, s in manifest["sources"].items()]
+    return pd.DataFrame(rows).set_index("source")
+
+
+def standin_text(trains: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
+    """Where a suite this small and this briefly trained can and cannot stand in for Pythia, in numbers:
+    Pythia's models saw 300B tokens of the Pile (about 1.5 epochs of a 207B-token deduplicated
+    corpus; Biderman et al. 2023)."""
+    pythia_tokens = 300e9
+    lines = []
+    for size, r in trains.items():
+        v = r.value
+        ours = v["train_tokens"] / v["non_embedding_params"]
+        line = (f"- **{size}**: {v['train_tokens']:,} tokens seen, {ours:,.1f} per non-embedding parameter "
+                f"({v['epochs']:.2g} epochs of our stream)")
+        if size[0].isdigit():  # a Pythia shape: same non-embedding parameters as Pythia's model
+            theirs = pythia_tokens / v["non_embedding_params"]
+            line += f"; Pythia-{size} saw {theirs:,.0f} per non-embedding parameter, {theirs / ours:,.0f} times more"
+        lines.append(line + ".")
+    return ("Our stream holds {:,} tokens ({:,} documents) of public-domain and permissively licensed English "
+            "(books of the 18th-19th centuries, a 1961 corpus, a Bible, a 1913 dictionary, miscellaneous "
+            "sentences) and Spanish-English verse pairs: a far narrower, older and smaller domain than the Pile's "
+            "825 GB of web, code, papers and books.\n\n".format(manifest["tokens"], manifest["documents"])
+            + "\n".join(lines))
