@@ -11,6 +11,13 @@ A result lives in one small JSON file ``data/results/<profile>/<name>-<key>.json
 the configuration together with ``version``, the code version of the analysis: bump it when the
 analysis changes what it computes, and old results stop matching. Committed result files let anyone
 rebuild the book without recomputing; ``recompute=True`` ignores them and overwrites.
+
+Results are written to ``$MTP_RESULTS_DIR/<profile>`` when that is set (a folder outside the checkout),
+and read from there first, then from the committed ``data/results/<profile>``. When
+``$MTP_NO_COMPUTE`` holds a sentence (the book sets it for a GPU profile on a machine without a GPU),
+a missing result raises :class:`MissingResultError` with that sentence instead of computing it.
+The provenance's ``source`` (:mod:`mtp_lib.sources`) makes every result traceable to the code that
+computed it, with or without git.
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CachedResult", "cached", "config_key", "provenance", "repo_root", "results_dir", "to_jsonable"]
+from .sources import SourceStatus, announce, source_record, source_status
+
+__all__ = ["CachedResult", "MissingResultError", "cached", "config_key", "provenance", "repo_root", "results_dir",
+           "to_jsonable"]
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
@@ -45,6 +55,24 @@ def results_dir(profile: str) -> Path:
         raise ValueError(f"profile={profile!r} must be a non-empty name of lowercase letters, digits, '-', '_'")
     base = os.environ.get("MTP_RESULTS_DIR")
     return (Path(base) if base else repo_root() / "data" / "results") / profile
+
+
+def _search_dirs(profile: str) -> list[Path]:
+    """Where a result is looked for: the results folder, then the committed one if that differs."""
+    first, committed = results_dir(profile), repo_root() / "data" / "results" / profile
+    return [first] if first.resolve() == committed.resolve() else [first, committed]
+
+
+def _shown(path: Path) -> str:
+    """A path as a message shows it: relative to the checkout when inside it."""
+    try:
+        return path.resolve().relative_to(repo_root()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+class MissingResultError(RuntimeError):
+    """A result is not stored and computing it is off for this run ($MTP_NO_COMPUTE)."""
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -103,13 +131,34 @@ def device_name(device: Any = None) -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def provenance(*, device: Any = None, wall_time_s: float | None = None) -> dict[str, Any]:
-    """Who computed a result: git commit (and whether the tree had changes), versions, device, date."""
+def _commit() -> tuple[str | None, bool | None, str | None]:
+    """The git commit (and whether the tree had changes) and where it came from: git, else $MTP_GIT_COMMIT."""
     commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    if commit:
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        return commit, (bool(dirty) if dirty is not None else None), "git"
+    passed = os.environ.get("MTP_GIT_COMMIT", "").strip()
+    if passed:
+        flag = os.environ.get("MTP_GIT_DIRTY", "").strip().lower()
+        return passed, {"1": True, "true": True, "0": False, "false": False}.get(flag), "MTP_GIT_COMMIT"
+    return None, None, None
+
+
+def provenance(*, device: Any = None, wall_time_s: float | None = None,
+               source: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Who computed a result: git commit, a digest of the source that ran, versions, device, date.
+
+    The commit comes from git when the checkout has its history, else from ``$MTP_GIT_COMMIT`` (and
+    ``$MTP_GIT_DIRTY``: 1 or 0), which a run on a machine without the history passes in. ``source``
+    names the file that ran (a chapter or a script; default ``$MTP_SOURCE``, else the checkout's
+    loaded scripts): see :func:`mtp_lib.sources.source_record`.
+    """
+    commit, dirty, origin = _commit()
     return {
         "git_commit": commit,
-        "git_dirty": bool(dirty) if dirty is not None else None,
+        "git_dirty": dirty,
+        "git_commit_from": origin,
+        "source": source_record(source),
         "versions": _versions(),
         "device": device_name(device),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -128,6 +177,11 @@ class CachedResult:
     path: Path
     loaded: bool
 
+    @property
+    def source_status(self) -> SourceStatus:
+        """Whether the source that computed it is the current one (see :mod:`mtp_lib.sources`)."""
+        return source_status(self.provenance)
+
 
 def cached(name: str, config: Mapping[str, Any], compute: Callable[[], Any], *, profile: str, version: int = 1,
            recompute: bool = False, device: Any = None) -> CachedResult:
@@ -144,12 +198,16 @@ def cached(name: str, config: Mapping[str, Any], compute: Callable[[], Any], *, 
         raise ValueError(f"config must be a mapping, got {type(config).__name__}")
     cfg = to_jsonable(config)
     key = config_key(cfg, version)
-    path = results_dir(profile) / f"{name}-{key}.json"
-    if path.is_file() and not recompute:
-        stored = json.loads(path.read_text())
+    file = f"{name}-{key}.json"
+    found = [d / file for d in _search_dirs(profile) if (d / file).is_file()]
+    if found and not recompute:
+        stored = json.loads(found[0].read_text())
         if stored.get("config") != cfg or stored.get("version") != version:
-            raise RuntimeError(f"{path.name} does not hold the configuration it is named after; delete it")
-        return CachedResult(name, cfg, stored["result"], stored["provenance"], path, loaded=True)
+            raise RuntimeError(f"{file} does not hold the configuration it is named after; delete it")
+        announce(name, stored["provenance"])
+        return CachedResult(name, cfg, stored["result"], stored["provenance"], found[0], loaded=True)
+    path = results_dir(profile) / file
+    _refuse_if_no_compute(name, cfg, profile, file, recompute)
     start = time.perf_counter()
     value = to_jsonable(compute())
     prov = provenance(device=device, wall_time_s=time.perf_counter() - start)
@@ -159,3 +217,15 @@ def cached(name: str, config: Mapping[str, Any], compute: Callable[[], Any], *, 
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return CachedResult(name, cfg, value, prov, path, loaded=False)
+
+
+def _refuse_if_no_compute(name: str, cfg: Mapping[str, Any], profile: str, file: str, recompute: bool) -> None:
+    """Raise :class:`MissingResultError` when ``$MTP_NO_COMPUTE`` is set: say what is missing and how to fill it."""
+    how = os.environ.get("MTP_NO_COMPUTE", "").strip()
+    if not how:
+        return
+    shown = json.dumps(cfg, sort_keys=True)
+    what = (f"recomputing {name} was asked for" if recompute else
+            f"result {file} of profile {profile!r} is not stored (looked in "
+            f"{' and '.join(_shown(d) for d in _search_dirs(profile))})")
+    raise MissingResultError(f"{what}; its configuration: {shown[:300]}{'...' if len(shown) > 300 else ''}. {how}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nbformat as nbf
@@ -26,7 +27,7 @@ def _notebook(path: Path, cells: list[tuple[str, str, list[str]]]) -> None:
 @pytest.fixture
 def toy_book(tmp_path: Path) -> Path:
     (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: chapters/a\n"
-                                       "  - file: chapters/b\n")
+                                       "  - file: chapters/b\n  - file: chapters/c\n")
     (tmp_path / "intro.md").write_text("# Intro\n")
     _notebook(tmp_path / "chapters/a.ipynb", [
         ("markdown", "# A", []),
@@ -39,6 +40,13 @@ def toy_book(tmp_path: Path) -> Path:
         ("code", "x = 1", []),
         ("code", "if fail:\n    raise ValueError('broken on purpose')", []),
     ])
+    _notebook(tmp_path / "chapters/c.ipynb", [
+        ("code", "profile = 'good'\nk = 1", ["parameters"]),
+        ("code", "import os\nfrom mtp_lib.results import cached, results_dir\n"
+                 "r = cached('toy', {'k': k}, lambda: k * 7, profile=profile)\n"
+                 "s = cached('toy', {'k': k}, lambda: 0, profile=profile)\n"
+                 "print('toy', r.value, r.loaded, s.loaded, results_dir(profile), os.environ.get('MTP_SOURCE'))", []),
+    ])
     prof = tmp_path / "chapters" / "profiles"
     prof.mkdir()
     (prof / "good.yaml").write_text("description: ok\nparameters:\n  device: auto\nchapters:\n  a:\n    n: 5\n")
@@ -46,6 +54,7 @@ def toy_book(tmp_path: Path) -> Path:
     (prof / "badtype.yaml").write_text("chapters:\n  a:\n    n: five\n")
     (prof / "badchapter.yaml").write_text("chapters:\n  zz:\n    n: 1\n")
     (prof / "fails.yaml").write_text("chapters:\n  b:\n    fail: true\n")
+    (prof / "gpuonly.yaml").write_text("compute: cuda\nchapters:\n  c:\n    k: 3\n")
     return tmp_path
 
 
@@ -100,3 +109,80 @@ def test_the_book_profiles_are_valid_for_every_chapter() -> None:
 def test_cli_reports_errors_without_traceback(capsys) -> None:
     assert book.main(["run", "--profile", "nope"]) == 1
     assert "error: unknown profile 'nope'" in capsys.readouterr().err
+
+
+def _printed(notebook: Path) -> str:
+    nb = json.loads(notebook.read_text())
+    return "".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code"
+                   for o in c.get("outputs", []))
+
+
+@pytest.fixture
+def results_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path / "results"))  # the kernels inherit it
+    monkeypatch.delenv("MTP_NO_COMPUTE", raising=False)
+    return tmp_path / "results"
+
+
+def test_one_chapter_run_then_the_rest_from_the_cache(toy_book: Path, results_tmp: Path, capfd) -> None:
+    stage = toy_book / "stage"
+    book.run_chapters("good", ["c"], stage=stage, root=toy_book, progress=False)  # computes toy, k=1
+    assert "toy 7 False True" in _printed(stage / "chapters/c.ipynb")
+    assert "chapters/c.ipynb" in _printed(stage / "chapters/c.ipynb")  # the kernel knows its chapter
+    assert "without encryption" not in capfd.readouterr().err  # the kernel talks over IPC, quietly
+    (stage / "chapters/c.ipynb").unlink()
+    book._fill_missing(stage, toy_book, None)  # what `build` does first: a, b and c from stored results
+    assert "A 50 x" in _printed(stage / "chapters/a.ipynb") and "toy 7 True True" in _printed(stage / "chapters/c.ipynb")
+    assert json.loads((stage / book.MANIFEST).read_text())["chapters/c"] == {"profile": "good"}
+    assert "mtp-source-note" not in (stage / "chapters/c.ipynb").read_text()  # computed by this source
+    stored = next(results_tmp.glob("good/toy-*.json"))
+    record = json.loads(stored.read_text())
+    del record["provenance"]["source"]  # as results stored before source digests existed
+    stored.write_text(json.dumps(record))
+    (stage / "chapters/c.ipynb").unlink()
+    book._fill_missing(stage, toy_book, None)
+    notes = [o for c in json.loads((stage / "chapters/c.ipynb").read_text())["cells"] for o in c.get("outputs", [])
+             if "mtp-source-note" in "".join(o.get("data", {}).get("text/html", ""))]
+    assert len(notes) == 1, "one note per cell, updated as the cell loads more results"
+    assert "source not recorded" in "".join(notes[0]["data"]["text/html"])
+    assert re.search(r"toy \(commit [0-9a-f]{8}\) &times;2", "".join(notes[0]["data"]["text/html"]))
+    (stage / "chapters/c.ipynb").unlink()
+    stored.unlink()
+    with pytest.raises(book.ChapterError, match=r"chapter chapters/c failed.*MissingResultError: result toy-.* is "
+                                                r"not stored.*`python -m mtp_lib.book run --profile good --chapter c`"):
+        book._fill_missing(stage, toy_book, None)
+
+
+def test_a_gpu_profile_without_a_gpu_says_how_to_compute(toy_book: Path, results_tmp: Path, monkeypatch) -> None:
+    import torch
+
+    import mtp_lib.models
+
+    monkeypatch.setattr(mtp_lib.models, "resolve_device", lambda spec: torch.device("cpu"))
+    with pytest.raises(book.ChapterError, match=r"The gpuonly profile's results are computed on a CUDA GPU.*"
+                                                r"--profile gpuonly --chapter c`.*--compute-here"):
+        book.run_chapters("gpuonly", ["c"], stage=toy_book / "stage", root=toy_book, progress=False)
+    out = book.run_chapters("gpuonly", ["c"], stage=toy_book / "stage", root=toy_book, progress=False,
+                            compute_here=True)
+    assert "toy 21 False True" in _printed(out[0])
+
+
+def test_cli_puts_stage_and_results_where_asked(toy_book: Path, results_tmp: Path, monkeypatch, tmp_path) -> None:
+    import mtp_lib.profiles
+
+    monkeypatch.setattr(book, "repo_root", lambda: toy_book)
+    monkeypatch.setattr(mtp_lib.profiles, "repo_root", lambda: toy_book)
+    stage, results = tmp_path / "out" / "my-stage", tmp_path / "out" / "my-results"
+    assert book.main(["run", "--profile", "good", "--chapter", "c", "--no-progress", "--stage", str(stage),
+                      "--results", str(results)]) == 0
+    assert f"toy 7 False True {results / 'good'}" in _printed(stage / "chapters/c.ipynb")
+    assert list((results / "good").glob("toy-*.json")) and not (toy_book / "_build").exists()
+    monkeypatch.setenv("MTP_STAGE_DIR", str(stage))
+    assert book.default_stage(toy_book) == stage
+
+
+def test_the_default_profile_is_the_published_one() -> None:
+    assert book.DEFAULT_PROFILE == "gpu" and book.load_profile("gpu").compute == "cuda"
+    assert book._parser().parse_args(["run"]).profile == "gpu"
+    makefile = (book.repo_root() / "Makefile").read_text()
+    assert "PROFILE ?= gpu" in makefile
