@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from mtp_lib import data, lens, probe
-from mtp_lib import models as M
-from mtp_lib.marginal_study import LazyModel, evenly_spaced
+from mtp_lib.marginal_study import DeviceChoice, LazyModel, evenly_spaced
 from mtp_lib.results import CachedResult, cached
 
 __all__ = ["SELECTION", "VERSIONS", "LensRuns", "LensStudy", "layer_subset"]
@@ -70,7 +69,7 @@ class LensRuns:
 
 
 @dataclasses.dataclass(frozen=True)
-class LensStudy:
+class LensStudy(DeviceChoice):
     """Chapter 2's parameters (see the chapter's parameters cell for each one's meaning)."""
 
     n_samples: int
@@ -94,14 +93,6 @@ class LensStudy:
     max_elements: int = 2**22
     dtype: str = "auto"
     device: str = "auto"
-
-    @property
-    def dev(self) -> torch.device:
-        return M.resolve_device(self.device)
-
-    @property
-    def dtype_name(self) -> str:
-        return str(M.resolve_dtype(self.dtype, self.dev)).replace("torch.", "")
 
     def describe(self) -> str:
         return (f"{self.n_samples} translation samples x last {self.last_tokens} tokens; probes: "

@@ -29,7 +29,7 @@ from mtp_lib import models as M
 from mtp_lib.marginal import MarginalResult, marginalize
 from mtp_lib.results import CachedResult, cached
 
-__all__ = ["BROWSER_TOP", "CONTEXT_SHOWN", "TASKS", "VERSION", "LazyModel", "MarginalRuns", "MarginalStudy",
+__all__ = ["BROWSER_TOP", "CONTEXT_SHOWN", "TASKS", "VERSION", "DeviceChoice", "LazyModel", "MarginalRuns", "MarginalStudy",
            "evenly_spaced"]
 
 VERSION = 1  # bump when the computation changes what it stores
@@ -95,8 +95,24 @@ class MarginalRuns:
         return pd.DataFrame(rows).set_index(["model", "task"])
 
 
+class DeviceChoice:
+    """The ``device`` and ``dtype`` parameters of a chapter ("auto" or a name), resolved."""
+
+    device: str
+    dtype: str
+
+    @property
+    def dev(self) -> torch.device:
+        return M.resolve_device(self.device)
+
+    @property
+    def dtype_name(self) -> str:
+        """The dtype's name as stored in the cache keys (e.g. "bfloat16")."""
+        return str(M.resolve_dtype(self.dtype, self.dev)).replace("torch.", "")
+
+
 @dataclasses.dataclass(frozen=True)
-class MarginalStudy:
+class MarginalStudy(DeviceChoice):
     """Chapter 1's parameters (see the chapter's parameters cell for each one's meaning)."""
 
     n_samples: int
@@ -114,14 +130,6 @@ class MarginalStudy:
     progress: bool = False
     dtype: str = "auto"
     device: str = "auto"
-
-    @property
-    def dev(self) -> torch.device:
-        return M.resolve_device(self.device)
-
-    @property
-    def dtype_name(self) -> str:
-        return str(M.resolve_dtype(self.dtype, self.dev)).replace("torch.", "")
 
     @property
     def sweep(self) -> list[float]:
