@@ -26,12 +26,13 @@ no verdict.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
 
 from mtp_lib.metrics import Interval, _as_values, _check_level, _group_sums, mean_with_ci
+from mtp_lib.results import CachedResult
 
 __all__ = [
     "CONTRADICTED",
@@ -42,6 +43,8 @@ __all__ = [
     "difference_with_ci",
     "paired_difference",
     "paper_context",
+    "quiet_libraries",
+    "run_settings",
     "verdict",
 ]
 
@@ -151,3 +154,46 @@ def paper_context(ours: Interval | Sequence[float], paper: float | None, *, read
         return text
     return f"{text} ({label}: {paper:.{digits}f} ± {reading_error:.{digits}f})"
 
+
+
+def _joined(values: Iterable[Any]) -> str:
+    return ", ".join(sorted({str(v) for v in values if v})) or "?"
+
+
+def run_settings(profile: str, results: Iterable[CachedResult], *, models: Sequence[str], details: str = "") -> str:
+    """The chapter's "Run settings" line, naming where its results were computed: device, dtype and
+    library versions from the results' provenance (not the machine rendering the page), and whether
+    they were loaded from the stored results or computed in this run."""
+    results = list(results)
+    if not results:
+        raise ValueError("run_settings needs the chapter's results (CachedResult objects from mtp_lib.results.cached)")
+    versions = [r.provenance.get("versions") or {} for r in results]
+    loaded = {r.loaded for r in results}
+    how = ("loaded from the stored results" if loaded == {True} else "computed in this run" if loaded == {False}
+           else "partly loaded, partly computed in this run")
+    line = (f"**Run settings.** profile `{profile}`; results computed on {_joined(r.provenance.get('device') for r in results)}"
+            f" ({_joined(r.config.get('dtype') for r in results)}), torch {_joined(v.get('torch') for v in versions)}, "
+            f"transformers {_joined(v.get('transformers') for v in versions)}; {how}; models: "
+            + ", ".join(f"`{m}`" for m in models))
+    return line + (f"; {details}" if details else "") + "."
+
+
+def quiet_libraries() -> None:
+    """Keep library notices out of the rendered pages: transformers' advisory warnings (e.g. its
+    ``clean_up_tokenization_spaces`` notice on every decode) and progress bars, including the one of the
+    one-time GGUF conversion, which transformers draws with its own tqdm. Errors still show."""
+    import functools
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", message=".*clean_up_tokenization.*")
+    warnings.filterwarnings("ignore", message=".*generation flags.*")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # (a transformers without GGUF support draws no such bar)
+        return
+    if not isinstance(gguf_utils.tqdm, functools.partial):
+        gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)

@@ -117,3 +117,43 @@ def test_paper_context_draws_no_verdict() -> None:
     assert R.paper_context((0.45, 0.40, 0.50), None) == "0.45 [0.40, 0.50]"
     for word in (R.SUPPORTED, R.CONTRADICTED, "above", "below"):
         assert word not in text
+
+
+def _result(device: str, loaded: bool, torch_version: str = "2.11.0") -> R.CachedResult:
+    from pathlib import Path
+
+    return R.CachedResult("x", {"dtype": "bfloat16"}, None,
+                          {"device": device, "versions": {"torch": torch_version, "transformers": "5.0"}},
+                          Path("x.json"), loaded)
+
+
+def test_run_settings_names_where_the_results_were_computed() -> None:
+    line = R.run_settings("gpu", [_result("NVIDIA H100", True), _result("NVIDIA H100", True)], models=["a", "b"],
+                          details="3 samples")
+    assert line == ("**Run settings.** profile `gpu`; results computed on NVIDIA H100 (bfloat16), torch 2.11.0, "
+                    "transformers 5.0; loaded from the stored results; models: `a`, `b`; 3 samples.")
+    mixed = R.run_settings("cpu", [_result("NVIDIA H100", True), _result("CPU", False, "2.13.0")], models=["a"])
+    assert "CPU, NVIDIA H100" in mixed and "2.11.0, 2.13.0" in mixed and "partly loaded" in mixed
+    with pytest.raises(ValueError, match="needs the chapter's results"):
+        R.run_settings("gpu", [], models=["a"])
+
+
+def test_quiet_libraries_silences_transformers() -> None:
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    before = gguf_utils.tqdm
+    try:
+        R.quiet_libraries()
+        R.quiet_libraries()  # twice: no double wrapping
+        assert hf_logging.get_verbosity() == hf_logging.ERROR and not hf_logging.is_progress_bar_enabled()
+        assert isinstance(gguf_utils.tqdm, functools.partial) and gguf_utils.tqdm.keywords == {"disable": True}
+        assert not isinstance(gguf_utils.tqdm.func, functools.partial)
+    finally:
+        gguf_utils.tqdm = before
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
