@@ -130,19 +130,14 @@ class Table1Setup:
                 "evaluation": evaluation}
 
     def describe(self) -> str:
-        """The run settings as one Markdown paragraph."""
-        from .results import device_name
-        import transformers
-
+        """The training and evaluation settings, for :func:`mtp_lib.report.run_settings`' details."""
         steps = self.n_train // self.effective_batch
-        return (f"**Run settings.** profile `{self.profile}`, device: {device_name(self.device)} ({self.dtype}), "
-                f"torch {torch.__version__}, transformers {transformers.__version__}, models: "
-                f"{', '.join(f'`{m}`' for m in self.models)}; training: {self.n_train:,} {self.dataset} pairs, "
-                f"{self.epochs} epoch(s) of {steps} optimizer steps of {self.effective_batch} sequences "
+        return (f"training: {self.n_train:,} {self.dataset} pairs, {self.epochs} epoch(s) of {steps} optimizer steps "
+                f"of {self.effective_batch} sequences "
                 + (f"(capped at {self.max_steps} steps) " if self.max_steps > 0 else "")
                 + f"per phase, base LR {', '.join(f'{m}: {self.lrs.get(m, self.default_lr):g}' for m in self.models)}, "
                 f"Medusa LR {self.medusa_lr:g}; evaluation: {self.n_eval} validation samples x last "
-                f"{self.last_tokens} tokens, top-{self.top_k}; baseline top-p {self.baseline_top_p}.")
+                f"{self.last_tokens} tokens, top-{self.top_k}; baseline top-p {self.baseline_top_p}")
 
 
 class _LazyModel:
@@ -249,12 +244,10 @@ def run_rows(setup: Table1Setup) -> dict[tuple[str, str], Any]:
     return rows
 
 
-def status_table(rows: Mapping[tuple[str, str], Any]) -> tuple[Any, str]:
-    """Per row whether it was loaded or computed now, its train and evaluation seconds; and where it ran."""
+def status_table(rows: Mapping[tuple[str, str], Any]) -> Any:
+    """Per row whether it was loaded or computed now, and its train and evaluation seconds."""
     import pandas as pd
 
-    status = pd.DataFrame([{"model": n, "row": STRATEGIES[r], "result": "loaded" if res.loaded else "computed now",
-                            "train [s]": res.value["train_seconds"], "evaluation [s]": res.value["eval_seconds"],
-                            "computed on": res.provenance["device"]} for (n, r), res in rows.items()])
-    where = "Computed on: " + "; ".join(sorted(set(status["computed on"]))) + "."
-    return status.drop(columns=["computed on"]).set_index(["model", "row"]), where
+    return pd.DataFrame([{"model": n, "row": STRATEGIES[r], "result": "loaded" if res.loaded else "computed now",
+                          "train [s]": res.value["train_seconds"], "evaluation [s]": res.value["eval_seconds"]}
+                         for (n, r), res in rows.items()]).set_index(["model", "row"])

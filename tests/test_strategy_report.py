@@ -18,7 +18,7 @@ from mtp_lib import report
 from mtp_lib import strategy_report as T
 from mtp_lib.book import load_profile
 from mtp_lib.results import config_key, repo_root
-from mtp_lib.strategy_runs import STRATEGIES, VERSIONS, Table1Setup
+from mtp_lib.strategy_runs import STRATEGIES, VERSIONS, Table1Setup, status_table
 from mtp_lib.whs_report import notebook_parameters, whs_frames, whs_note
 from seeds import fresh_seed
 
@@ -179,3 +179,13 @@ def test_notebook_parameters_reads_literals_only(tmp_path) -> None:
     path.write_text(json.dumps({"cells": []}))
     with pytest.raises(ValueError, match="parameters"):
         notebook_parameters(path)
+
+
+def test_status_table_says_loaded_or_computed_per_row() -> None:
+    rng = np.random.default_rng(fresh_seed())
+    rows = fake_rows(rng, ["ntp_baseline", "heads_only"])
+    rows["m1", "heads_only"].loaded = False
+    table = status_table(rows)
+    assert table.loc[("m1", STRATEGIES["heads_only"]), "result"] == "computed now"
+    assert table.loc[("m1", STRATEGIES["ntp_baseline"]), "result"] == "loaded"
+    assert list(table.columns) == ["result", "train [s]", "evaluation [s]"]
