@@ -1,0 +1,152 @@
+"""Chapter 4's runs, tables and browser (mtp_lib.spec_runs, spec_report, token_browser).
+
+Tables are checked on fresh random benchmark records against plain counts; the cache keys of the
+chapter's results are checked against the committed cpu and gpu results, and the identity counts
+against the committed benchmarks' own summary rows.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mtp_lib import spec_report as S
+from mtp_lib.book import load_profile
+from mtp_lib.results import config_key, repo_root
+from mtp_lib.spec_runs import VERSIONS, SpecSetup, load_runs
+from mtp_lib.token_browser import chosen_prompts, steps_html
+from mtp_lib.whs_report import notebook_parameters
+from seeds import fresh_seed
+
+CHAPTER = repo_root() / "chapters" / "04_speculative_decoding.ipynb"
+FIELDS = ["models", "benchmark_glob", "tasks", "n_prompts", "max_new_tokens", "open_prompt_tokens", "methods",
+          "head_counts", "train_prompts", "distill_tokens", "epochs", "lr", "head_init", "batch", "tree_nodes",
+          "calib_prompts", "oracle_prompts", "oracle_top_p", "prompt_lookup", "repeats", "threads", "seed", "dtype",
+          "device", "profile", "recompute"]
+
+
+def chapter_setup(profile: str) -> SpecSetup:
+    values = notebook_parameters(CHAPTER)
+    prof = load_profile(profile)
+    values.update({k: v for k, v in prof.parameters.items() if k in values})
+    values.update(prof.chapters["04_speculative_decoding"], profile=profile, device="cpu")
+    return SpecSetup(**{k: values[k] for k in FIELDS})
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_the_chapter_loads_the_committed_results(profile: str) -> None:
+    setup = chapter_setup(profile)
+    runs, notes = load_runs(setup)  # the cpu profile would run the benchmark (minutes) if a key had changed
+    assert runs and all(r["loaded"] for r in runs.values()), notes
+    assert {r["result"]["model"]["name"] for r in runs.values()} == set(setup.models)
+    widget_prompts = load_profile(profile).chapters["04_speculative_decoding"]["widget_prompts"]
+    for name, run in runs.items():
+        key = config_key({"model": name, "run": run["key"], "prompts": chosen_prompts(run, widget_prompts)},
+                         VERSIONS["ch04-text"])
+        assert (repo_root() / "data" / "results" / profile / f"ch04-text-{key}.json").is_file(), name
+
+
+def test_measured_cache_key_is_the_benchmark_command_line() -> None:
+    setup = chapter_setup("cpu")
+    for name in setup.models:
+        config = {"model": name, "dtype": "float32", "device": "cpu", "benchmark": setup.benchmark_argv(name)}
+        path = repo_root() / "data" / "results" / "cpu" / f"ch04-benchmark-{config_key(config, 1)}.json"
+        assert path.is_file(), f"{name}: the benchmark's cache key changed"
+
+
+def test_identity_counts_match_the_committed_benchmarks_summaries() -> None:
+    runs, _ = load_runs(chapter_setup("gpu"))
+    bench = S.collect(runs)
+    shares = S.identity_shares(bench.records).set_index(["model", "method", "task"])
+    for _, row in bench.summary.iterrows():
+        got = shares.loc[(row["model"], row["method"], row["task"])]
+        assert got["prompts"] == row["prompts"]
+        assert np.isclose(got["identical"] / got["prompts"], row["identical_to_greedy"])
+
+
+def fake_run(rng: np.random.Generator, dtype: str = "bfloat16", n_prompts: int = 3, all_same: bool = False) -> dict:
+    methods = ["generate", "greedy_graph", "spec2_chain", "spec4_tree"]
+    records = []
+    for task in ("translation", "open-ended"):
+        for p in range(n_prompts):
+            for m in methods:
+                lengths = [1] + list(rng.integers(1, 4 if m == "spec4_tree" else 3, 5)) if m.startswith("spec") else [1] * 6
+                same = all_same or m in ("generate", "greedy_graph") or bool(rng.random() < 0.5)
+                records.append({"task": task, "prompt": f"p{p}", "method": m, "timed": True,
+                                "new_tokens": int(sum(lengths)), "n_forward": len(lengths),
+                                "seconds": float(rng.uniform(0.5, 2)), "accepted_lengths": lengths,
+                                "new_token_ids": list(range(int(sum(lengths)))), "identical_to_greedy": same,
+                                "first_difference_to_greedy": None if same else 3})
+    rows = []
+    for task in ("translation", "open-ended", "all"):
+        for m in methods:
+            rows.append({"task": task, "method": m, "prompts": n_prompts, "timed": True,
+                         "tau": float(rng.uniform(1, 3)), "speedup_vs_greedy_graph": float(rng.uniform(0.5, 2)),
+                         "speedup_vs_generate": float(rng.uniform(1, 12)), "tokens_per_s": 100.0,
+                         "identical_to_greedy": 1.0, "identical_to_generate": 1.0})
+    return {"result": {"per_prompt": records, "rows": rows, "trees": {"spec4_tree": [[0], [0, 1], [0, 1, 2]]},
+                       "cuda_graphs": True, "dtype": dtype, "provenance": {"device": "NVIDIA H100"},
+                       "rank_acceptance": {}}, "source": "x.json", "key": "k", "loaded": True}
+
+
+def test_speed_table_counts_identical_outputs_per_row_and_task() -> None:
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    runs = {"m bfloat16": fake_run(rng), "m float32": fake_run(rng, "float32", all_same=True)}
+    bench = S.collect(runs)
+    assert bench.depths["m bfloat16", "spec2_chain"] == 1 and bench.depths["m bfloat16", "spec4_tree"] == 3
+    table = S.speed_table(bench)
+    records = pd.DataFrame(bench.records)
+    for (model, method), row in table.iterrows():
+        for task, short in (("translation", "transl."), ("open-ended", "open"), ("all", "all")):
+            part = records[(records["model"] == model) & (records["method"] == method)]
+            part = part if task == "all" else part[part["task"] == task]
+            k, n = int(part["identical_to_greedy"].sum()), len(part)
+            assert row["same as greedy", short] == f"{k}/{n} ({k / n:.0%})", f"seed {seed}: {model} {method} {task}"
+
+
+def test_identity_note_says_lossless_only_when_every_output_equals_greedy() -> None:
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    mixed = fake_run(rng)
+    mixed["result"]["per_prompt"][2]["identical_to_greedy"] = False  # at least one output differs
+    mixed["result"]["per_prompt"][2]["first_difference_to_greedy"] = 3
+    runs = {"a bfloat16": mixed, "b float32": fake_run(rng, "float32", all_same=True)}
+    note = S.identity_note(S.collect(runs))
+    line_a, line_b = [line for line in note.splitlines() if line.startswith("- ")]
+    n_diff = sum(not r["identical_to_greedy"] for r in mixed["result"]["per_prompt"] if r["method"] != "greedy_graph")
+    assert "not lossless" in line_a and f"{n_diff} of 18 outputs differ" in line_a, seed
+    assert "lossless on these prompts" in line_b and "not lossless" not in line_b
+
+
+def test_goal_table_compares_the_best_eligible_row_with_each_threshold() -> None:
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    runs = {"m": fake_run(rng)}
+    bench = S.collect(runs)
+    goals = S.goal_table(bench).set_index("goal")
+    s = bench.summary[(bench.summary["task"] == "translation")]
+    spec = s[s["method"].str.startswith("spec")]
+    best = spec["speedup_vs_greedy_graph"].max()
+    assert goals.loc["speculation >= 1.5x greedy_graph", "met"] == (best >= 1.5), seed
+    assert goals.loc["speculation >= 1.5x greedy_graph", "measured"] == f"{best:.2f}"
+    tau2 = s[s["method"] == "spec2_chain"]["tau"].iloc[0]
+    assert goals.loc["tau >= 1.6 with 2 heads", "met"] == (tau2 >= 1.6), seed
+    assert set(goals["verdict"]) <= {"met", "missed", "not measured"}
+    assert re.search(r"meets \d of 5 goals", S.goals_note(goals.reset_index(), runs))
+
+
+def test_steps_html_marks_one_bar_per_pass_and_highlights_the_drafts() -> None:
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    lengths = [1] + rng.integers(1, 5, int(rng.integers(1, 10))).tolist()
+    ids = list(range(sum(lengths)))
+    html = steps_html(ids, lengths, {str(i): f"<{i}>" for i in ids})
+    assert html.count("color:#bbb'>|</span>") == len(lengths), seed
+    assert html.count("background:#b9e3b9") == sum(a > 1 for a in lengths), seed
+    assert "&lt;0&gt;" in html and "<0>" not in html  # token text is escaped
+    with pytest.raises(ValueError, match="accepted lengths"):
+        steps_html(ids[:-1], lengths, {str(i): "x" for i in ids})
