@@ -183,8 +183,10 @@ def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig,
     :func:`save_trained`. A checkpoint records the run's fingerprint (config, model, starting
     weights, samples: :mod:`mtp_lib.train.store`); when ``resume``, a run with the same fingerprint
     picks up where it stopped (a finished one returns its weights without training), and a run with
-    another fingerprint is refused with what differs. ``resume=False`` starts over, replacing the
-    folder's checkpoint and results. ``callback`` receives every history record as it is made.
+    another fingerprint is refused with what differs. ``resume=False`` starts over; a run that
+    starts from step 0 first removes the folder's checkpoint and results (``trained.safetensors``,
+    ``config.json``, ``history.json``), so an interrupted new run never leaves an old one looking
+    finished. ``callback`` receives every history record as it is made.
     ``accelerator``: an ``accelerate.Accelerator`` to use (default: a new one, bf16 autocast on CUDA).
     """
     if len(samples) == 0:
