@@ -52,11 +52,13 @@ def samples_digest(samples: Sequence[TrainSample] | None) -> dict[str, Any]:
 
 
 def model_description(model: nn.Module) -> dict[str, str]:
-    """Class, name and a digest of the architecture config (without its bookkeeping fields)."""
+    """Class, name and a digest of the architecture config (without its bookkeeping fields). The name
+    (the last part of the config's ``_name_or_path``: a hub id's model name, or a folder's name) is
+    for messages only: the same model loaded from another folder is the same model."""
     config = getattr(model, "config", None)
     fields = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
     kept = {k: v for k, v in fields.items() if not k.startswith("_") and k != "transformers_version"}
-    return {"class": type(model).__name__, "name": str(fields.get("_name_or_path") or ""),
+    return {"class": type(model).__name__, "name": Path(str(fields.get("_name_or_path") or "")).name,
             "config_sha256": _sha(json.dumps(kept, sort_keys=True, default=str).encode())}
 
 
@@ -94,7 +96,7 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             a = a or {"n": "?", "sha256": "?"}
             out.append(f"{what} ({a['n']} with digest {a['sha256']} there, {b['n']} with digest {b['sha256']} here)")
     a, b = saved.get("model") or {}, current["model"]
-    if a != b:
+    if (a.get("class"), a.get("config_sha256")) != (b["class"], b["config_sha256"]):
         out.append(f"the model ({a.get('class')} {a.get('name')!r} with config digest {a.get('config_sha256')} "
                    f"there, {b['class']} {b['name']!r} with config digest {b['config_sha256']} here)")
     elif saved.get("weights") != current["weights"]:
