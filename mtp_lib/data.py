@@ -5,6 +5,8 @@ Offline data (committed under ``data/``, rebuilt by ``scripts/build_data.py``):
 - ``bible-es-en``: Spanish -> English Bible verse pairs (Reina-Valera 1909 / World English Bible,
   both public domain), standing in for the paper's IWSLT 2017 de->en. Readers with network can
   pass ``dataset="iwslt2017-de-en"`` to use the paper's data through Hugging Face ``datasets``.
+  The train split has a second English reference, the King James Version (``references=("web",
+  "kjv")``: two pairs per Spanish verse, about 58k pairs instead of 29k); validation is WEB only.
 - Brown Corpus passages of 150-170 words (about 200 tokens), standing in for the paper's unreleased
   GPT-4o texts.
 
@@ -19,13 +21,14 @@ import gzip
 import json
 import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "LANGUAGE_NAMES",
     "PAPER_TEMPLATE",
+    "BIBLE_REFERENCES",
     "TRANSLATION_DATASETS",
     "Pair",
     "Sample",
@@ -49,6 +52,8 @@ LANGUAGE_NAMES: dict[str, str] = {
 PAPER_TEMPLATE = ("Translate the following {source_language} sentence to {target_language}: {source}\n---\n"
                   "Translated: {target}")
 TRANSLATION_DATASETS: tuple[str, ...] = ("bible-es-en", "iwslt2017-de-en")
+BIBLE_REFERENCES: dict[str, str] = {"web": "World English Bible (derived)", "kjv": "King James Version"}
+"""The English references of ``bible-es-en``: the WEB (train and validation), the KJV (train only)."""
 
 _LANGUAGES = {"bible-es-en": ("es", "en"), "iwslt2017-de-en": ("de", "en")}
 _SPLITS = {"bible-es-en": ("train", "validation"), "iwslt2017-de-en": ("train", "validation", "test")}
@@ -159,20 +164,42 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {list(valid)}")
 
 
-def load_translation(split: str = "validation", dataset: str = "bible-es-en") -> list[Pair]:
+def _check_references(references: Sequence[str], split: str, dataset: str) -> tuple[str, ...]:
+    refs = (references,) if isinstance(references, str) else tuple(references)
+    if dataset != "bible-es-en" and refs != ("web",):
+        raise ValueError(f"references={refs} applies to dataset='bible-es-en' only; leave it at ('web',)")
+    if not refs or len(set(refs)) != len(refs) or not set(refs) <= set(BIBLE_REFERENCES):
+        raise ValueError(f"references={refs} must be distinct names among {list(BIBLE_REFERENCES)}, "
+                         "e.g. ('web',) or ('web', 'kjv')")
+    if split != "train" and refs != ("web",):
+        raise ValueError(f"references={refs}: the KJV has training pairs only (the validation chapters are "
+                         f"held out of both references); use references=('web',) for split={split!r}")
+    return refs
+
+
+def load_translation(split: str = "validation", dataset: str = "bible-es-en", *,
+                     references: Sequence[str] = ("web",)) -> list[Pair]:
     """The translation pairs of ``dataset`` (one of :data:`TRANSLATION_DATASETS`), in file order.
 
     ``"bible-es-en"`` (splits train, validation) reads the committed files, Spanish -> English;
     ``"iwslt2017-de-en"`` (train, validation, test) loads the paper's data from the hub, German -> English.
+    ``references`` (bible-es-en, train split): the English translations paired with each Spanish
+    verse, in this order (:data:`BIBLE_REFERENCES`); ``("web", "kjv")`` gives the WEB pairs, then
+    the KJV pairs, whose ids end in ``/kjv`` (``"Gen.1.1/kjv"``; the WEB's stay ``"Gen.1.1"``).
     """
     _check_choice("dataset", dataset, TRANSLATION_DATASETS)
     _check_choice("split", split, _SPLITS[dataset])
+    refs = _check_references(references, split, dataset)
     source_lang, target_lang = _LANGUAGES[dataset]
-    if dataset == "bible-es-en":
-        records = _read_jsonl_gz(data_dir() / "translation" / dataset / f"{split}.jsonl.gz")
-    else:
-        records = _load_iwslt(split)
-    return pairs_from_records(records, source_lang, target_lang, id_prefix=f"{dataset}/{split}/")
+    if dataset != "bible-es-en":
+        return pairs_from_records(_load_iwslt(split), source_lang, target_lang, id_prefix=f"{dataset}/{split}/")
+    pairs = []
+    for ref in refs:
+        name = f"{split}.jsonl.gz" if ref == "web" else f"{split}-{ref}.jsonl.gz"
+        records = _read_jsonl_gz(data_dir() / "translation" / dataset / name)
+        got = pairs_from_records(records, source_lang, target_lang, id_prefix=f"{dataset}/{split}/")
+        pairs += got if ref == "web" else [dataclasses.replace(p, id=f"{p.id}/{ref}") for p in got]
+    return pairs
 
 
 def load_open_ended() -> list[Text]:
@@ -236,9 +263,11 @@ def _check_positive(name: str, value: int) -> None:
 
 def translation_samples(tokenizer: Any, n: int, *, split: str = "validation", dataset: str = "bible-es-en",
                         template: str = PAPER_TEMPLATE, min_target_words: int = 20, max_target_words: int = 60,
-                        seed: int | None = None) -> list[Sample]:
+                        seed: int | None = None, references: Sequence[str] = ("web",)) -> list[Sample]:
     """The first ``n`` pairs (in file order, or shuffled by ``seed``) whose target has
-    ``min_target_words``..``max_target_words`` words, as tokenized prompt + target.
+    ``min_target_words``..``max_target_words`` words, as tokenized prompt + target. ``references``
+    as in :func:`load_translation` (``("web", "kjv")``: both English references of the train split,
+    shuffled together when ``seed`` is given).
 
     Words (whitespace-separated), not tokens, select the pairs, so that every model gets the same
     samples. ``target_start`` comes from the tokenizer's offset mapping: the first token covering a
@@ -249,7 +278,7 @@ def translation_samples(tokenizer: Any, n: int, *, split: str = "validation", da
     _check_positive("min_target_words", min_target_words)
     if max_target_words < min_target_words:
         raise ValueError(f"max_target_words={max_target_words} is below min_target_words={min_target_words}")
-    pairs = load_translation(split, dataset)
+    pairs = load_translation(split, dataset, references=references)
     if seed is not None:
         pairs = pairs.copy()
         random.Random(seed).shuffle(pairs)

@@ -1,7 +1,8 @@
 """Train one recipe of the paper's Table 1 on one model, or time training steps of several recipes.
 
 Train (writes trained.safetensors, config.json, history.json, eval.json to --out; an interrupted run
-resumes from --out/checkpoint.pt when started again with the same arguments):
+resumes from --out/checkpoint.pt when started again with the same arguments; other arguments are
+refused, saying what differs, unless --no-resume starts over):
 
     python scripts/train_heads.py --model smollm2-135m --recipe diff_lr --lr 1e-4 --out runs/diff_lr
 
@@ -51,8 +52,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=2048, help="training pairs (paper: 200k)")
     p.add_argument("--n-eval", type=int, default=50, help="validation pairs scored at the end (paper: 50)")
     p.add_argument("--dataset", default="bible-es-en", help="mtp_lib.data translation dataset")
+    p.add_argument("--references", nargs="+", default=["web"], choices=["web", "kjv"],
+                   help="bible-es-en: English references of the training pairs (web kjv: two per verse)")
+    p.add_argument("--data-seed", type=int, default=None,
+                   help="shuffle the training pairs with this seed before taking --n-train (default: file "
+                        "order; with --references web kjv the file order puts every WEB pair first)")
+    p.add_argument("--no-dropout", action="store_true",
+                   help="train in eval mode (dropout off; TrainConfig.train_mode=False)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (under accelerate launch: its device)")
-    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
+    p.add_argument("--no-resume", action="store_true", help="start over, replacing a checkpoint and results in --out")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--save-merged", action="store_true", help="ntp_baseline: also save the merged HF model")
     p.add_argument("--time-step", nargs="+", metavar="RECIPE", choices=sorted(RECIPES),
@@ -129,17 +137,23 @@ def run_training(args: argparse.Namespace) -> None:
                                         micro_batch_size=args.micro_batch,
                                         effective_batch_size=args.effective_batch).items() if v is not None}
     config = recipe(args.recipe, seed=args.seed, eval_every=args.eval_every,
-                    checkpoint_every=args.checkpoint_every, **overrides)
+                    checkpoint_every=args.checkpoint_every, train_mode=not args.no_dropout, **overrides)
     loaded = load_model(args.model, device=acc.device)
-    train_set = translation_samples(loaded.tokenizer, args.n_train, split="train", dataset=args.dataset)
+    train_set = translation_samples(loaded.tokenizer, args.n_train, split="train", dataset=args.dataset,
+                                    references=args.references, seed=args.data_seed)
     eval_set = translation_samples(loaded.tokenizer, args.n_eval, split="validation", dataset=args.dataset)
     if acc.is_main_process:
         print(f"{args.recipe} on {loaded.name} ({loaded.source}): {len(train_set)} training pairs, "
               f"{len(eval_set)} validation pairs, {acc.num_processes} process(es) on {acc.device}")
         print(json.dumps(config.to_dict()))
     start = time.perf_counter()
-    result = train(loaded.model, train_set, config, eval_samples=eval_set if args.eval_every else None,
-                   out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress, accelerator=acc)
+    try:
+        result = train(loaded.model, train_set, config, eval_samples=eval_set if args.eval_every else None,
+                       out_dir=args.out, resume=not args.no_resume, progress=not args.no_progress, accelerator=acc)
+    except ValueError as err:
+        if "resume=False" not in str(err):
+            raise
+        raise SystemExit(f"{err}\n(this script's --no-resume passes resume=False)") from None
     seconds = time.perf_counter() - start
     if not acc.is_main_process:
         return
@@ -147,7 +161,8 @@ def run_training(args: argparse.Namespace) -> None:
     print(f"{steps} optimizer steps (resumed ones included), {seconds:.1f} s of training in this run, "
           f"{acc.num_processes} process(es)")
     summary: dict[str, Any] = {"model": loaded.info(), "config": config.to_dict(), "n_train": len(train_set),
-                               "dataset": args.dataset, "processes": acc.num_processes,
+                               "dataset": args.dataset, "references": args.references, "data_seed": args.data_seed,
+                               "processes": acc.num_processes,
                                "train_seconds": seconds, "steps": steps}
     if config.objective == "mtp":
         with acc.autocast():

@@ -16,7 +16,8 @@ from mtp_lib.models import byte_tokenizer
 from seeds import fresh_seed
 
 REPO = Path(__file__).resolve().parent.parent
-TRANSLATION_FILES = {s: REPO / "data" / "translation" / "bible-es-en" / f"{s}.jsonl.gz" for s in ("train", "validation")}
+TRANSLATION_FILES = {s: REPO / "data" / "translation" / "bible-es-en" / f"{s}.jsonl.gz"
+                     for s in ("train", "validation", "train-kjv")}
 BROWN_FILE = REPO / "data" / "open_ended" / "brown-passages.jsonl.gz"
 
 
@@ -43,7 +44,8 @@ def test_committed_files_load_with_datasets():
     for split, path in TRANSLATION_FILES.items():
         ds = datasets.load_dataset("json", data_files=str(path), split="train")
         assert ds.column_names == ["id", "translation"], ds.column_names
-        assert len(ds) == len(data.load_translation(split))
+        refs = ("kjv",) if split == "train-kjv" else ("web",)
+        assert len(ds) == len(data.load_translation(split.removesuffix("-kjv"), references=refs))
         assert set(ds[0]["translation"]) == {"es", "en"}
     ds = datasets.load_dataset("json", data_files=str(BROWN_FILE), split="train")
     assert ds.column_names == ["id", "genre", "text"]
@@ -58,11 +60,11 @@ def test_translation_splits_are_disjoint_chapters():
     ids = [p.id for p in train + val]
     assert len(ids) == len(set(ids))
     assert all(p.source and p.target and (p.source_lang, p.target_lang) == ("es", "en") for p in train + val)
-    assert sum(path.stat().st_size for path in TRANSLATION_FILES.values()) < 5e6
+    assert sum(path.stat().st_size for path in TRANSLATION_FILES.values()) < 6e6
 
 
 def test_translation_text_is_clean():
-    """No words glued by removed markup, no markup left, no lone quotation marks in the English."""
+    """No words glued by removed markup, no markup left, no lone quotation marks or pilcrows in the English."""
     for path in TRANSLATION_FILES.values():
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for line in f:
@@ -72,6 +74,47 @@ def test_translation_text_is_clean():
                     assert "<" not in text and ">" not in text and text == " ".join(text.split())
                 en = record["translation"]["en"]
                 assert en.count("“") == en.count("”"), (record["id"], en)
+                assert "¶" not in en, (record["id"], en)
+
+
+def test_kjv_holds_out_the_validation_verses(build_data):
+    """The KJV train file pairs the same Spanish verses with a second English reference: no verse
+    (by reference) nor chapter of the validation split is in it, and its chapters are those the
+    split's hash sends to train; where both references are kept, the Spanish side is the same."""
+    web, val = data.load_translation("train"), data.load_translation("validation")
+    kjv = data.load_translation("train", references=("kjv",))
+    refs = [p.id.removesuffix("/kjv") for p in kjv]
+    assert all(p.id.endswith("/kjv") for p in kjv) and len(refs) == len(set(refs))
+    assert not set(refs) & {p.id for p in val}
+    assert not {r.rsplit(".", 1)[0] for r in refs} & {p.id.rsplit(".", 1)[0] for p in val}
+    assert not any(build_data.is_validation(r) for r in refs)
+    source = {p.id: p.source for p in web}
+    shared = [(r, p) for r, p in zip(refs, kjv) if r in source]
+    assert len(shared) > 0.99 * len(kjv) and all(source[r] == p.source for r, p in shared)
+    assert all(source[r] != p.target for r, p in shared[:100])  # the English is the KJV's, not the WEB's
+    assert 1.9 < (len(web) + len(kjv)) / len(web) < 2.1, (len(web), len(kjv))
+
+
+def test_references_option():
+    seed = fresh_seed()
+    web = data.load_translation("train")
+    both = data.load_translation("train", references=("web", "kjv"))
+    kjv = data.load_translation("train", references="kjv")
+    assert both == web + kjv and data.load_translation("train", references=("web",)) == web
+    assert len({p.id for p in both}) == len(both)
+    tok = byte_tokenizer()
+    n = random.Random(seed).randint(20, 60)
+    samples = data.translation_samples(tok, n, split="train", seed=seed, references=("web", "kjv"),
+                                       min_target_words=1, max_target_words=1000)
+    shuffled = both.copy()
+    random.Random(seed).shuffle(shuffled)
+    assert [s.id for s in samples] == [p.id for p in shuffled[:n]], f"seed={seed}"
+    for refs, split, match in [(("kjv",), "validation", "training pairs only"), (("web", "web"), "train", "distinct"),
+                               (("nrsv",), "train", "distinct"), ((), "train", "distinct")]:
+        with pytest.raises(ValueError, match=match):
+            data.load_translation(split, references=refs)
+    with pytest.raises(ValueError, match="bible-es-en' only"):
+        data.load_translation("train", "iwslt2017-de-en", references=("web", "kjv"))
 
 
 def test_open_ended_passages():
@@ -323,6 +366,16 @@ def test_strip_osis_examples(build_data):
     assert strip(rv) == "hay allí también bdelio"
     assert strip('<w>sáca</w><transChange type="added">lo</transChange> <w>de</w>') == "sácalo de"
     assert strip('<w>Y</w><transChange type="added">la</transChange> <w>casa</w>') == "Y la casa"
+
+
+def test_kjv_clean_up(build_data):
+    verses = {"Gen.2.4": "¶ These are the generations", "Gen.2.5": "every plant ¶ of the field", "Gen.1.1": "In the"}
+    assert build_data.strip_pilcrows(verses) == 2
+    assert verses == {"Gen.2.4": "These are the generations", "Gen.2.5": "every plant of the field", "Gen.1.1": "In the"}
+    # an added English word after a word that would take a Spanish enclitic (-d) stays a word of its own
+    osis = '<w>heard</w><transChange type="added">me</transChange> <w>not</w>'
+    assert build_data.strip_osis(osis, enclitics=False) == "heard me not"
+    assert build_data.strip_osis(osis) == "heardme not"  # the Spanish rule, which the KJV must not get
 
 
 def test_balance_quotes(build_data):

@@ -1,6 +1,7 @@
 """Data-parallel training: scripts/train_heads.py under two processes (torchrun, gloo on the CPU, as
 ``accelerate launch`` starts it on several GPUs) trains the same weights as one process with the same
-effective batch: each optimizer step sees the same sequences, split across the processes."""
+effective batch: each optimizer step sees the same sequences, split across the processes, and (tiny
+GPT-2, dropout 0.1) draws the same dropout masks for them."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def train(out: Path, seed: int, recipe: str, model: str, processes: int) -> subp
               "--seed", str(seed), "--no-progress", "--out", str(out)]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
                 if processes > 1 else [sys.executable])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # this checkout's mtp_lib, not another one an editable install may point at
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(launcher + script, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -34,7 +37,7 @@ def test_two_processes_train_what_one_does(tmp_path: Path) -> None:
     seed = fresh_seed() % 10_000
     rng = random.Random(seed)
     recipe = rng.choice(["heads_only", "diff_lr_whs", "vanilla_joint"])
-    model = rng.choice(["tiny-llama", "tiny-gpt-neox"])
+    model = rng.choice(["tiny-llama", "tiny-gpt-neox", "tiny-gpt2"])
     runs = {}
     for processes in (1, 2):
         result = train(tmp_path / str(processes), seed, recipe, model, processes)

@@ -1,0 +1,227 @@
+"""The training loop: the recipe's phases of optimizer steps, evaluation, checkpoints and resume."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from mtp_lib.heads import MTPModel
+from mtp_lib.models import eval_mode
+from mtp_lib.train.batches import TrainSample, collate
+from mtp_lib.train.config import TrainConfig, phases
+from mtp_lib.train.lora import merge_lora
+from mtp_lib.train.objective import Objective, balance_losses, build_net, trainable_state
+from mtp_lib.train.scoring import accuracy, eval_losses, evaluate
+from mtp_lib.train.steps import (batch_order, cosine, make_accelerator, make_optimizer, release, seed_dropout,
+                                 set_trainable)
+from mtp_lib.train.store import (CHECKPOINT, RESULT_FILES, fingerprint, read_checkpoint, restore_trainable,
+                                 save_trained, write_checkpoint)
+
+__all__ = ["TrainResult", "train"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """``model``: the trained :class:`MTPModel`, or for ``objective="ntp"`` a plain HF model with
+    the LoRA merged (both in eval mode, in the model's dtype). ``history``: one record per optimizer
+    step (``phase``, ``step`` within the phase, ``lr`` = the base LR used in that step, heads getting
+    ``head_lr_multiplier`` times it, mean training ``loss`` per head) and per evaluation
+    (``eval_loss`` per head, and ``eval_top5`` per head for MTP)."""
+
+    model: nn.Module
+    config: TrainConfig
+    history: list[dict[str, Any]]
+
+
+class _Run:
+    """One call of :func:`train`: the objective, the data, the history and where checkpoints go."""
+
+    def __init__(self, objective: Objective, samples: Sequence[TrainSample], config: TrainConfig, acc: Any, *,
+                 eval_samples: Sequence[TrainSample] | None, ckpt: Path | None, print_progress: bool,
+                 callback: Callable[[dict[str, Any]], None] | None) -> None:
+        self.objective, self.samples, self.config, self.acc = objective, samples, config, acc
+        self.eval_samples, self.ckpt, self.callback = eval_samples, ckpt, callback
+        self.progress = print_progress and acc.is_main_process
+        self.phases = phases(config)
+        self.history: list[dict[str, Any]] = []
+        per_step = config.micro_batch_size * acc.num_processes
+        if config.effective_batch_size % per_step:
+            raise ValueError(f"effective_batch_size={config.effective_batch_size} is not a multiple of "
+                             f"micro_batch_size x processes = {config.micro_batch_size} x {acc.num_processes}")
+        self.accum = config.effective_batch_size // per_step
+        self.steps_per_epoch = len(samples) // config.effective_batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(samples)} samples make no full batch of effective_batch_size="
+                             f"{config.effective_batch_size}: pass more samples or lower it")
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        if self.callback is not None:
+            self.callback(entry)
+
+    @torch.no_grad()
+    def evaluate(self, phase: str, step: int) -> None:
+        """Score the held-out samples (in eval mode: no dropout) and record the result."""
+        if not self.eval_samples:
+            return
+        config, net = self.config, self.objective.net
+        with eval_mode(self.objective), self.acc.autocast():
+            entry: dict[str, Any] = {"phase": phase, "step": step,
+                                     "eval_loss": eval_losses(self.objective, self.eval_samples, config.n_heads,
+                                                              config.micro_batch_size, self.acc.device)}
+            if config.objective == "mtp":
+                entry["eval_top5"] = accuracy(evaluate(cast(MTPModel, net), self.eval_samples,
+                                                       batch_size=config.micro_batch_size))
+        self.record(entry)
+
+    def start(self, fingerprint_now: dict[str, Any] | None, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint to resume from, restored into the network; or None, the folder cleared."""
+        if self.ckpt is None or fingerprint_now is None:
+            return None
+        if resume and self.ckpt.is_file():
+            saved = read_checkpoint(self.ckpt, fingerprint_now)
+            restore_trainable(self.objective.net, saved["trainable"], self.ckpt)
+            self.history = list(saved["history"])
+            return saved
+        if self.acc.is_main_process:  # an interrupted new run must not leave the old one's files looking finished
+            for name in (CHECKPOINT, *RESULT_FILES):
+                (self.ckpt.parent / name).unlink(missing_ok=True)
+        self.acc.wait_for_everyone()
+        return None
+
+    def run(self, saved: dict[str, Any] | None, fingerprint_now: dict[str, Any] | None) -> None:
+        start_phase, start_step = (saved["phase"], saved["step"]) if saved is not None else (0, 0)
+        for p_idx in range(start_phase, len(self.phases)):
+            here = saved if p_idx == start_phase else None
+            self.run_phase(p_idx, start_step if here is not None else 0, here, fingerprint_now)
+
+    def run_phase(self, p_idx: int, step0: int, saved: dict[str, Any] | None,
+                  fingerprint_now: dict[str, Any] | None) -> None:
+        from tqdm.auto import tqdm
+
+        config, phase = self.config, self.phases[p_idx]
+        total = self.steps_per_epoch * phase.epochs
+        total = total if config.max_steps is None else min(total, config.max_steps)
+        params = set_trainable(self.objective, phase)
+        optimizer = make_optimizer(self.objective, phase, config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(total))
+        if saved is not None and saved.get("optimizer") is not None:
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+        wrapped, optimizer = self.acc.prepare(self.objective, optimizer)
+        bar = tqdm(total=total, initial=step0, desc=f"train ({phase.name})", disable=not self.progress)
+        for step in range(step0, total):
+            losses = self.step(p_idx, step, wrapped, params)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            mean = [round(float(x), 6) for x in self.acc.reduce(losses, reduction="mean")]
+            self.record({"phase": phase.name, "step": step + 1, "lr": config.lr * cosine(total)(step), "loss": mean})
+            bar.update(1)
+            bar.set_postfix({f"h{n + 1}": f"{x:.3f}" for n, x in enumerate(mean)})
+            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total:
+                self.evaluate(phase.name, step + 1)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < total:
+                self.checkpoint(p_idx, step + 1, total, optimizer, scheduler, fingerprint_now)
+        bar.close()
+        self.evaluate(phase.name, total)
+        self.checkpoint(p_idx, total, total, optimizer, scheduler, fingerprint_now)
+        release(self.acc, wrapped, optimizer)
+
+    def step(self, p_idx: int, step: int, wrapped: nn.Module, params: list[nn.Parameter]) -> torch.Tensor:
+        """Forward and backward over one effective batch (this process' share of it); clip the
+        gradients. Returns the mean loss per head over this process' micro-batches."""
+        config, acc, phase = self.config, self.acc, self.phases[p_idx]
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        size = config.effective_batch_size
+        chunk = batch_order(config.seed, p_idx, epoch, len(self.samples))[in_epoch * size:(in_epoch + 1) * size]
+        losses = torch.zeros(config.n_heads, device=acc.device)
+        for micro in range(self.accum):
+            index = micro * acc.num_processes + acc.process_index  # this micro-batch's place in the step
+            lo = index * config.micro_batch_size
+            batch = collate([self.samples[int(i)] for i in chunk[lo:lo + config.micro_batch_size]],
+                            config.n_heads).to(acc.device)
+            seed_dropout(config.seed, p_idx, step, index, acc.device)
+            with acc.no_sync(wrapped) if micro < self.accum - 1 else contextlib.nullcontext():
+                mean, rms, _ = wrapped(batch.input_ids, batch.attention_mask, batch.labels)
+                loss = balance_losses(mean, rms) if phase.balance else mean.sum()
+                acc.backward(loss / self.accum)
+            losses += mean.detach() / self.accum
+        if config.max_grad_norm is not None:
+            acc.clip_grad_norm_(params, config.max_grad_norm)
+        return losses
+
+    def checkpoint(self, p_idx: int, step: int, total: int, optimizer: Any, scheduler: Any,
+                   fingerprint_now: dict[str, Any] | None) -> None:
+        """Save where the run is (a finished phase points at the next phase's step 0)."""
+        if self.ckpt is not None and self.acc.is_main_process:
+            done = step >= total
+            write_checkpoint(self.ckpt, {
+                "fingerprint": fingerprint_now, "phase": p_idx + 1 if done else p_idx,
+                "step": 0 if done else step, "history": self.history,
+                "trainable": {k: v.cpu() for k, v in trainable_state(self.objective.net).items()},
+                "optimizer": None if done else optimizer.state_dict(),
+                "scheduler": None if done else scheduler.state_dict()})
+        self.acc.wait_for_everyone()
+
+
+def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig, *,
+          eval_samples: Sequence[TrainSample] | None = None, out_dir: str | Path | None = None,
+          resume: bool = True, progress: bool = True, accelerator: Any | None = None,
+          callback: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train ``config``'s recipe on ``model`` (a Hugging Face causal LM, left unchanged).
+
+    ``samples`` are the training sequences (loss on their target tokens), ``eval_samples`` optional
+    held-out ones, scored every ``config.eval_every`` steps and at the end of each phase. With
+    ``out_dir``, checkpoints go to ``out_dir/checkpoint.pt`` and the final weights are written by
+    :func:`save_trained`. A checkpoint records the run's fingerprint (config, model, starting
+    weights, samples: :mod:`mtp_lib.train.store`); when ``resume``, a run with the same fingerprint
+    picks up where it stopped (a finished one returns its weights without training), and a run with
+    another fingerprint is refused with what differs. ``resume=False`` starts over; a run that
+    starts from step 0 first removes the folder's checkpoint and results (``trained.safetensors``,
+    ``config.json``, ``history.json``), so an interrupted new run never leaves an old one looking
+    finished. ``callback`` receives every history record as it is made.
+    ``accelerator``: an ``accelerate.Accelerator`` to use (default: a new one, bf16 autocast on CUDA).
+    """
+    if len(samples) == 0:
+        raise ValueError("samples is empty: pass the training sequences")
+    acc = make_accelerator(config, accelerator)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    modes = [(m, m.training) for m in model.modules()]
+    net = build_net(model, config)
+    objective = Objective(net, config.objective).to(acc.device)
+    ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
+    run = _Run(objective, samples, config, acc, eval_samples=eval_samples, ckpt=ckpt, print_progress=progress,
+               callback=callback)
+    now = fingerprint(model, samples, config, eval_samples) if ckpt is not None else None
+    trained = objective.head_params() + objective.lora_params()
+    dtypes = [p.dtype for p in trained]
+    if acc.mixed_precision in ("bf16", "fp16"):  # trainable weights in float32 under autocast
+        for p in trained:
+            p.data = p.data.float()
+    net.train(config.train_mode)
+    devices = [torch.cuda.current_device()] if acc.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):  # dropout seeding leaves the caller's RNG as it was
+            run.run(run.start(now, resume), now)
+    finally:
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for p, flag in flags.items():  # the shared weights get the model's own flags back
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+        net.eval()
+    for p, dtype in zip(trained, dtypes):  # back to the model's dtype, for use without autocast
+        p.data = p.data.to(dtype)
+    if out_dir is not None and acc.is_main_process:
+        save_trained(net, config, out_dir, history=run.history)
+    acc.wait_for_everyone()
+    return TrainResult(model=merge_lora(net) if config.objective == "ntp" else net, config=config,
+                       history=run.history)
