@@ -84,9 +84,10 @@ def peak_flops(device_name: str) -> float | None:
 
 def memory_estimate(size: str, vocab_size: int, micro_batch: int, seq_len: int) -> float:
     """Bytes a training step needs, roughly: fp32 weights, gradients and AdamW's two moments (16 B per
-    parameter), bf16 activations (Korthikanti et al. 2022: T d (34 + 5 H T / d) bytes per layer and
-    sequence) and float32 logits with their gradient (8 B per logit)."""
+    parameter), bf16 activations (Korthikanti et al. 2022: 34 T d bytes per layer and sequence; their
+    5 H T^2 term for the attention scores is absent with SDPA's fused attention, which keeps none)
+    and float32 logits with their gradient (8 B per logit)."""
     s = shape(size)
     params = 12 * s.d_model ** 2 * s.n_layers + 2 * vocab_size * s.d_model
-    acts = micro_batch * seq_len * s.d_model * (34 + 5 * s.n_heads * seq_len / s.d_model) * s.n_layers
+    acts = micro_batch * seq_len * s.d_model * 34 * s.n_layers
     return 16.0 * params + acts + 8.0 * micro_batch * seq_len * vocab_size
