@@ -150,8 +150,8 @@ def source_note(results: Iterable[tuple[str, Mapping[str, Any]]], *, root: Path 
     parts = []
     for state, text in (("stale", "were computed by source that differs from the current one, so the figures "
                                   "and tables drawn from them may not match the code on this page"),
-                        ("not recorded", "were stored without a digest of the source that computed them, so the "
-                                         "figures and tables drawn from them cannot be checked against this page's code")):
+                        ("not recorded", "carry no digest of the source that computed them, so the figures and "
+                                         "tables drawn from them cannot be checked against this page's code")):
         if groups[state]:
             names = ", ".join(html.escape(k) + (f" &times;{n}" if n > 1 else "") for k, n in groups[state].items())
             parts.append(f"<b>{'stale' if state == 'stale' else 'source not recorded'}</b>: "
