@@ -159,11 +159,18 @@ def test_bad_sizes_and_settings_say_what_to_do(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_a_missing_gpu_result_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtp_lib.results import MissingResultError
+    from mtp_lib.suite.run import load_suite
+
     monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path))
     settings = SuiteSettings.from_profile("gpu")
-    assert not settings.compute and "160m" in settings.sizes
-    with pytest.raises(FileNotFoundError, match="python -m mtp_lib.suite stream --profile gpu"):
-        train_size(settings, "160m")
+    settings = SuiteSettings(**{**settings.__dict__, "sizes": ("160m", "410m")})  # 410m is never committed
+    assert not settings.compute
+    with pytest.raises(MissingResultError, match="python -m mtp_lib.suite train --profile gpu --size 410m"):
+        train_size(settings, "410m")
+    suite = load_suite(settings)  # the committed stream loads; a size without results is listed, not fatal
+    assert "410m" not in suite.sizes and any("`410m`" in m for m in suite.missing)
+    assert "--size 410m" in suite.note()
 
 
 def test_model_shapes_follow_pythia() -> None:
@@ -241,3 +248,24 @@ def test_two_processes_train_what_one_does(stream, tmp_path: Path) -> None:
     for name, value in runs[1].items():
         diff = (value.double() - runs[2][name].double()).abs().max().item()
         assert diff <= 3e-5, f"{name} differs by {diff}"  # 1% of one AdamW step at lr 3e-3
+
+
+@pytest.mark.parametrize("profile", ["tiny", "cpu", "gpu"])
+def test_the_chapter_and_the_command_line_agree_on_the_settings(profile: str) -> None:
+    """Chapter 5 (its parameters cell's defaults, with the profile's values) and ``python -m
+    mtp_lib.suite`` (SuiteSettings.from_profile) must name the same cached results."""
+    import ast
+    import dataclasses
+
+    import papermill
+
+    from mtp_lib.profiles import chapter_parameters, load_profile
+
+    notebook = Path(__file__).resolve().parents[1] / "chapters" / "05_size_suite.ipynb"
+    declared = papermill.inspect_notebook(str(notebook))
+    values = {name: ast.literal_eval(p["default"]) for name, p in declared.items()}
+    values.update(chapter_parameters(load_profile(profile), "05_size_suite", notebook))
+    fields = {f.name for f in dataclasses.fields(SuiteSettings)}
+    chapter = SuiteSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
+    assert chapter == SuiteSettings.from_profile(profile)
+    assert set(values) - fields <= {"device"}  # every other parameter is a setting

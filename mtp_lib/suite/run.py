@@ -26,7 +26,7 @@ from mtp_lib import results
 from mtp_lib.suite import analysis, pretrain, shapes
 from mtp_lib.suite.stream import Stream, StreamSpec, build_stream, load_stream
 
-__all__ = ["SuiteSettings", "analyze_size", "stream_result", "suite_dir", "train_size"]
+__all__ = ["SuiteResults", "SuiteSettings", "analyze_size", "load_suite", "stream_result", "suite_dir", "train_size"]
 
 VERSION = 1
 TASKS = ("translation", "open-ended")
@@ -34,30 +34,31 @@ TASKS = ("translation", "open-ended")
 
 @dataclasses.dataclass(frozen=True)
 class SuiteSettings:
-    """Every setting of the suite (Chapter 5's parameters; the profiles set them)."""
+    """Every setting of the suite: Chapter 5's parameters, with the same defaults as its parameters cell
+    (the cpu micro-suite); the profiles set the rest."""
 
     sizes: tuple[str, ...] = ("micro-32", "micro-64", "micro-128")
     sources: tuple[str, ...] = ("translation", "kjv", "brown", "austen", "shakespeare", "sentences", "gcide")
     vocab_size: int = 4096
-    max_docs: int = 0
+    max_docs: int = 150
     stream_seed: int = 0
-    steps: int = 200
-    batch_size: int = 16
-    seq_len: int = 256
+    steps: int = 120
+    batch_size: int = 8
+    seq_len: int = 128
     micro_batch: int = 0
     train_seed: int = 1234
-    compile: bool = True
-    n_samples: int = 10
+    compile: bool = False
+    n_samples: int = 8
     last_tokens: int = 20
     top_k: int = 5
     top_p: float = 0.99
     nucleus_top_p: tuple[float, ...] = (0.9,)
     along_training: bool = True
-    along_samples: int = 10
+    along_samples: int = 3
     open_ended_tokens: int = 200
     profile: str = "cpu"
     compute: bool = True  # False: a missing result is an error that says how to compute it
-    progress: bool = True
+    progress: bool = False
 
     def __post_init__(self) -> None:
         for size in self.sizes:
@@ -97,11 +98,13 @@ def suite_dir() -> Path:
 
 def _cached(name: str, config: dict[str, Any], compute: Callable[[], Any], settings: SuiteSettings,
             how: str, device: Any = None) -> results.CachedResult:
-    path = results.results_dir(settings.profile) / f"{name}-{results.config_key(results.to_jsonable(config), VERSION)}.json"
-    if not settings.compute and not path.is_file():
-        raise FileNotFoundError(f"the {settings.profile} profile has no result {path.name} ({name}), and this run "
-                                f"does not compute (compute=False). Compute it with: {how}")
-    return results.cached(name, config, compute, profile=settings.profile, version=VERSION, device=device)
+    def refuse() -> Any:
+        raise results.MissingResultError(f"the {settings.profile} profile has no stored {name} result for this "
+                                         f"configuration, and this run does not compute (compute=False). "
+                                         f"Compute it with: {how}")
+
+    return results.cached(name, config, compute if settings.compute else refuse, profile=settings.profile,
+                          version=VERSION, device=device)
 
 
 def _stream_folder(settings: SuiteSettings) -> Path:
@@ -198,3 +201,40 @@ def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto") ->
 
     return _cached(f"ch05-analysis-{size}", _analysis_config(settings, size, fingerprint), analyze, settings,
                    f"python -m mtp_lib.suite analyze --profile {settings.profile} --size {size}", device=dev)
+
+
+@dataclasses.dataclass
+class SuiteResults:
+    """What the suite has for a chapter: the stream, and each size's training and analysis that exist
+    (or were computed); ``missing`` says, per missing result, how to compute it."""
+
+    stream: results.CachedResult
+    trains: dict[str, results.CachedResult]
+    analyses: dict[str, results.CachedResult]
+    missing: list[str]
+
+    @property
+    def sizes(self) -> list[str]:
+        """The sizes with both results, small to large."""
+        done = [s for s in self.trains if s in self.analyses]
+        return sorted(done, key=lambda s: self.trains[s].value["non_embedding_params"])
+
+    def note(self) -> str:
+        """Markdown: which results are missing and the commands that fill them ("" when none is)."""
+        if not self.missing:
+            return ""
+        return (f"**{len(self.missing)} result(s) of this profile are not stored yet**; the figures below show "
+                f"the sizes that are ({', '.join(self.sizes) or 'none'}):\n\n" + "\n".join(f"- {m}" for m in self.missing))
+
+
+def load_suite(settings: SuiteSettings, *, device: str = "auto") -> SuiteResults:
+    """The stream and every size's results: loaded, computed (``settings.compute``), or listed as missing."""
+    stream = stream_result(settings)
+    trains, analyses, missing = {}, {}, []
+    for size in settings.sizes:
+        try:
+            trains[size] = train_size(settings, size)
+            analyses[size] = analyze_size(settings, size, device=device)
+        except results.MissingResultError as err:
+            missing.append(f"`{size}`: {err}")
+    return SuiteResults(stream, trains, analyses, missing)

@@ -19,7 +19,7 @@ from mtp_lib.metrics import Interval, mean_with_ci
 from mtp_lib.report import verdict
 
 __all__ = ["accuracy_frame", "along_frame", "kl_at_depth", "kl_frame", "loss_frame", "nucleus_frame",
-           "paired_trend", "size_claims", "size_table", "source_table", "standin_text"]
+           "paired_trend", "pythia", "size_claims", "size_table", "source_table", "standin_text"]
 
 TASKS = ("translation", "open-ended")
 OFFSETS = {1: "next", 2: "second"}
@@ -203,3 +203,8 @@ def standin_text(trains: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
             "sentences) and Spanish-English verse pairs: a far narrower, older and smaller domain than the Pile's "
             "825 GB of web, code, papers and books.\n\n".format(manifest["tokens"], manifest["documents"])
             + "\n".join(lines))
+
+
+def pythia(paper: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Pythia rows of one of its read-off tables (not Llama-3: another family)."""
+    return paper[paper["family"] == "Pythia"]
