@@ -101,37 +101,34 @@ def fetch(names: list[str], downloads: Path) -> dict[str, Path]:
     return out
 
 
-def _deb_member(deb: Path, suffix: str) -> bytes:
-    """One file of a .deb (an ar archive holding data.tar.*), found by the end of its path."""
+def _deb_data(deb: Path) -> tarfile.TarFile:
+    """The data archive of a .deb (an ar archive: 8-byte magic, then 60-byte headers and bodies)."""
     blob = deb.read_bytes()
     pos = 8
     while pos < len(blob):
         name = blob[pos:pos + 16].decode().strip().rstrip("/")
         size = int(blob[pos + 48:pos + 58].decode().strip())
-        body = blob[pos + 60:pos + 60 + size]
-        pos += 60 + size + (size % 2)
         if name.startswith("data.tar"):
-            with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-                for member in tar.getmembers():
-                    if member.name.endswith(suffix):
-                        extracted = tar.extractfile(member)
-                        assert extracted is not None
-                        return extracted.read()
+            return tarfile.open(fileobj=io.BytesIO(blob[pos + 60:pos + 60 + size]))
+        pos += 60 + size + (size % 2)
+    raise ValueError(f"{deb.name} is not a Debian package (no data.tar member)")
+
+
+def _deb_member(deb: Path, suffix: str) -> bytes:
+    """One file of a .deb, found by the end of its path."""
+    with _deb_data(deb) as tar:
+        for member in tar.getmembers():
+            extracted = tar.extractfile(member) if member.name.endswith(suffix) else None
+            if extracted is not None:
+                return extracted.read()
     raise FileNotFoundError(f"{deb.name} holds no file ending in {suffix}")
 
 
 def _extract_deb(deb: Path, dest: Path) -> Path:
     """Unpack a .deb's data archive into ``dest`` (once) and return it."""
     if not (dest / ".done").exists():
-        blob = deb.read_bytes()
-        pos = 8
-        while pos < len(blob):
-            name = blob[pos:pos + 16].decode().strip().rstrip("/")
-            size = int(blob[pos + 48:pos + 58].decode().strip())
-            if name.startswith("data.tar"):
-                with tarfile.open(fileobj=io.BytesIO(blob[pos + 60:pos + 60 + size])) as tar:
-                    tar.extractall(dest, filter="data")
-            pos += 60 + size + (size % 2)
+        with _deb_data(deb) as tar:
+            tar.extractall(dest, filter="data")
         (dest / ".done").touch()
     return dest
 
