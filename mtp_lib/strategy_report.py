@@ -10,7 +10,7 @@ independent).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -236,7 +236,16 @@ def row_difference(rows: Rows, name: str, a: str, b: str, target: str) -> metric
     return report.paired_difference(x.reshape(-1), y.reshape(-1), groups=_groups(x))
 
 
-def claims(setup: Table1Setup) -> list[tuple[str, str, str, str]]:
+class RowSet(Protocol):
+    """What :func:`claims` reads of a setup (:class:`Table1Setup`, :class:`mtp_lib.budget_runs.BudgetSetup`)."""
+
+    recipes: list[str]
+
+    @property
+    def head_rows(self) -> list[str]: ...
+
+
+def claims(setup: RowSet) -> list[tuple[str, str, str, str]]:
     """The paper's Section 3 orderings among this run's rows, as ``(claim, row A, row B, target)``: A > B."""
     recs, out = set(setup.recipes), []
     if {"heads_only", "vanilla_joint"} <= recs:
