@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import metrics, report
-from .budget_runs import COMMAND, PUBLISHED_LR, BudgetRuns
+from .budget_runs import COMMAND, NOT_PUBLISHED, PUBLISHED_LR, BudgetRuns
 from .strategy_runs import STRATEGIES
 
 __all__ = ["T975", "claims_table", "curve_frame", "first_loss_table", "lr_table", "missing_note", "reference_table",
@@ -152,7 +152,8 @@ def reference_table(runs: BudgetRuns, probe_profile: str) -> pd.DataFrame:
                 j, off = res["layers"].index(layer), res["offsets"]["2"]
                 row.update({"lens z^(L-1)": off["lens_accuracy"][j], "probe z^(L-1)": off["probe_accuracy"][j],
                             "probe positions": off["n_test_positions"]})
-                row["rows above the probe"] = f"{sum(a > off['probe_accuracy'][j] for a in mine.values())} of {len(mine)}"
+                above = sum(a > off["probe_accuracy"][j] for a in mine.values())
+                row["rows above the probe"] = f"{above} of {len(mine)}"
             else:
                 note = f"Chapter 2 did not probe layer {layer}"
         row["note"] = note
@@ -192,7 +193,9 @@ def lr_table(runs: BudgetRuns) -> pd.DataFrame:
             continue
         scores = {lr: res.value["select_accuracy"] for (m, lr), res in runs.sweep.items() if m == name}
         tried = ", ".join(f"{lr:g}: {np.mean(a):.3f}" for lr, a in sorted(scores.items()))
-        out.append({"model": name, "published pretraining LR": "not published", "LR used": runs.lr[name],
+        why = NOT_PUBLISHED.get(name, "none known")
+        out.append({"model": name, "published pretraining LR": f"not published ({why})",
+                    "LR used": "after the sweep" if runs.lr[name] is None else runs.lr[name],
                     "how": f"sweep on {STRATEGIES[runs.setup.sweep_recipe]} (mean top-{runs.setup.top_k} of both "
                            f"heads on {runs.setup.n_select} held-out pairs): {tried or 'not run yet'}"})
     return pd.DataFrame(out).set_index("model")

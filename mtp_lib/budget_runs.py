@@ -40,16 +40,19 @@ import torch
 from .results import CachedResult, cached, config_key, repo_root, results_dir, to_jsonable
 from .strategy_runs import STRATEGIES
 
-__all__ = ["COMMAND", "KIND", "PARAMETERS", "PEAK_FLOPS", "PUBLISHED_LR", "VERSION", "BudgetRuns", "BudgetSetup",
-           "Unit", "chapter_setup", "chosen_lr", "gpu_peak", "run_budget", "save_folder", "setup_from_parameters",
-           "stored"]
+__all__ = ["COMMAND", "KIND", "NOT_PUBLISHED", "PARAMETERS", "PEAK_FLOPS", "PUBLISHED_LR", "VERSION", "BudgetRuns",
+           "BudgetSetup", "Unit", "chapter_setup", "chosen_lr", "gpu_peak", "run_budget", "save_folder",
+           "setup_from_parameters", "stored"]
 
 KIND, VERSION = "ch03-budget", 1
 COMMAND = "python scripts/table1_paper_budget.py --profile {profile}"
 PUBLISHED_LR: dict[str, tuple[float, str]] = {  # model -> (peak pretraining LR, where it is published)
-    "smollm2-135m": (3e-3, "huggingface/smollm, text/pretraining/smollm2/config_smollm2_135M.yaml (nanotron "
-                           "config of SmolLM2-135M: AdamW, peak LR 0.003, 2,000 warmup steps, linear decay from "
-                           "step 1.6M over 400k steps) https://github.com/huggingface/smollm"),
+    "smollm2-135m": (3e-3, "SmolLM2-135M's nanotron pretraining config, GitHub huggingface/smollm, "
+                           "text/pretraining/smollm2/config_smollm2_135M.yaml: AdamW, peak LR 0.003, 2,000 warmup "
+                           "steps, linear decay from step 1.6M over 400k steps"),
+}
+NOT_PUBLISHED = {  # model -> where a pretraining LR was looked for and not found
+    "gemma3-270m": "neither the Gemma 3 Technical Report (arXiv 2503.19786) nor the model card gives one",
 }
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak, FLOP/s
 N_FIRST = 20  # training losses kept from the start of a run

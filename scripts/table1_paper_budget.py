@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.tensor(res.value['hits'], dtype=torch.float)[:, 1].mean():.3f}  {speed['tokens_per_s']:,.0f} "
               f"tokens/s on {speed['device']}  ({res.path.name})")
     for unit in runs.missing:
-        print(f"  missing {unit.model:14s} {unit.recipe:20s} seed {unit.seed}  lr {unit.lr:g}  ({STRATEGIES[unit.recipe]})")
+        print(f"  missing {unit.model:14s} {unit.recipe:20s} seed {unit.seed}  lr {unit.lr:g}  "
+              f"({STRATEGIES[unit.recipe]})")
     for name, lr in runs.lr.items():
         if lr is None:
             print(f"  {name}: rows wait for the LR sweep on {setup.sweep_recipe} ({setup.lr_sweep.get(name)})")
