@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from .common import require_columns
+from .common import figure_legend, require_columns
 
 __all__ = ["learning_curves"]
 
@@ -43,11 +43,6 @@ def learning_curves(curves: pd.DataFrame, *, marker_sequences: int | None = None
             ax.set_ylabel(f"held-out top-{k} accuracy")
     for ax in axes[-1]:
         ax.set_xlabel("training sequences seen")
-    handles: dict[str, Any] = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 4), fontsize=8,
-               frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(handles) > 4) + 0.03 * (len(handles) > 8), 1, 1))
+    n_labels = figure_legend(fig, axes.flat)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * (n_labels > 4) + 0.03 * (n_labels > 8), 1, 1))
     return fig
