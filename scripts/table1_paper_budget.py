@@ -14,6 +14,11 @@ What is stored and what is missing, without computing:
 
     python scripts/table1_paper_budget.py --profile gpu --list
 
+Units spread over several GPUs of one host, one process per GPU (``--shard K/N``: every N-th unit,
+from the K-th, in a fixed order; a row of a model whose LR sweep is not stored yet waits for it):
+
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python scripts/table1_paper_budget.py --shard $i/4 & done; wait
+
 A unit checkpoints every ``--checkpoint-every`` steps under --save-dir; the same command resumes it.
 ``--stop-after MINUTES`` stops cleanly right after a checkpoint once that much time has passed (for
 machines lent by the slot). The commit recorded with each result comes from git, or from
@@ -33,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", help="only these models (default: the profile's budget_models)")
     p.add_argument("--recipes", nargs="+", help="only these rows (LR sweeps of the chosen models always run first)")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+    p.add_argument("--shard", default="0/1", help="K/N: only every N-th unit from the K-th (one process per GPU)")
     p.add_argument("--list", action="store_true", help="list the units, stored or missing, and compute nothing")
     p.add_argument("--save-dir", default="runs/paper-budget", help="checkpoints (resume); '' for none")
     p.add_argument("--checkpoint-every", type=int, default=250, help="optimizer steps between checkpoints")
@@ -62,9 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop_after > 0:
         budget_train.DEADLINE.append(time.perf_counter() + 60 * args.stop_after)
 
+    shard, n_shards = (int(x) for x in args.shard.split("/"))
+    if not 0 <= shard < n_shards:
+        raise SystemExit(f"--shard {args.shard}: give K/N with 0 <= K < N")
+    sweeps = [u for name in setup.models for u in setup.sweep_units(name)]
+    rows = [(name, rec, seed) for name in setup.models for rec in setup.recipes for seed in setup.seeds[name]]
+
+    def index(unit: Unit) -> int:  # the unit's place in a fixed order: sweeps first, then rows
+        return sweeps.index(unit) if unit in sweeps else len(sweeps) + rows.index(unit[:3])
+
     def chosen(unit: Unit) -> bool:
         sweep = unit in setup.sweep_units(unit.model)
-        return ((args.models is None or unit.model in args.models)
+        if budget_train.DEADLINE and time.perf_counter() > budget_train.DEADLINE[0]:
+            return False  # out of time: start no other unit
+        return (index(unit) % n_shards == shard and (args.models is None or unit.model in args.models)
                 and (sweep or args.recipes is None or unit.recipe in args.recipes)
                 and (sweep or args.seeds is None or unit.seed in args.seeds))
 

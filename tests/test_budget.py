@@ -192,3 +192,35 @@ def test_setup_refuses_bad_input() -> None:
         tiny_setup(warmup_fraction=1.0)
     assert tiny_setup().sweep_units("tiny-llama") == [Unit("tiny-llama", "heads_only", 0, 1e-3),
                                                       Unit("tiny-llama", "heads_only", 0, 1e-2)]
+
+
+def test_script_computes_the_chapter_units_of_a_profile_and_lists_them(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "MTP_RESULTS_DIR": str(tmp_path),
+           "MTP_GIT_COMMIT": "0123abc"}
+    script = [sys.executable, str(repo / "scripts" / "table1_paper_budget.py"), "--profile", "tiny", "--save-dir", ""]
+
+    def run(*extra: str) -> str:
+        out = subprocess.run(script + list(extra), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    setup = chapter_setup("tiny")
+    assert setup.sweep_recipe != "heads_only" and len(setup.seeds["tiny-llama"]) == 2
+    run("--models", "tiny-llama", "--recipes", "heads_only", "--seeds", "0")  # the LR sweep first, then the row
+    listed = run("--list")
+    stored = sorted(line.split()[2] for line in listed.splitlines() if line.strip().startswith("stored"))
+    assert stored == sorted(["heads_only", setup.sweep_recipe]), listed  # the best sweep unit is its row's seed 0
+    assert f"{len(setup.recipes) * 2 - 2} missing" in listed, listed
+    records = [json.loads(r.read_text()) for r in (tmp_path / "tiny").glob("ch03-budget-*.json")]
+    assert len(records) == len(setup.lr_sweep["tiny-llama"]) + 1
+    assert all(r["provenance"]["git_commit"] for r in records)
+    with pytest.raises(AssertionError, match="--shard"):
+        run("--shard", "2/2")
