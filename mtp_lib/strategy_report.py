@@ -255,6 +255,8 @@ def claims(setup: RowSet) -> list[tuple[str, str, str, str]]:
     for rec in ("head_warmup", "diff_lr", "head_warmup_diff_lr", "diff_lr_whs"):
         if {rec, "vanilla_joint"} <= recs:
             out.append((f"{STRATEGIES[rec]} beats vanilla joint on the 2nd token", rec, "vanilla_joint", "2nd"))
+    if {"diff_lr_whs", "diff_lr"} <= recs:  # the paper's own WHS comparison
+        out.append(("WHS beats Diff. LR alone on the 2nd token", "diff_lr_whs", "diff_lr", "2nd"))
     if "ntp_baseline" in recs:
         for rec in setup.head_rows + [r for r in ("medusa",) if r in recs]:
             out.append((f"The baseline beats {STRATEGIES[rec]} on the 2nd token", "ntp_baseline", rec, "2nd"))
