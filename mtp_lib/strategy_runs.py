@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -168,7 +168,13 @@ class _LazyModel:
         return self._lm
 
 
-def _marginal_hits(model: Any, samples: Sequence[Any], setup: Table1Setup) -> tuple[list[torch.Tensor], list[float]]:
+class _EvalSettings(Protocol):
+    last_tokens: int
+    top_k: int
+    baseline_top_p: float
+
+
+def _marginal_hits(model: Any, samples: Sequence[Any], setup: _EvalSettings) -> tuple[list[torch.Tensor], list[float]]:
     # Top-k hits of the next token (t = j - 1) and of the marginal 2nd token (t = j - 2), per sample.
     from . import data, metrics
     from .marginal import marginalize

@@ -35,6 +35,19 @@ def require_columns(df: Any, columns: set[str], name: str) -> None:
         raise ValueError(f"{name} is empty")
 
 
+def figure_legend(fig: Any, axes: Any, *, ncol: int = 4) -> int:
+    """One legend under ``fig`` for every labelled artist of ``axes`` (the first of each label, in
+    order); returns how many entries it has (for the room to leave under the panels)."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), ncol),
+                   fontsize=8, frameon=False)
+    return len(handles)
+
+
 def read_paper_csv(path: Any) -> pd.DataFrame:
     """A reference-value CSV of ``data/paper/`` (lines starting with ``#`` are comments)."""
     return pd.read_csv(path, comment="#", skipinitialspace=True)

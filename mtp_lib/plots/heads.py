@@ -8,14 +8,11 @@ The paper's Table 1 values (``data/paper/table1.csv``) are drawn as their own gr
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from .common import model_colors, require_columns as _require
-
-if TYPE_CHECKING:
-    from matplotlib.artist import Artist
+from .common import figure_legend, model_colors, require_columns as _require
 
 __all__ = ["PAPER_LABEL", "TARGETS", "architecture", "paper_table", "strategy_accuracy", "training_curves", "whs_weights"]
 
@@ -242,13 +239,8 @@ def training_curves(history: pd.DataFrame, *, smooth: int = 1, ncols: int = 4) -
         ax.set_title(strategy, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss [nats]")
-    handles: dict[str, Artist] = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 4), fontsize=8,
-               frameon=False)
-    fig.tight_layout(rect=(0, 0.07 + 0.02 * (len(handles) > 4), 1, 1))
+    n_labels = figure_legend(fig, axes.flat)
+    fig.tight_layout(rect=(0, 0.07 + 0.02 * (n_labels > 4), 1, 1))
     return fig
 
 

@@ -20,7 +20,10 @@ class TrainConfig:
     family's q/k/v) on the backbone, trained with the heads. ``head_warmup_epochs``: epochs of heads-only
     training before the joint phase. ``head_lr_multiplier``: heads' LR over ``lr`` (Diff. LR: 4).
     ``loss_balancing``: rescale head n's loss to head 1's RMS; None means on in joint phases.
-    ``max_steps``: a cap on the steps of each phase (short CPU runs). ``eval_every`` /
+    ``max_steps``: a cap on the steps of each phase (short CPU runs). ``phase_steps``: the optimizer
+    steps of each phase, in order (one number per phase of :func:`phases`), instead of ``epochs`` and
+    ``head_warmup_epochs`` epochs: a fixed budget shared between warmup and joint phases (batches
+    keep their per-epoch shuffle, so a phase longer than an epoch starts a new one). ``eval_every`` /
     ``checkpoint_every``: every so many steps (0: only at the end of each phase).
     ``mixed_precision``: ``"auto"`` = bf16 autocast on CUDA, none on CPU.
 
@@ -51,6 +54,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     max_steps: int | None = None
+    phase_steps: tuple[int, ...] | None = None
     eval_every: int = 0
     checkpoint_every: int = 0
     seed: int = 0
@@ -81,6 +85,19 @@ class TrainConfig:
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision={self.mixed_precision!r} must be 'auto', 'no', 'bf16' or 'fp16'")
         self._check_heads()
+        self._check_phase_steps()
+
+    def _check_phase_steps(self) -> None:
+        if self.phase_steps is None:
+            return
+        steps = tuple(self.phase_steps)  # (a list read back from JSON becomes a tuple)
+        object.__setattr__(self, "phase_steps", steps)
+        if not steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in steps):
+            raise ValueError(f"phase_steps={steps!r} must hold positive integers, one per phase")
+        names = [p.name for p in phases(self)]
+        if len(steps) != len(names):
+            raise ValueError(f"phase_steps={steps!r} gives {len(steps)} phase(s) but this recipe runs {len(names)} "
+                             f"({', '.join(names)})")
 
     def _positive(self, name: str) -> None:
         value = getattr(self, name)
@@ -101,9 +118,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict. Fields that came after results were stored under keys made of this
-        dict are left out at their defaults (``head_init="random"``, ``train_mode=True``), so those
-        keys stay valid. (``train_mode=True`` trains exactly as before on models without dropout, the
-        only ones whose results are stored.)"""
+        dict are left out at their defaults (``head_init="random"``, ``train_mode=True``,
+        ``phase_steps=None``), so those keys stay valid. (``train_mode=True`` trains exactly as before on
+        models without dropout, the only ones whose results are stored.)"""
         out = dataclasses.asdict(self)
         for name, default in _LATE_FIELDS.items():
             if out[name] == default:
@@ -116,7 +133,7 @@ class TrainConfig:
         return cls(**fields)
 
 
-_LATE_FIELDS: dict[str, Any] = {"head_init": "random", "train_mode": True}
+_LATE_FIELDS: dict[str, Any] = {"head_init": "random", "train_mode": True, "phase_steps": None}
 
 RECIPES: dict[str, TrainConfig] = {
     "heads_only": TrainConfig(),

@@ -106,7 +106,7 @@ class _Run:
         from tqdm.auto import tqdm
 
         config, phase = self.config, self.phases[p_idx]
-        total = self.steps_per_epoch * phase.epochs
+        total = self.steps_per_epoch * phase.epochs if config.phase_steps is None else config.phase_steps[p_idx]
         total = total if config.max_steps is None else min(total, config.max_steps)
         params = set_trainable(self.objective, phase)
         optimizer = make_optimizer(self.objective, phase, config)

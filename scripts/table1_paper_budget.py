@@ -1,0 +1,111 @@
+"""Compute Chapter 3's paper-budget units (one cached result per model, Table 1 row and seed) on a GPU.
+
+The settings are Chapter 3's for the profile (its parameters cell and chapters/profiles/<profile>.yaml,
+the ``budget_*`` values), so the results land under the keys the chapter looks up, in
+data/results/<profile>/ (or $MTP_RESULTS_DIR/<profile>). Every missing unit, LR sweeps first:
+
+    MTP_GIT_COMMIT=$(git rev-parse HEAD) python scripts/table1_paper_budget.py --profile gpu
+
+Some units (each a separate cached result, so several runs fill the table):
+
+    python scripts/table1_paper_budget.py --profile gpu --models smollm2-135m --recipes diff_lr --seeds 0 1
+
+What is stored and what is missing, without computing:
+
+    python scripts/table1_paper_budget.py --profile gpu --list
+
+Units spread over several GPUs of one host, one process per GPU (``--shard K/N``: every N-th unit,
+from the K-th, in a fixed order; a row of a model whose LR sweep is not stored yet waits for it):
+
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python scripts/table1_paper_budget.py --shard $i/4 & done; wait
+
+A unit checkpoints every ``--checkpoint-every`` steps under --save-dir; the same command resumes it.
+``--stop-after MINUTES`` stops cleanly right after a checkpoint once that much time has passed (for
+machines lent by the slot). The commit recorded with each result comes from git, or from
+$MTP_GIT_COMMIT on a machine without the history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="gpu", help="profile whose Chapter 3 settings to use (gpu, cpu, tiny)")
+    p.add_argument("--models", nargs="+", help="only these models (default: the profile's budget_models)")
+    p.add_argument("--recipes", nargs="+", help="only these rows (LR sweeps of the chosen models always run first)")
+    p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+    p.add_argument("--shard", default="0/1", help="K/N: only every N-th unit from the K-th (one process per GPU)")
+    p.add_argument("--list", action="store_true", help="list the units, stored or missing, and compute nothing")
+    p.add_argument("--save-dir", default="runs/paper-budget", help="checkpoints (resume); '' for none")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="optimizer steps between checkpoints")
+    p.add_argument("--stop-after", type=float, default=0, help="minutes; stop right after a checkpoint past it")
+    p.add_argument("--allow-cpu", action="store_true", help="compute a GPU profile's units without a GPU (slow)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from mtp_lib import budget_train
+    from mtp_lib.budget_runs import Unit, chapter_setup, run_budget
+    from mtp_lib.profiles import load_profile
+    from mtp_lib.strategy_runs import STRATEGIES
+
+    args = parse_args(argv)
+    if (not args.list and load_profile(args.profile).compute == "cuda" and not torch.cuda.is_available()
+            and not args.allow_cpu):
+        raise SystemExit(f"profile {args.profile!r} is computed on a CUDA GPU and this machine has none "
+                         "(--allow-cpu computes anyway, slowly)")
+    setup = chapter_setup(args.profile, compute=not args.list, save_dir=args.save_dir)
+    setup.checkpoint_every = args.checkpoint_every  # (not in a unit's key: a checkpoint does not change results)
+    bad = sorted(set(args.models or []) - set(setup.models)) + sorted(set(args.recipes or []) - set(setup.recipes))
+    if bad:
+        raise SystemExit(f"{bad} are not among the profile's budget_models {setup.models} / rows {setup.recipes}")
+    if args.stop_after > 0:
+        budget_train.DEADLINE.append(time.perf_counter() + 60 * args.stop_after)
+
+    shard, n_shards = (int(x) for x in args.shard.split("/"))
+    if not 0 <= shard < n_shards:
+        raise SystemExit(f"--shard {args.shard}: give K/N with 0 <= K < N")
+    sweeps = [u for name in setup.models for u in setup.sweep_units(name)]
+    rows = [(name, rec, seed) for name in setup.models for rec in setup.recipes for seed in setup.seeds[name]]
+
+    def index(unit: Unit) -> int:  # the unit's place in a fixed order: sweeps first, then rows
+        return sweeps.index(unit) if unit in sweeps else len(sweeps) + rows.index(unit[:3])
+
+    def chosen(unit: Unit) -> bool:
+        sweep = unit in setup.sweep_units(unit.model)
+        if budget_train.DEADLINE and time.perf_counter() > budget_train.DEADLINE[0]:
+            return False  # out of time: start no other unit
+        return (index(unit) % n_shards == shard and (args.models is None or unit.model in args.models)
+                and (sweep or args.recipes is None or unit.recipe in args.recipes)
+                and (sweep or args.seeds is None or unit.seed in args.seeds))
+
+    start = time.perf_counter()
+    try:
+        runs = run_budget(setup, select=chosen)
+    except budget_train.TimeUp as stop:
+        print(f"time is up after {time.perf_counter() - start:.0f} s: {stop}")
+        return 3
+    print(f"profile {args.profile}: {len(runs.rows)} row unit(s) and {len(runs.sweep)} sweep unit(s) stored, "
+          f"{len(runs.missing)} missing; {time.perf_counter() - start:.0f} s")
+    for (name, rec, seed), res in sorted(runs.rows.items()):
+        speed = res.value["speed"]
+        print(f"  stored  {name:14s} {rec:20s} seed {seed}  lr {res.value['lr']:g}  2nd-token top-{setup.top_k}: "
+              f"{torch.tensor(res.value['hits'], dtype=torch.float)[:, 1].mean():.3f}  {speed['tokens_per_s']:,.0f} "
+              f"tokens/s on {speed['device']}  ({res.path.name})")
+    for unit in runs.missing:
+        print(f"  missing {unit.model:14s} {unit.recipe:20s} seed {unit.seed}  lr {unit.lr:g}  "
+              f"({STRATEGIES[unit.recipe]})")
+    for name, lr in runs.lr.items():
+        if lr is None:
+            print(f"  {name}: rows wait for the LR sweep on {setup.sweep_recipe} ({setup.lr_sweep.get(name)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
