@@ -269,3 +269,54 @@ def test_the_chapter_and_the_command_line_agree_on_the_settings(profile: str) ->
     chapter = SuiteSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
     assert chapter == SuiteSettings.from_profile(profile)
     assert set(values) - fields <= {"device"}  # every other parameter is a setting
+
+
+def _fake_results(rng: random.Random, sizes: dict[str, int], n: int, acc: dict[str, float]):
+    """Training and analysis records of the shape the suite stores, hits drawn at rates ``acc``."""
+    trains, analyses = {}, {}
+    for size, params in sizes.items():
+        trains[size] = types.SimpleNamespace(value={
+            "non_embedding_params": params, "params": 2 * params, "train_tokens": 1000, "recipe": {"steps": 10},
+            "history": [{"step": 10, "tokens": 1000, "loss": 3.0}]})
+        final = {}
+        for task in ("translation", "open-ended"):
+            final[task] = [{"id": f"s{i}", "next": [int(rng.random() < acc[size] + 0.2) for _ in range(4)],
+                            "second": [int(rng.random() < acc[size]) for _ in range(4)],
+                            "nucleus": {"0.99": [1000 / (1 + acc[size])] * 4, "0.9": [10.0] * 4}} for i in range(n)]
+        lens = [[4.0 - acc[size], 2.0, 0.0] for _ in range(n)]
+        analyses[size] = types.SimpleNamespace(value={"final": final, "lens": {"translation": lens, "open-ended": lens},
+                                                      "along": {"0": {t: final[t][:2] for t in final}}})
+    return trains, analyses
+
+
+def test_size_claims_judge_paired_trends() -> None:
+    from mtp_lib.suite import tables as T
+
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    sizes = {"14m": 10**6, "31m": 4 * 10**6, "70m": 16 * 10**6}
+    trains, analyses = _fake_results(rng, sizes, 40, {"14m": 0.1, "31m": 0.4, "70m": 0.7})
+    claims = T.size_claims(trains, analyses, n_boot=300).set_index(["claim", "task"])["verdict"]
+    assert set(claims) == {"supported"}, f"seed {seed}: {claims}"
+    trains, analyses = _fake_results(rng, sizes, 40, {"14m": 0.7, "31m": 0.4, "70m": 0.1})
+    claims = T.size_claims(trains, analyses, n_boot=300)
+    assert claims[claims["claim"].str.startswith("2nd-token")]["verdict"].eq("contradicted").all(), f"seed {seed}"
+    acc = T.accuracy_frame(trains, analyses)
+    assert len(acc) == 3 * 2 * 2 and acc["accuracy_lo"].le(acc["accuracy"]).all()
+    assert set(T.along_frame(trains, analyses)["step"]) == {0, 10}
+
+
+def test_paired_trend_against_polyfit() -> None:
+    from mtp_lib.suite.tables import paired_trend
+
+    seed = fresh_seed()
+    gen = np.random.default_rng(seed)
+    values = {s: gen.random(12) for s in "abcd"}
+    x = [1.0, 2.0, 3.5, 4.0]
+    got = paired_trend(lambda s, i: float(values[s][i].mean()), list("abcd"), x, 12, n_boot=200, seed=3)
+    want = np.polyfit(x, [values[s].mean() for s in "abcd"], 1)[0]
+    assert math.isclose(got.mean, want, rel_tol=1e-9, abs_tol=1e-12), f"seed {seed}"
+    rng = np.random.default_rng(3)
+    draws = [np.polyfit(x, [values[s][idx].mean() for s in "abcd"], 1)[0]
+             for idx in (rng.integers(0, 12, 12) for _ in range(200))]
+    assert np.allclose([got.lo, got.hi], np.percentile(draws, [2.5, 97.5])), f"seed {seed}"

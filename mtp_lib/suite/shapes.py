@@ -51,12 +51,18 @@ def gpt_neox_config(size: str, vocab_size: int, *, max_positions: int = 2048, eo
     from transformers import GPTNeoXConfig
 
     s = shape(size)
-    return GPTNeoXConfig(
+    config = GPTNeoXConfig(
         vocab_size=vocab_size, hidden_size=s.d_model, num_hidden_layers=s.n_layers,
-        num_attention_heads=s.n_heads, intermediate_size=4 * s.d_model, rotary_pct=0.25,
+        num_attention_heads=s.n_heads, intermediate_size=4 * s.d_model,
         use_parallel_residual=True, max_position_embeddings=max_positions, tie_word_embeddings=False,
         hidden_act="gelu", layer_norm_eps=1e-5, initializer_range=0.02, attention_dropout=0.0,
         hidden_dropout=0.0, bos_token_id=eos_id, eos_token_id=eos_id)
+    rope = getattr(config, "rope_parameters", None)  # transformers 5 (4.x: config.rotary_pct)
+    if isinstance(rope, dict):
+        rope["partial_rotary_factor"] = 0.25  # Pythia's rotary_pct: rotary on a quarter of each head
+    else:
+        config.rotary_pct = 0.25
+    return config
 
 
 def param_counts(model: Any) -> dict[str, int]:

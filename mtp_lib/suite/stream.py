@@ -129,7 +129,8 @@ def _drop_copies(docs: list[tuple[str, str]], evals: dict[str, str], overlap: di
     or a quarter of them when the text is pieced together from several near-copies (2 Kings 13:12 is
     made of the formulas of its neighbours)."""
     flagged = set().union(*(_grams(_words(evals[k])) for k, v in overlap.items() if v >= 0.5))
-    kept, dropped = [], {}
+    kept: list[tuple[str, str]] = []
+    dropped: dict[str, int] = {}
     for name, doc in docs:
         grams = _grams(_words(doc))
         if grams and len(grams & flagged) / len(grams) >= 0.25:

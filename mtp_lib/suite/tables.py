@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from mtp_lib.metrics import Interval, mean_with_ci
-from mtp_lib.report import verdict
+from mtp_lib.report import Direction, verdict
 
 __all__ = ["accuracy_frame", "along_frame", "kl_at_depth", "kl_frame", "loss_frame", "nucleus_frame",
            "paired_trend", "pythia", "size_claims", "size_table", "source_table", "standin_text"]
@@ -140,6 +140,36 @@ def _per_sample(analyses: Mapping[str, Any], size: str, task: str, fn: Callable[
     return np.array([fn(rec) for rec in analyses[size].value["final"][task]])
 
 
+Stat = Callable[[str, np.ndarray], float]
+
+
+def _mean_of(per_size: Mapping[str, np.ndarray], log: bool = False) -> Stat:
+    """The statistic "mean over the drawn samples" (its log10 with ``log``) of per-sample values."""
+    def stat(size: str, idx: np.ndarray) -> float:
+        mean = float(per_size[size][idx].mean())
+        return float(np.log10(mean)) if log else mean
+    return stat
+
+
+def _claims_of_task(trains: Mapping[str, Any], analyses: Mapping[str, Any], sizes: list[str], task: str
+                    ) -> list[tuple[str, str, Direction, Stat, int]]:
+    def per_sample(fn: Callable[[Mapping[str, Any]], float]) -> dict[str, np.ndarray]:
+        return {s: _per_sample(analyses, s, task, fn) for s in sizes}
+
+    q = max(analyses[sizes[0]].value["final"][task][0]["nucleus"], key=float)  # the marginal's own top-p
+    acc2 = per_sample(lambda r: float(np.mean(r["second"])))
+    nuc = per_sample(lambda r: float(np.mean(r["nucleus"][q])))
+    n = len(acc2[sizes[0]])
+    checks: list[tuple[str, str, Direction, Stat, int]] = [
+        ("2nd-token accuracy grows with size", "accuracy per decade", "greater", _mean_of(acc2), n),
+        (f"the top-{q} nucleus shrinks with size", "log10 candidates per decade", "less", _mean_of(nuc, log=True), n)]
+    if task == "translation":
+        kl = {s: np.array([kl_at_depth(p) for p in analyses[s].value["lens"][task]]) for s in sizes}
+        checks.append(("layers specialize earlier in larger models (KL at half depth falls)", "nats per decade",
+                       "less", _mean_of(kl), n))
+    return checks
+
+
 def size_claims(trains: Mapping[str, Any], analyses: Mapping[str, Any], *, min_samples: int = 5,
                 n_boot: int = 2000) -> pd.DataFrame:
     """The paper's size claims, each a paired trend over our sizes with its verdict.
@@ -150,27 +180,15 @@ def size_claims(trains: Mapping[str, Any], analyses: Mapping[str, Any], *, min_s
       depth < 0 (on the translation positions, as the paper).
     """
     sizes = sorted(analyses, key=lambda s: trains[s].value["non_embedding_params"])
-    x = [np.log10(trains[s].value["non_embedding_params"]) for s in sizes]
+    x = [float(np.log10(trains[s].value["non_embedding_params"])) for s in sizes]
     rows = []
     for task in TASKS:
-        acc2 = {s: _per_sample(analyses, s, task, lambda r: float(np.mean(r["second"]))) for s in sizes}
-        q = max(analyses[sizes[0]].value["final"][task][0]["nucleus"], key=float)  # the marginal's own top-p
-        nuc = {s: _per_sample(analyses, s, task, lambda r, q=q: float(np.mean(r["nucleus"][q]))) for s in sizes}
-        n = len(acc2[sizes[0]])
-        checks = [("2nd-token accuracy grows with size", "accuracy per decade", "greater",
-                   lambda s, i, d=acc2: float(d[s][i].mean())),
-                  (f"the top-{q} nucleus shrinks with size", "log10 candidates per decade", "less",
-                   lambda s, i, d=nuc: float(np.log10(d[s][i].mean())))]
-        if task == "translation":
-            kl = {s: np.array([kl_at_depth(p) for p in analyses[s].value["lens"][task]]) for s in sizes}
-            checks.append(("layers specialize earlier in larger models (KL at half depth falls)",
-                           "nats per decade", "less", lambda s, i, d=kl: float(d[s][i].mean())))
-        for claim, unit, direction, stat in checks:
+        for claim, unit, direction, stat, n in _claims_of_task(trains, analyses, sizes, task):
             trend = paired_trend(stat, sizes, x, n, n_boot=n_boot)
             v = verdict(trend, direction=direction, samples=n, min_samples=min_samples)
             rows.append({"claim": claim, "task": task, "slope": f"{v.text.split(':')[0]} {unit}",
-                         "verdict": v.label, "per size": ", ".join(
-                             f"{s} {stat(s, np.arange(n)):.3g}" for s in sizes)})
+                         "verdict": v.label,
+                         "per size": ", ".join(f"{s} {stat(s, np.arange(n)):.3g}" for s in sizes)})
     return pd.DataFrame(rows)
 
 
