@@ -132,15 +132,17 @@ def device_name(device: Any = None) -> str:
 
 
 def _commit() -> tuple[str | None, bool | None, str | None]:
-    """The git commit (and whether the tree had changes) and where it came from: git, else $MTP_GIT_COMMIT."""
-    commit = _git("rev-parse", "HEAD")
-    if commit:
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
-        return commit, (bool(dirty) if dirty is not None else None), "git"
+    """The git commit (and whether the tree had changes) and where it came from: $MTP_GIT_COMMIT when
+    it is set (a run on a copy of the checkout passes the commit in; the copy's own git, if it has
+    one, may be a stale snapshot: seen on a GPU machine), else git."""
     passed = os.environ.get("MTP_GIT_COMMIT", "").strip()
     if passed:
         flag = os.environ.get("MTP_GIT_DIRTY", "").strip().lower()
         return passed, {"1": True, "true": True, "0": False, "false": False}.get(flag), "MTP_GIT_COMMIT"
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        return commit, (bool(dirty) if dirty is not None else None), "git"
     return None, None, None
 
 

@@ -86,7 +86,7 @@ def _entry_files(root: Path, entry: str | os.PathLike[str] | None) -> list[str]:
         return out  # an installed copy (site-packages): the modules around it are not the checkout's
     for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None)
-        if file and file.endswith(".py"):
+        if file and file.endswith(".py") and Path(file).is_absolute():  # (torch names a few modules relatively)
             rel = _relative(Path(file), root)
             if rel is not None and not rel.startswith("mtp_lib/"):
                 out.append(rel)

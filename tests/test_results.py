@@ -129,7 +129,7 @@ def test_source_record_digests_every_file_and_tells_stale_from_current(tmp_path:
     assert outside["entry"] == ["elsewhere.ipynb"]  # never an absolute path
 
 
-def test_provenance_takes_the_commit_from_git_else_from_the_environment(monkeypatch) -> None:
+def test_provenance_takes_the_commit_passed_in_else_from_git(monkeypatch) -> None:
     commit = "%040x" % random.SystemRandom().getrandbits(160)
     monkeypatch.setattr(R, "_git", lambda *args: None)  # a copy without git history
     monkeypatch.delenv("MTP_GIT_COMMIT", raising=False)
@@ -141,6 +141,9 @@ def test_provenance_takes_the_commit_from_git_else_from_the_environment(monkeypa
     prov = R.provenance()
     assert (prov["git_commit"], prov["git_dirty"], prov["git_commit_from"]) == (commit, True, "MTP_GIT_COMMIT")
     monkeypatch.setattr(R, "_git", lambda *args: commit[::-1] if args[0] == "rev-parse" else "")
+    prov = R.provenance()  # a copy's own git may be a stale snapshot: the commit passed in wins
+    assert (prov["git_commit"], prov["git_dirty"], prov["git_commit_from"]) == (commit, True, "MTP_GIT_COMMIT")
+    monkeypatch.delenv("MTP_GIT_COMMIT")
     prov = R.provenance()
     assert (prov["git_commit"], prov["git_dirty"], prov["git_commit_from"]) == (commit[::-1], False, "git")
 
