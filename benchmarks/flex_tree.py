@@ -5,7 +5,7 @@ context ends of a ``--context``-token sample, SmolLM2-135M's heads by default), 
 
   context only      FlexAttention over the context keys with the step's BlockMask, with log-sum-exp
                     (the part every design shares)
-  mtp_lib           mtp_lib.marginal's attention function with marginal._FUSED_MERGE off: the above,
+  mtp_lib           mtp_lib.marginal's attention function with marginal.flex._FUSED_MERGE off: the above,
                     and the tree part merged by elementwise products and the log-sum-exps
   merge kernel      the same with the tree part by mtp_lib.kernels.tree_merge (one Triton kernel): the
                     library's default
@@ -52,7 +52,7 @@ def one_call_mask(packed: Any, n_ctx: int) -> tuple[Any, int]:
     """The BlockMask of the one-call design (depth 2: a slot sees context keys up to its end, and itself)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    bs = MG._FLEX_BLOCK
+    bs = MG.flex._FLEX_BLOCK
     ctx_end = packed.ctx_end[0]
     length = len(ctx_end)
     n_qb, n_cb = length // bs, -(-n_ctx // bs)
@@ -65,7 +65,7 @@ def one_call_mask(packed: Any, n_ctx: int) -> tuple[Any, int]:
     t_max = ctx_end.view(n_qb, bs).amax(-1)
     need = torch.arange(n_cb, device=ctx_end.device) * bs <= t_max[:, None]
     own = torch.eye(n_qb, dtype=torch.bool, device=ctx_end.device)
-    num, idx = MG._block_lists(torch.cat([need, own], dim=1))
+    num, idx = MG.flex._block_lists(torch.cat([need, own], dim=1))
     mask = BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(length, first + length))
     return mask, first
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     positions = torch.arange(args.context - 64, args.context)
     npos = torch.sort(torch.randint(0, 64, (args.slots,), generator=gen)).values
     paths = torch.randint(0, 1000, (args.slots, 1), generator=gen)
-    packed = MG._pack(positions, npos, paths, args.slots, pad_to=MG._FLEX_BLOCK).to(dev)
+    packed = MG.packing._pack(positions, npos, paths, args.slots, pad_to=MG.flex._FLEX_BLOCK).to(dev)
     length = packed.input_ids.shape[1]
 
     def randn(*shape: int) -> torch.Tensor:
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     key, value = (randn(1, length, n_kv, head_dim).transpose(1, 2) for _ in range(2))
     k_ctx, v_ctx = randn(1, n_kv, args.context, head_dim), randn(1, n_kv, args.context, head_dim)
     scale = head_dim**-0.5
-    ctx_mask = MG._context_block_mask(packed, args.context, None)
-    tree = MG._tree_attention(packed, None, False, [(k_ctx, v_ctx)])
+    ctx_mask = MG.flex._context_block_mask(packed, args.context, None)
+    tree = MG.flex._tree_attention(packed, None, False, [(k_ctx, v_ctx)])
     one_mask, first = one_call_mask(packed, args.context)
     pad = first - args.context
     k_pad, v_pad = (nn.functional.pad(x, (0, 0, 0, pad)) for x in (k_ctx, v_ctx))
@@ -104,16 +104,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def context_only() -> Any:
         kernel_options: Any = options
-        return flex_attention(q, k_ctx, v_ctx, block_mask=ctx_mask, scale=scale, enable_gqa=True, **MG._FLEX_LSE,
+        return flex_attention(q, k_ctx, v_ctx, block_mask=ctx_mask, scale=scale, enable_gqa=True, **MG.flex._FLEX_LSE,
                               kernel_options=kernel_options)
 
     def ours(merge_kernel: bool = False) -> torch.Tensor:
-        saved = MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE
-        MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE = options, merge_kernel
+        saved = MG.flex._FLEX_KERNEL_OPTIONS, MG.flex._FUSED_MERGE
+        MG.flex._FLEX_KERNEL_OPTIONS, MG.flex._FUSED_MERGE = options, merge_kernel
         try:
-            return MG._tree_attention_forward(layer, q, key, value, ctx_mask, scaling=scale, mtp_tree=tree)[0]
+            return MG.flex._tree_attention_forward(layer, q, key, value, ctx_mask, scaling=scale, mtp_tree=tree)[0]
         finally:
-            MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE = saved
+            MG.flex._FLEX_KERNEL_OPTIONS, MG.flex._FUSED_MERGE = saved
 
     def ours_merge_kernel() -> torch.Tensor:
         return ours(merge_kernel=True)

@@ -386,19 +386,19 @@ def main(argv: list[str] | None = None) -> int:
     def context_pass(compiled: bool) -> float:
         """marginalize's context pass alone (compiled when its candidate steps are), median."""
         with torch.inference_mode():
-            times = [_timed(lambda: MG._run_context(lm.model, lm.adapter, ids, compiled), device)[0]
+            times = [_timed(lambda: MG.context._run_context(lm.model, lm.adapter, ids, compiled), device)[0]
                      for _ in range(warmup + args.repeats)]
         return statistics.median(times[warmup:])
 
-    defaults = MG._FUSED_REDUCE, MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE  # each row sets its own
+    defaults = MG.reduce._FUSED_REDUCE, MG.flex._FLEX_KERNEL_OPTIONS, MG.flex._FUSED_MERGE  # each row sets its own
     rows: list[dict[str, Any]] = []
     best: tuple[float, MarginalResult, float] | None = None
     first: MarginalResult | None = None
     compile_s: float | None = None
 
     def run(attention: str, chunk: int, row: int, options: str | None, merge: str, compiled: bool) -> MarginalResult:
-        MG._FLEX_KERNEL_OPTIONS = None if options is None else json.loads(options)
-        MG._FUSED_MERGE = merge == "fused"
+        MG.flex._FLEX_KERNEL_OPTIONS = None if options is None else json.loads(options)
+        MG.flex._FUSED_MERGE = merge == "fused"
         return marginalize(lm.model, ids, depth=2, top_p=args.top_p, positions=positions, max_tokens_per_chunk=chunk,
                            tokens_per_row=row, max_logits_elements=args.max_logits_elements, compile=compiled,
                            attention=attention)
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compiled in {compile_s:.0f} s", file=sys.stderr)
         ctx_s = context_pass(compiled)
         for (attention, chunk, row, options, merge), reduce in ((run, red) for run in runs for red in reduces):
-            MG._FUSED_REDUCE = reduce == "fused"
+            MG.reduce._FUSED_REDUCE = reduce == "fused"
             times, result = [], None
             for i in range(warmup + args.repeats):
                 dt, result = _timed(lambda: run(attention, chunk, row, options, merge, compiled), device)
@@ -453,12 +453,12 @@ def main(argv: list[str] | None = None) -> int:
         attention = fastest["attention"]
         options = json.dumps(fastest["flex_options"]) if "flex_options" in fastest else None
         merge = fastest.get("merge", "plain")
-        MG._FUSED_REDUCE = fastest["reduce"] == "fused"
+        MG.reduce._FUSED_REDUCE = fastest["reduce"] == "fused"
         title = (f"{lm.name} {str(dtype)[6:]} on {_device_name(device)}, {attention} attention, {fastest['reduce']} "
                  f"reduction, chunk x row {chunk}x{row}{', compiled' if compiled else ''}"
                  f"{f', kernel_options {options}' if options else ''}{', merge kernel' if merge == 'fused' else ''}")
         profile(lambda: run(attention, chunk, row, options, merge, compiled), device, args.profile, title)
-    MG._FUSED_REDUCE, MG._FLEX_KERNEL_OPTIONS, MG._FUSED_MERGE = defaults  # the library's defaults again
+    MG.reduce._FUSED_REDUCE, MG.flex._FLEX_KERNEL_OPTIONS, MG.flex._FUSED_MERGE = defaults  # the library's defaults again
 
     flops = candidate_flops(lm, result)
     floor_s = flops["total"] / rate["flops_per_s"]

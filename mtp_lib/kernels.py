@@ -10,7 +10,7 @@ read and write and the matmul's read.
 :func:`tree_merge` is the tree part of :mod:`mtp_lib.marginal`'s flex steps in one kernel: each
 candidate's attention output over its context (FlexAttention's, with its log-sum-exp) merged with
 the candidate's own key and its ancestors' by an online softmax, written in the layout the output
-projection reads. On by default (``mtp_lib.marginal._FUSED_MERGE``): measured 1-5% faster per
+projection reads. On by default (``mtp_lib.marginal.flex._FUSED_MERGE``): measured 1-5% faster per
 ``marginalize`` call than the elementwise products ``torch.compile`` fuses (SmolLM2-135M and
 Gemma-3-270M, H200, ``benchmarks/marginal.py --merge fused,plain``).
 

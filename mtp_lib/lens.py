@@ -31,6 +31,10 @@ Typical use, on the evaluated positions of :mod:`mtp_lib.data` samples::
     stats.top_k_accuracy(5, "next2")           # ... and for x_{t+2}
     stats.to_dataframe()                       # one row per layer and position, for seaborn
 
+Every function takes the model itself or the ``LoadedModel`` of :func:`mtp_lib.models.load_model`, and
+one sequence's ids as a tensor ``[T]`` or ``[1, T]``, a list or a tokenizer's ``BatchEncoding``
+(:mod:`mtp_lib.inputs`).
+
 (To score exactly the paper's last-20 targets, pick each target's own context end with
 :meth:`LensStats.subset` before averaging.)
 
@@ -52,6 +56,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mtp_lib.inputs import as_ids as as_token_ids
+from mtp_lib.inputs import as_model
+from mtp_lib.inputs import as_positions as _check_positions
 from mtp_lib.models import Adapter, get_adapter
 
 __all__ = [
@@ -75,60 +82,14 @@ DEFAULT_MAX_ELEMENTS = 2**22
 # Inputs and small helpers
 
 
-def vocab_size(model: nn.Module) -> int:
+def vocab_size(model: Any) -> int:
     """The width of the model's logits: rows of the unembedding matrix."""
+    model = as_model(model)
     return int(get_adapter(model).unembed_weight(model).shape[0])
 
 
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def as_token_ids(input_ids: Any, vocab: int | None = None, *, name: str = "input_ids") -> torch.Tensor:
-    """One sequence of token ids as a 1-D int64 tensor (on the CPU or where it already is).
-
-    Accepts a list of ints, a 1-D tensor or a [1, T] tensor; batches of several sequences are refused
-    (call once per sequence: sequences of different lengths need no padding that way).
-    """
-    if isinstance(input_ids, torch.Tensor):
-        ids = input_ids
-    else:
-        try:
-            ids = torch.as_tensor(list(input_ids))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{name} must be a 1-D tensor or a list of token ids, got {type(input_ids).__name__}") from err
-    if ids.dim() == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.dim() != 1:
-        raise ValueError(f"{name} must be one sequence, shape [T] or [1, T], got shape {list(ids.shape)}; "
-                         "call once per sequence")
-    if ids.numel() == 0:
-        raise ValueError(f"{name} is empty: pass at least one token")
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    ids = ids.long()
-    if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"{name} holds ids outside [0, {vocab}) (min {int(ids.min())}, max {int(ids.max())}); "
-                         "was it tokenized for another model?")
-    return ids
-
-
-def _check_positions(positions: Any, length: int) -> torch.Tensor:
-    if positions is None:
-        return torch.arange(length)
-    try:
-        pos = torch.as_tensor(positions).cpu().flatten()
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"positions must be a sequence of ints or None, got {positions!r}") from err
-    if pos.dtype.is_floating_point or pos.dtype == torch.bool:
-        raise ValueError(f"positions must hold integer indices, got dtype {pos.dtype}")
-    pos = pos.long()
-    if pos.numel() == 0:
-        raise ValueError("positions is empty: pass None for all positions or at least one index")
-    if int(pos.min()) < 0 or int(pos.max()) >= length:
-        raise ValueError(f"positions must lie in [0, {length}) for a sequence of {length} tokens, "
-                         f"got min {int(pos.min())}, max {int(pos.max())}")
-    return pos
 
 
 def _check_top_p(top_p: float | Sequence[float]) -> tuple[float, ...]:
@@ -151,7 +112,7 @@ def _chunk_size(chunk: int | None, vocab: int) -> int:
 # Layer outputs and their lens distributions
 
 
-def hidden_states(model: nn.Module, input_ids: Any) -> torch.Tensor:
+def hidden_states(model: Any, input_ids: Any) -> torch.Tensor:
     """The output of every decoder layer for one sequence: a [L, T, d] tensor, row l = layer l + 1.
 
     These are residual-stream states before the final norm (``output_hidden_states`` of Hugging Face
@@ -159,6 +120,7 @@ def hidden_states(model: nn.Module, input_ids: Any) -> torch.Tensor:
     adapter's decoder layers during one forward pass of the decoder stack (no unembedding), without
     gradients. The tensor is in the model's dtype, on the device of its unembedding.
     """
+    model = as_model(model)
     adapter = get_adapter(model)
     ids = as_token_ids(input_ids, vocab_size(model)).to(_model_device(model))
     layers = adapter.layers(model)
@@ -184,19 +146,20 @@ def hidden_states(model: nn.Module, input_ids: Any) -> torch.Tensor:
     return torch.stack([c[0] for c in captured if c is not None])
 
 
-def lens_log_probs(model: nn.Module, hidden: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+def lens_log_probs(model: Any, hidden: torch.Tensor, *, dtype: torch.dtype = torch.float32,
                    adapter: Adapter | None = None) -> torch.Tensor:
     """log softmax(f_u(hidden)) over the vocabulary, for hidden states [..., d] of any layer.
 
     f_u (final norm, unembedding, soft-capping) runs in the model's dtype; the softmax in ``dtype``.
     """
+    model = as_model(model)
     adapter = adapter or get_adapter(model)
     weight = adapter.unembed_weight(model)
     logits = adapter.logits(model, hidden.to(device=weight.device, dtype=weight.dtype))
     return torch.log_softmax(logits.to(dtype), dim=-1)
 
 
-def layer_log_probs(model: nn.Module, input_ids: Any, *, dtype: torch.dtype = torch.float32,
+def layer_log_probs(model: Any, input_ids: Any, *, dtype: torch.dtype = torch.float32,
                     max_elements: int = 2**28) -> torch.Tensor:
     """The logit lens of every layer, materialized: [L, T, V] log-probabilities.
 
@@ -204,6 +167,7 @@ def layer_log_probs(model: nn.Module, input_ids: Any, *, dtype: torch.dtype = to
     short inputs and small vocabularies; refuses more than ``max_elements`` numbers (use
     :func:`lens_stats`, which reduces on the fly, for long inputs or Gemma's 262k vocabulary).
     """
+    model = as_model(model)
     adapter = get_adapter(model)
     hidden = hidden_states(model, input_ids)
     n_layers, length, _ = hidden.shape
@@ -344,7 +308,7 @@ class LensStats:
                          rank_next=cat("rank_next"), rank_next2=cat("rank_next2"))
 
 
-def lens_stats(model: nn.Module, input_ids: Any, *, top_p: Sequence[float] = (0.99, 0.9),
+def lens_stats(model: Any, input_ids: Any, *, top_p: Sequence[float] = (0.99, 0.9),
                positions: Any = None, chunk: int | None = None, dtype: torch.dtype = torch.float32,
                sequence_index: int = 0, progress: bool = False) -> LensStats:
     """Logit-lens statistics of one sequence for every layer, without materializing [L, T, V].
@@ -354,6 +318,7 @@ def lens_stats(model: nn.Module, input_ids: Any, *, top_p: Sequence[float] = (0.
     as many as keep chunk x V under :data:`DEFAULT_MAX_ELEMENTS`). ``dtype`` is the precision of the
     softmax arithmetic (float32; float64 for exact references).
     """
+    model = as_model(model)
     adapter = get_adapter(model)
     vocab = vocab_size(model)
     ids = as_token_ids(input_ids, vocab).cpu()
@@ -397,7 +362,7 @@ def lens_stats(model: nn.Module, input_ids: Any, *, top_p: Sequence[float] = (0.
                      nucleus={p: nucleus[i] for i, p in enumerate(top_p)}, rank_next=rank1, rank_next2=rank2)
 
 
-def lens_stats_many(model: nn.Module, sequences: Sequence[Any], *, positions: Sequence[Any] | None = None,
+def lens_stats_many(model: Any, sequences: Sequence[Any], *, positions: Sequence[Any] | None = None,
                     top_p: Sequence[float] = (0.99, 0.9), chunk: int | None = None,
                     dtype: torch.dtype = torch.float32, progress: bool = True) -> LensStats:
     """:func:`lens_stats` over several sequences, joined; ``positions`` holds one entry per sequence."""

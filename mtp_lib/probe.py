@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mtp_lib.inputs import as_model
 from mtp_lib.lens import DEFAULT_MAX_ELEMENTS, _check_positions, _target_rank, as_token_ids, hidden_states, vocab_size
 from mtp_lib.models import get_adapter
 
@@ -189,7 +190,7 @@ class ProbeData:
         return self.subset(~is_test), self.subset(is_test)
 
 
-def collect_probe_data(model: nn.Module, sequences: Sequence[Any], *, offsets: Sequence[int] = (1, 2),
+def collect_probe_data(model: Any, sequences: Sequence[Any], *, offsets: Sequence[int] = (1, 2),
                        positions: Sequence[Any] | None = None, progress: bool = True) -> ProbeData:
     """Run the model on each sequence and keep the layer outputs of positions with all targets.
 
@@ -197,6 +198,7 @@ def collect_probe_data(model: nn.Module, sequences: Sequence[Any], *, offsets: S
     on the same positions) and, if ``positions`` (one entry per sequence, None for all) is given, t
     is listed there. Memory: L x N x d float32 numbers on the CPU.
     """
+    model = as_model(model)
     offs = tuple(int(k) for k in offsets)
     if not offs or min(offs) < 1:
         raise ValueError(f"offsets must be positive ints (1 = next token, 2 = the one after), got {offsets!r}")
@@ -239,7 +241,7 @@ class ProbeFit:
     losses: list[float]
 
 
-def fit_probe(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, steps: int = 300,
+def fit_probe(model: Any, hidden: torch.Tensor, targets: torch.Tensor, *, steps: int = 300,
               batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0,
               device: str | torch.device | None = None, max_elements: int = DEFAULT_MAX_ELEMENTS,
               head: OutputHead | None = None, progress: bool = True, desc: str = "probe") -> ProbeFit:
@@ -249,6 +251,7 @@ def fit_probe(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, 
     ``batch_size`` positions drawn without replacement (reshuffled each epoch by ``seed``). ``device``
     (default: the model's) is where training runs; ``head`` reuses an :class:`OutputHead` across calls.
     """
+    model = as_model(model)
     dev = _resolve(device, model)
     head = head if head is not None else OutputHead(model, dev)
     _check_pair(hidden, targets, head.weight.shape[0])
@@ -296,7 +299,7 @@ class ProbeScore:
     n: int
 
 
-def evaluate_probe(model: nn.Module, probe: AffineProbe | None, hidden: torch.Tensor, targets: torch.Tensor, *,
+def evaluate_probe(model: Any, probe: AffineProbe | None, hidden: torch.Tensor, targets: torch.Tensor, *,
                    k: int = 5, device: str | torch.device | None = None, max_elements: int = DEFAULT_MAX_ELEMENTS,
                    head: OutputHead | None = None) -> ProbeScore:
     """Score ``probe`` (None: the logit lens itself) on held-out ``hidden`` [N, d] and ``targets`` [N].
@@ -304,6 +307,7 @@ def evaluate_probe(model: nn.Module, probe: AffineProbe | None, hidden: torch.Te
     A target counts as a top-k hit when fewer than k tokens are strictly more likely (as in
     :class:`mtp_lib.lens.LensStats`).
     """
+    model = as_model(model)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     dev = _resolve(device, model)
@@ -348,7 +352,7 @@ class LayerwiseProbes:
         return pd.DataFrame(rows)
 
 
-def layerwise_probes(model: nn.Module, train: ProbeData, test: ProbeData, *, offset: int = 2, k: int = 5,
+def layerwise_probes(model: Any, train: ProbeData, test: ProbeData, *, offset: int = 2, k: int = 5,
                      layers: Sequence[int] | None = None, steps: int = 300, batch_size: int = 256, lr: float = 1e-3,
                      weight_decay: float = 0.01, seed: int = 0, device: str | torch.device | None = None,
                      max_elements: int = DEFAULT_MAX_ELEMENTS, progress: bool = True) -> LayerwiseProbes:
@@ -356,6 +360,7 @@ def layerwise_probes(model: nn.Module, train: ProbeData, test: ProbeData, *, off
 
     ``layers`` are 1-based layer numbers (default: all). Each layer's probe uses the same ``seed``.
     """
+    model = as_model(model)
     for name, data in (("train", train), ("test", test)):
         if offset not in data.targets:
             raise ValueError(f"{name} has no targets for offset={offset} (it has {sorted(data.targets)}); "

@@ -31,7 +31,7 @@ from mtp_lib.decode import (
     rank_acceptance,
     speculative_generate,
 )
-from mtp_lib.decode import _StaticVerifier
+from mtp_lib.decode_verify import _StaticVerifier
 from mtp_lib.decode_graph import GraphRunner, MaskLayout, StaticKVCache, tree_masks
 from mtp_lib.heads import MTPModel
 from mtp_lib.models import build_tiny_model

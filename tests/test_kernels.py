@@ -57,7 +57,7 @@ def test_weighted_softmax_sum_matches_float64() -> None:
         assert got.dtype == torch.float32 and got.shape == want.shape, f"seed {seed}"
         # each probability is rounded to bfloat16 once (relative 2^-8; the terms are positive), and
         # below float32's smallest normal (2^-126) it may be lost (subnormals, flushed on tensor cores):
-        # that range is what marginal._accumulate hands to its exact pass
+        # that range is what marginal.reduce._accumulate hands to its exact pass
         # (the interpreter's float32 -> bfloat16 conversion truncates: relative 2^-7 there)
         tiny = torch.finfo(torch.float32).tiny
         err = (got.double() - want).abs()
@@ -92,7 +92,7 @@ def test_weighted_softmax_sum_rejects_bad_input() -> None:
 
 
 def test_marginal_reduction_fused_equals_plain(monkeypatch: pytest.MonkeyPatch) -> None:
-    """mtp_lib.marginal._accumulate with the fused kernel and with softmax + matmul: the same marginals
+    """mtp_lib.marginal.reduce._accumulate with the fused kernel and with softmax + matmul: the same marginals
     (up to bf16 rounding of the probabilities), the kernel really called."""
     from mtp_lib import marginal as MG
 
@@ -107,9 +107,9 @@ def test_marginal_reduction_fused_equals_plain(monkeypatch: pytest.MonkeyPatch) 
         log_w = (torch.randn(n_rows, 2, generator=gen, dtype=torch.float64) * 3).to(DEVICE)
         accs = []
         for fused in (True, False):
-            monkeypatch.setattr(MG, "_FUSED_REDUCE", fused)
+            monkeypatch.setattr(MG.reduce, "_FUSED_REDUCE", fused)
             acc = torch.full((2, int(npos.max()) + 1, vocab), -float("inf"), device=DEVICE)
-            MG._accumulate(acc, logits, npos, log_w)
+            MG.reduce._accumulate(acc, logits, npos, log_w)
             accs.append(acc)
         assert torch.equal(torch.isinf(accs[0]), torch.isinf(accs[1])), f"seed {seed}"
         fin = torch.isfinite(accs[1])
@@ -143,7 +143,7 @@ def _merge_case(rng: random.Random, gen: torch.Generator, dtype: torch.dtype, n_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tree_merge_matches_the_reference_merge(dtype: torch.dtype) -> None:
-    """kernels.tree_merge against marginal._merge_tree_part (the elementwise path), in float64."""
+    """kernels.tree_merge against marginal.flex._merge_tree_part (the elementwise path), in float64."""
     from mtp_lib import marginal as MG
 
     seed = fresh_seed()
@@ -154,7 +154,7 @@ def test_tree_merge_matches_the_reference_merge(dtype: torch.dtype) -> None:
         query = case[0]
         got = kernels.tree_merge(*case)
         as64: list[Any] = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in case]
-        want = MG._merge_tree_part(*as64)
+        want = MG.flex._merge_tree_part(*as64)
         assert got.dtype == dtype and got.shape == want.shape == (1, query.shape[2], query.shape[1], query.shape[3])
         # float32 sums in the kernel, one rounding to the dtype at the end
         tol = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
@@ -176,7 +176,7 @@ def test_tree_merge_rejects_bad_shapes() -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_marginalize_flex_with_the_merge_kernel_equals_without(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """marginalize(attention="flex", depth=3) with marginal._FUSED_MERGE on and off: the same marginals,
+    """marginalize(attention="flex", depth=3) with marginal.flex._FUSED_MERGE on and off: the same marginals,
     the kernel really called (ancestors in the tree; the tiny Gemma's window of 64 cuts into it)."""
     from mtp_lib import marginal as MG
     from mtp_lib.models import TINY_VOCAB, build_tiny_model
@@ -187,7 +187,7 @@ def test_marginalize_flex_with_the_merge_kernel_equals_without(family: str, monk
     calls = _spy(monkeypatch, "tree_merge")
     results = []
     for fused in (True, False):
-        monkeypatch.setattr(MG, "_FUSED_MERGE", fused)
+        monkeypatch.setattr(MG.flex, "_FUSED_MERGE", fused)
         results.append(MG.marginalize(model, ids, depth=3, top_p=0.6, positions=[149, 100], attention="flex"))
     assert calls, "the merge kernel was not called"
     torch.testing.assert_close(results[0].log_probs, results[1].log_probs, atol=1e-4, rtol=0,
@@ -205,9 +205,9 @@ def test_the_merge_kernel_traces_inside_the_compiled_step(monkeypatch: pytest.Mo
     ids = torch.randint(0, TINY_VOCAB, (1, 140), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     kwargs: dict = dict(depth=2, top_p=0.8, positions=[139, 60], attention="flex")
     want = MG.marginalize(model, ids, **kwargs)
-    monkeypatch.setattr(MG, "_FUSED_MERGE", True)
-    monkeypatch.setattr(MG, "_compiled", lambda base: torch.compile(base, backend="eager", fullgraph=True))
-    step = MG._candidate_step
-    monkeypatch.setattr(MG, "_candidate_step", lambda *a: step(*a[:5], True, True))  # type: ignore[call-arg]  # compiled, flex
+    monkeypatch.setattr(MG.flex, "_FUSED_MERGE", True)
+    monkeypatch.setattr(MG.step, "_compiled", lambda base: torch.compile(base, backend="eager", fullgraph=True))
+    step = MG.step._candidate_step
+    monkeypatch.setattr(MG.levels, "_candidate_step", lambda *a: step(*a[:5], True, True))  # type: ignore[call-arg]  # compiled, flex
     got = MG.marginalize(model, ids, **kwargs)
     torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-4, rtol=0, msg=lambda m: f"seed {seed}: {m}")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtp_lib import marginal as MG
-from mtp_lib.models import TINY_VOCAB, build_tiny_model
+from mtp_lib.models import TINY_VOCAB, build_tiny_model, get_adapter
 from seeds import fresh_seed
 
 FAMILIES = ["gpt_neox", "llama", "gemma", "gpt2"]
@@ -94,35 +94,35 @@ def _assert_matches(result: MG.MarginalResult, model: torch.nn.Module, ids: torc
 def _flex_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the FlexAttention calls of attention="flex" (the CPU runs its reference implementation)."""
     calls: list[int] = []
-    real = MG._flex_attention
+    real = MG.flex._flex_attention
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(MG, "_flex_attention", spy)
+    monkeypatch.setattr(MG.flex, "_flex_attention", spy)
     return calls
 
 
 def test_flex_kernel_options_reach_flex_attention(monkeypatch: pytest.MonkeyPatch) -> None:
-    """MG._FLEX_KERNEL_OPTIONS (what benchmarks/flex_tree.py and benchmarks/marginal.py --flex-options
+    """MG.flex._FLEX_KERNEL_OPTIONS (what benchmarks/flex_tree.py and benchmarks/marginal.py --flex-options
     compare) is handed to every FlexAttention call, and none is handed by default."""
     seed = fresh_seed()
     model = _tiny("llama", seed, torch.float32)
     ids = torch.randint(0, TINY_VOCAB, (1, 40), generator=torch.Generator().manual_seed(seed))
     seen: list[Any] = []
-    real = MG._flex_attention
+    real = MG.flex._flex_attention
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs.get("kernel_options"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(MG, "_flex_attention", spy)
+    monkeypatch.setattr(MG.flex, "_flex_attention", spy)
     want = MG.marginalize(model, ids, depth=2, top_p=0.5, positions=[39], attention="flex")
     assert seen and all(o is None for o in seen)
     seen.clear()
     options = {"BLOCK_M": 64, "BLOCK_N": 64}
-    monkeypatch.setattr(MG, "_FLEX_KERNEL_OPTIONS", options)
+    monkeypatch.setattr(MG.flex, "_FLEX_KERNEL_OPTIONS", options)
     got = MG.marginalize(model, ids, depth=2, top_p=0.5, positions=[39], attention="flex")
     assert seen and all(o == options for o in seen), seen
     torch.testing.assert_close(got.log_probs, want.log_probs)
@@ -290,7 +290,7 @@ def test_accumulate_bfloat16_logits_against_float64(scale: float) -> None:
     log_w[torch.rand(n_rows, m, generator=g) < 0.2] = -math.inf  # left out of some nuclei
     n_pos = int(npos.max()) + 1
     acc = torch.full((m, n_pos, vocab), -math.inf)
-    MG._accumulate(acc, logits, npos, log_w)
+    MG.reduce._accumulate(acc, logits, npos, log_w)
     terms = log_w.T[:, :, None] + torch.log_softmax(logits.double(), dim=-1)[None]  # [m, R, V]
     for j in range(m):
         for p in range(n_pos):
@@ -336,7 +336,7 @@ def test_context_block_mask_lists_every_allowed_pair() -> None:
     packed step's dense mask."""
     seed = fresh_seed()
     rng = random.Random(seed)
-    bs = MG._FLEX_BLOCK
+    bs = MG.flex._FLEX_BLOCK
     for i in range(60):
         n_ctx = rng.randint(1, 5 * bs)
         n_pos = rng.randint(1, 3) if i % 2 else rng.randint(1, 12)
@@ -346,20 +346,20 @@ def test_context_block_mask_lists_every_allowed_pair() -> None:
         depth = rng.choice([1, 2])  # paths of one or two tokens (levels 1 and 2)
         npos = torch.sort(torch.randint(0, len(positions), (rng.randint(1, 3 * bs),))).values
         paths = torch.randint(0, 50, (len(npos), depth))
-        packed = MG._pack(positions, npos, paths, len(npos), pad_to=bs)
+        packed = MG.packing._pack(positions, npos, paths, len(npos), pad_to=bs)
         window = rng.choice([None, rng.randint(1, 2 * bs)])
         first = int(positions[0]) + 1  # the first position's level-1 tokens
         edges = [first - (k * bs - 1) + 1 for k in range(1, 5) if k * bs <= first]
         if i % 3 == 0 and edges:  # a window whose first key is the last key of a block
             window = rng.choice(edges)
-        ctx = MG._Context(model=None, adapter=None, kv=[], n_ctx=n_ctx, dtype=torch.float32,  # type: ignore[arg-type]
+        ctx = MG.context._Context(model=None, adapter=None, kv=[], n_ctx=n_ctx, dtype=torch.float32,  # type: ignore[arg-type]
                           layer_types=None, window=window)
-        mask = MG._context_block_mask(packed, n_ctx, window)
+        mask = MG.flex._context_block_mask(packed, n_ctx, window)
         length = packed.input_ids.shape[1]
         q = torch.arange(length)[:, None]
         kv = torch.arange(n_ctx)[None, :]
         allowed = mask.mask_mod(0, 0, q, kv)
-        dense = MG._packed_masks(ctx, packed)[0, 0, :, :n_ctx] == 0  # the packed step's rule
+        dense = MG.packing._packed_masks(ctx, packed)[0, 0, :, :n_ctx] == 0  # the packed step's rule
         assert torch.equal(allowed, dense), f"seed {seed}"
         listed = torch.zeros(length // bs, -(-n_ctx // bs), dtype=torch.bool)
         full = torch.zeros_like(listed)
@@ -391,9 +391,9 @@ def test_flex_step_traces_in_one_graph(family: str, monkeypatch: pytest.MonkeyPa
     ids = torch.randint(0, TINY_VOCAB, (1, n_ctx), generator=torch.Generator().manual_seed(seed))
     kwargs: dict[str, Any] = dict(depth=2, top_p=0.9, positions=[n_ctx - 1, rng.randrange(n_ctx)])
     want = MG.marginalize(model, ids, attention="packed", **kwargs)
-    monkeypatch.setattr(MG, "_compiled", lambda base: torch.compile(base, backend="eager", fullgraph=True))
-    step = MG._candidate_step
-    monkeypatch.setattr(MG, "_candidate_step", lambda *a: step(*a[:5], True, True))  # compiled, flex
+    monkeypatch.setattr(MG.step, "_compiled", lambda base: torch.compile(base, backend="eager", fullgraph=True))
+    step = MG.step._candidate_step
+    monkeypatch.setattr(MG.levels, "_candidate_step", lambda *a: step(*a[:5], True, True))  # compiled, flex
     got = MG.marginalize(model, ids, attention="packed", **kwargs)
     torch.testing.assert_close(got.log_probs, want.log_probs, atol=1e-4, rtol=0, msg=lambda m: f"seed {seed}: {m}")
 
@@ -407,20 +407,20 @@ def test_compiled_context_pass_traces_in_one_graph(family: str, monkeypatch: pyt
     model = _tiny(family, seed, torch.float32)
     ids = torch.randint(0, TINY_VOCAB, (1, random.Random(seed).randint(8, 60)),
                         generator=torch.Generator().manual_seed(seed))
-    adapter = MG.get_adapter(model)
+    adapter = get_adapter(model)
     torch._dynamo.reset()  # other tests' compilations of the same code object count against its limit
-    fn = torch.compile(MG._context_forward, backend="eager", fullgraph=True)
+    fn = torch.compile(MG.context._context_forward, backend="eager", fullgraph=True)
     calls: list[int] = []
 
     def compiled(base: Any, input_ids: torch.Tensor, cache: Any) -> Any:
         calls.append(input_ids.shape[1])
         return fn(base, input_ids, cache)
 
-    monkeypatch.setattr(MG, "_compiled_context", lambda: compiled)
+    monkeypatch.setattr(MG.context, "_compiled_context", lambda: compiled)
     with torch.inference_mode():
-        want_ctx, want = MG._run_context(model, adapter, ids)
+        want_ctx, want = MG.context._run_context(model, adapter, ids)
         assert calls == []
-        got_ctx, got = MG._run_context(model, adapter, ids, compile=True)
+        got_ctx, got = MG.context._run_context(model, adapter, ids, compile=True)
     assert calls == [ids.shape[1]]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m: f"seed {seed}: {m}")
     assert len(got_ctx.kv) == len(want_ctx.kv) == model.config.num_hidden_layers
@@ -532,7 +532,7 @@ def test_invalid_arguments_raise_value_error_naming_them(kwargs: dict, name: str
 @pytest.mark.parametrize(("family", "hidden", "want"), [("llama", 32, 8), ("gpt2", 64, 16), ("gemma", 48, 12),
                                                      ("gpt_neox", 128, 32)])
 def test_head_dim_of_each_family(family: str, hidden: int, want: int) -> None:
-    assert MG._head_dim(build_tiny_model(family, n_layers=1, hidden=hidden).config) == want
+    assert MG.flex._head_dim(build_tiny_model(family, n_layers=1, hidden=hidden).config) == want
 
 
 def test_flex_on_an_accelerator_rejects_heads_below_16_dimensions() -> None:
@@ -544,7 +544,8 @@ def test_flex_on_an_accelerator_rejects_heads_below_16_dimensions() -> None:
 
 
 @pytest.mark.parametrize("ids", [torch.zeros(1, 0, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long),
-                                 torch.zeros(1, 5), torch.full((1, 5), TINY_VOCAB), [[1, 2, 3]]])
+                                 torch.zeros(1, 5), torch.full((1, 5), TINY_VOCAB), [[1, 2], [3, 4]],
+                                 "some text"])
 def test_invalid_input_ids_raise_value_error(ids: object) -> None:
     model = _tiny("llama", 0, torch.float32)
     with pytest.raises(ValueError, match="input_ids"):
