@@ -4,6 +4,8 @@
   token's NLL, for Figure 2.1b;
 - :func:`calibration_table`, :func:`calibration_lines`: how badly the logit lens is calibrated (its
   NLL of the next token against the uniform guess log|V|), and what the tuned lens does instead;
+- :func:`probe_calibration_lines`: the same miscalibration read from Chapter 2's next-token probes, for a
+  profile that has them but lacks the tuned lens;
 - :func:`specialization_lines`: the early-specialization verdict, from the calibrated lens;
 - :func:`missing_note`: what the page says when a profile lacks the result.
 
@@ -24,7 +26,7 @@ from mtp_lib.metrics import mean_with_ci
 from mtp_lib.report import ci_text, paired_difference, verdict
 from mtp_lib.results import CachedResult
 
-__all__ = ["SETTLED_NATS", "calibration_lines", "calibration_table", "lens_frame", "missing_note",
+__all__ = ["SETTLED_NATS", "calibration_lines", "calibration_table", "lens_frame", "missing_note", "probe_calibration_lines",
            "specialization_lines", "specialization_layer"]
 
 SETTLED_NATS = 2.0  # a lens within this many nats of the output has "settled" on the next token (as Figure 2.1's text)
@@ -139,10 +141,35 @@ def specialization_lines(tuned: Runs, *, depth: float = 0.5, min_samples: int = 
     return lines
 
 
-def missing_note(missing: Mapping[str, str], command: str) -> str:
-    """The page's note for models whose tuned-lens result this profile lacks, with the command that computes it."""
+def probe_calibration_lines(lens: Runs, probes: Runs) -> list[str]:
+    """From the stored ``ch02-lens`` and ``ch02-probe`` results alone: per model with next-token probes, at how
+    many probed layers the logit lens's NLL of x_(t+1) exceeds log|V|, and the NLL of the next-token probe (an
+    affine map trained by cross-entropy, tuned-lens's other objective) at the lens's worst layer."""
+    lines = []
+    for name, res in lens.items():
+        pr = probes[name].value
+        if "1" not in pr["offsets"]:
+            continue
+        log_v, v = math.log(res.value["info"]["vocab"]), pr["offsets"]["1"]
+        layers = [layer for layer in pr["layers"] if layer < pr["n_layers"]]
+        lens_nll = dict(zip(pr["layers"], v["lens_nll"]))
+        probe_nll = dict(zip(pr["layers"], v["probe_nll"]))
+        worst = max(layers, key=lambda layer: lens_nll[layer])
+        above = sum(lens_nll[layer] > log_v for layer in layers)
+        lines.append(f"- **{name}** (log|V| = {log_v:.1f} nats): the logit lens's NLL of the next token exceeds the "
+                     f"uniform guess at {above} of the {len(layers)} probed layers below the last, worst at layer {worst} "
+                     f"({lens_nll[worst]:.1f} nats), where the next-token probe of `ch02-probe` gets "
+                     f"{probe_nll[worst]:.1f} nats ({v['n_test_positions']:,} held-out positions).")
+    return lines
+
+
+def missing_note(missing: Mapping[str, str], command: str, *, short: bool = False) -> str:
+    """The page's note for models whose tuned-lens result this profile lacks, with the command that computes it
+    (``short``: one sentence pointing to the first note)."""
     if not missing:
         return ""
+    if short:
+        return f"(The tuned lens of {', '.join(f'`{m}`' for m in missing)} is not computed for this profile: see above.)"
     return (f"**Not computed yet for this profile:** the tuned lens of {', '.join(f'`{m}`' for m in missing)}. "
             f"On a machine with a GPU, from the checkout's root: `{command}` computes and stores it under "
             "`data/results/`; commit the new files and rebuild. Until then the sections below show the logit lens "

@@ -141,3 +141,20 @@ def test_probe_floor_row_for_table_1(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert row.loc[whs_report.FLOOR_ROW, "m (ours)"] == "- / 0.500 (layer 3)"
     assert "layer 3 of 4" in text and "first 7 validation samples" in text and "**other**: no probe floor" in text
     assert "at layer 3, the heads' input" not in text  # the best layer is L-1 itself: said once
+
+
+def test_probe_calibration_lines_from_the_next_token_probes() -> None:
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    lens_nll = (rng.random(4) * 20).round(3).tolist()
+    probe_nll = (rng.random(4) * 5).round(3).tolist()
+    lens = {"m": FakeResult({"info": {"vocab": 1000}})}
+    probes = {"m": FakeResult({"n_layers": 4, "layers": [1, 2, 3, 4], "offsets": {"1": {
+        "lens_nll": lens_nll, "probe_nll": probe_nll, "n_test_positions": 50}}})}
+    line = TL.probe_calibration_lines(lens, probes)[0]
+    worst = int(np.argmax(lens_nll[:3]))
+    above = sum(x > math.log(1000) for x in lens_nll[:3])
+    assert f"at {above} of the 3 probed layers below the last, worst at layer {worst + 1}" in line, f"seed {seed}: {line}"
+    assert f"gets {probe_nll[worst]:.1f} nats" in line, f"seed {seed}: {line}"
+    probes["m"].value["offsets"] = {"2": {}}
+    assert TL.probe_calibration_lines(lens, probes) == []
