@@ -116,7 +116,7 @@ def calibration_lines(tuned: Runs) -> list[str]:
 def specialization_layer(value: Mapping[str, Any], depth: float = 0.5) -> int:
     """The tuned layer closest to ``depth`` l / L (the earlier one on a tie)."""
     layers = value["tuned_layers"]
-    return min(layers, key=lambda layer: (abs(layer / value["n_layers"] - depth), layer))
+    return min(layers, key=lambda layer: (round(abs(layer / value["n_layers"] - depth), 9), layer))
 
 
 def specialization_lines(tuned: Runs, *, depth: float = 0.5, min_samples: int = MIN_SAMPLES) -> list[str]:
@@ -137,7 +137,7 @@ def specialization_lines(tuned: Runs, *, depth: float = 0.5, min_samples: int = 
             f"{ci_text(mean_with_ci(_rows(v, 'logit', 'kl_from_output')[layer]))}); in the paper's direction, "
             f"KL(q_l || p_L) = {ci_text(mean_with_ci(_rows(v, 'tuned', 'kl')[layer]))} (logit lens: "
             f"{ci_text(mean_with_ci(_rows(v, 'logit', 'kl')[layer]))}). That the next token is settled by this depth "
-            f"(below {SETTLED_NATS:g} nats): **{judged.label}**, {judged.text}.")
+            f"(below {SETTLED_NATS:g} nats): **{judged.label}**" + (f" ({judged.reason})" if judged.reason else "") + ".")
     return lines
 
 

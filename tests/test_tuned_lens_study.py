@@ -108,6 +108,7 @@ def test_specialization_verdict_uses_the_tuned_lens() -> None:
     few = TL.specialization_lines({"m": _fake(rng, 12, 3, layers, tuned_kl=0.5)})[0]
     assert f"**{NOT_RESOLVED}**" in few, f"seed {seed}: {few}"
     assert TL.specialization_layer({"n_layers": 10, "tuned_layers": [4, 6]}) == 4  # a tie goes to the earlier layer
+    assert TL.specialization_layer({"n_layers": 18, "tuned_layers": [6, 12]}) == 6  # a tie up to rounding, too
 
 
 def _probe(acc: list[float], n: int, layers: list[int], n_layers: int) -> dict[str, Any]:
