@@ -80,3 +80,20 @@ def test_template_lines_against_a_plain_loop() -> None:
     assert f"{plain.mean():.2f} in the paper's prompt, {chat.mean():.2f} in the chat template" in lines[0], f"seed {seed}"
     assert f"{diff.mean:+.2f} [{diff.lo:+.2f}, {diff.hi:+.2f}]" in lines[0], f"seed {seed}: {lines[0]}"
     assert len(lines) == 2
+
+
+def test_translation_table_puts_each_models_outputs_beside_the_reference() -> None:
+    from types import SimpleNamespace
+
+    from mtp_lib.model_overview import translation_table
+
+    pairs = {p.id: p for p in data.load_translation("validation")}
+    ids = list(pairs)[:2]
+    results = {"a": SimpleNamespace(value={"translations": [{"id": i, "paper prompt": f"a{i}", "chat template": f"c{i}"}
+                                                             for i in ids]}),
+               "b": SimpleNamespace(value={"translations": [{"id": i, "paper prompt": f"b{i}"} for i in ids]})}
+    table = translation_table(results)  # type: ignore[arg-type]
+    assert list(table.index) == ids
+    assert list(table.columns) == ["Spanish", "reference", "a (paper prompt)", "a (chat template)", "b (paper prompt)"]
+    for i in ids:
+        assert table.loc[i, "reference"] == pairs[i].target and table.loc[i, "b (paper prompt)"] == f"b{i}"
