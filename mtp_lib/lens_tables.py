@@ -5,6 +5,8 @@
 - :func:`entropy_table`, :func:`entropy_summary`: Figure 2.2's entropies along the two sentences;
 - :func:`layer_scores`, :func:`probe_lines`, :func:`lens_probe_agreement`: Figure 2.3's lens and
   probe accuracies, and where the token after next is best read;
+- :func:`second_token_floor`, :func:`floor_lines`: the layer where the probes read the token after next
+  best and their accuracy there, which Chapter 3 sets beside its Table 1 (the probe floor);
 - :func:`scale_table`, :func:`scale_lines`, :func:`rms_lines`: the residual stream's scale;
 - :func:`comparison_markdown`: the chapter's closing comparison with the paper.
 
@@ -23,8 +25,8 @@ from mtp_lib.metrics import Interval, mean_with_ci
 from mtp_lib.report import ci_text, verdict
 from mtp_lib.results import CachedResult
 
-__all__ = ["X1", "X2", "comparison_markdown", "entropy_summary", "entropy_table", "kl_curve", "kl_summary",
-           "kl_table", "layer_scores", "lens_probe_agreement", "probe_lines", "rms_lines", "scale_lines",
+__all__ = ["X1", "X2", "comparison_markdown", "entropy_summary", "entropy_table", "floor_lines", "kl_curve",
+           "kl_summary", "kl_table", "layer_scores", "second_token_floor", "lens_probe_agreement", "probe_lines", "rms_lines", "scale_lines",
            "scale_table"]
 
 X1, X2 = "xₜ₊₁", "xₜ₊₂"  # for the text built from the results (plain text: no math in cell outputs)
@@ -194,6 +196,44 @@ def probe_lines(lens: Runs, probes: Runs, *, top_k: int, probe_steps: int, probe
     return lines
 
 
+def second_token_floor(probe: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Where a ``ch02-probe`` result reads the token after next best: the probed layer with the highest
+    x_(t+2) probe accuracy (ties to the later layer), that accuracy with a normal-approximation 95%
+    interval over its test positions, the lens's accuracy there, and the probe's accuracy at layer L-1
+    (the state Chapter 3's heads read) when it was probed. None when no x_(t+2) probe was trained."""
+    v = probe["offsets"].get("2")
+    if v is None:
+        return None
+    acc, layers, n = np.asarray(v["probe_accuracy"], dtype=float), list(probe["layers"]), int(v["n_test_positions"])
+    best = len(acc) - 1 - int(np.argmax(acc[::-1]))
+    half = 1.96 * _stderr(float(acc[best]), n)
+    backbone = probe["n_layers"] - 1
+    return {"layer": layers[best], "n_layers": probe["n_layers"], "accuracy": float(acc[best]),
+            "lo": max(0.0, float(acc[best]) - half), "hi": min(1.0, float(acc[best]) + half), "n_positions": n,
+            "lens_accuracy": float(v["lens_accuracy"][best]),
+            "backbone_accuracy": float(acc[layers.index(backbone)]) if backbone in layers else None}
+
+
+def floor_lines(probes: Runs, *, top_k: int) -> list[str]:
+    """Per model, plainly: at which layer the token after next is best read, and how well (the probe floor)."""
+    lines = []
+    for name, res in probes.items():
+        floor = second_token_floor(res.value)
+        if floor is None:
+            lines.append(f"- **{name}**: no {X2} probe in this profile (probe_offsets lacks 2).")
+            continue
+        where = ("the last layer, the model's own final state" if floor["layer"] == floor["n_layers"]
+                 else f"depth {floor['layer'] / floor['n_layers']:.2f}")
+        text = (f"- **{name}**: {X2} is best read at **layer {floor['layer']} of {floor['n_layers']}** ({where}): a "
+                f"linear probe's top-{top_k} accuracy there is **{ci_text((floor['accuracy'], floor['lo'], floor['hi']))}** "
+                f"on {floor['n_positions']:,} held-out positions (normal approximation; the plain lens: "
+                f"{floor['lens_accuracy']:.2f}).")
+        if floor["backbone_accuracy"] is not None and floor["layer"] != floor["n_layers"] - 1:
+            text += f" At layer {floor['n_layers'] - 1}, the state Chapter 3's heads read, the probe gets {floor['backbone_accuracy']:.2f}."
+        lines.append(text)
+    return lines
+
+
 def lens_probe_agreement(lens: Runs, probes: Runs) -> float:
     """The largest difference between the lens accuracies of ``ch02-lens`` and of ``ch02-probe`` (two code
     paths scoring the same positions) over models, offsets and probed layers."""
@@ -285,14 +325,16 @@ def comparison_markdown(lens: Runs, ent: Any, paper_kl: Any, paper_ent: Any) -> 
     late = {n: float(d[np.argmax(m < 2.0)]) if (m < 2.0).any() else 1.0 for n, (d, m) in curves.items()}
     small_end = {n: float(m[-1]) <= 1.5 for n, (d, m) in curves.items()}
     if all(v >= 0.75 for v in late.values()) and all(small_end.values()):
-        shape = ("**Agrees in shape.** In every model the logit lens comes within 2 nats of the output only in the last "
+        shape = ("**The logit lens agrees in shape.** In every model it comes within 2 nats of the output only in the last "
                  f"quarter of the network (from depth {min(late.values()):.2f} on) and ends within 1.5 nats of it: the "
                  "last layers do the next-token work, as in the paper. The levels are context only: another "
                  "dataset, tokenizer and model family, read off the paper's plot.")
     else:
-        shape = ("**Shape.** The depth at which the lens comes within 2 nats of the output: "
+        shape = ("**The logit lens, in shape.** The depth at which it comes within 2 nats of the output: "
                  + ", ".join(f"{n} {d:.2f}" for n, d in late.items())
                  + "; KL at layer L-1 within 1.5 nats: " + ", ".join(f"{n} {'yes' if v else 'no'}"
                                                                     for n, v in small_end.items())
                  + ". Compare with the paper's picture above.")
+    shape += (" The logit lens is not calibrated on these models (Figure 2.1b), so this shape is no verdict: the "
+              "early-specialization verdict below reads the tuned lens.")
     return "\n".join(lines) + "\n\n" + shape

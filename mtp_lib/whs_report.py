@@ -4,7 +4,9 @@ The Diff. LR + WHS row of Chapter 3 stores its learned mixing weights softmax(w_
 head over the backbone layers 1..L-1. Chapter 2 stores, per layer, a linear probe's (and the logit
 lens') top-k accuracy for x_{t+n} (result ``ch02-probe``). :func:`whs_frames` puts both in long
 tables for :func:`mtp_lib.plots.heads.whs_weights`, and :func:`whs_note` words how far the weights
-moved and whether head 2 weights the layers where the probe reads x_{t+2} best.
+moved and whether head 2 weights the layers where the probe reads x_{t+2} best. :func:`probe_floor`
+gives Table 1 its reference row: the layer where Chapter 2's probes read x_{t+2} best and their
+accuracy there (:func:`mtp_lib.lens_tables.second_token_floor`), the probe floor.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import pandas as pd
 
 from .results import repo_root, results_dir
 
-__all__ = ["WhsFrames", "chapter2_probe", "chapter2_settings", "notebook_parameters", "whs_frames", "whs_note"]
+__all__ = ["FLOOR_ROW", "WhsFrames", "chapter2_probe", "chapter2_settings", "notebook_parameters", "probe_floor", "whs_frames",
+           "whs_note"]
+
+FLOOR_ROW = "Reference: Chapter 2 probe floor (2nd token)"
 
 
 def notebook_parameters(path: Path | str) -> dict[str, Any]:
@@ -153,3 +158,31 @@ def whs_note(rows: Mapping[tuple[str, str], Any], models: Sequence[str], probe: 
         lines.append(f"The weights are all within {moved:.0%} of uniform: training was too short for WHS to choose "
                      "layers, so the comparison with the probes is empty for this run.")
     return "\n".join(lines)
+
+
+def probe_floor(models: Sequence[str], profile: str, dtype: str, *, top_k: int = 5) -> tuple[pd.DataFrame, str]:
+    """Table 1's reference row: per model column ``"<model> (ours)"``, Chapter 2's best x_(t+2) probe accuracy
+    ("- / 0.431 (layer 30)"; the probe reads no next token), and the sentence that says what it is."""
+    from .lens_tables import second_token_floor
+
+    row: dict[str, str] = {}
+    lines = []
+    for name in models:
+        record, note = chapter2_probe(name, profile, dtype)
+        floor = second_token_floor(record["result"]) if record is not None else None
+        if record is None or floor is None:
+            lines.append(f"**{name}**: no probe floor ({note or 'the stored Chapter 2 probe has no x_(t+2) offset'}).")
+            continue
+        row[f"{name} (ours)"] = f"- / {floor['accuracy']:.3f} (layer {floor['layer']})"
+        at_backbone = floor["backbone_accuracy"] is not None and floor["layer"] != floor["n_layers"] - 1
+        lines.append(
+            f"**{name}**: a linear probe on the frozen model reads x_(t+2) best at layer {floor['layer']} of "
+            f"{floor['n_layers']}, top-{top_k} accuracy {floor['accuracy']:.3f} [{floor['lo']:.3f}, {floor['hi']:.3f}] "
+            f"on {floor['n_positions']:,} positions of the first {record['config']['test']['n']} validation samples"
+            + (f"; at layer {floor['n_layers'] - 1}, the heads' input, {floor['backbone_accuracy']:.3f}" if at_backbone
+               else "") + (f" ({note})" if note else "") + ".")
+    text = ("**Reference row: the probe floor.** Chapter 2's best one-affine-map reader of the token after next, "
+            "with no training of the model: what a 2nd-token head on the frozen model has at least to read. Its test "
+            "positions are Table 1's kind (the last 20 target tokens of the first validation samples, 20-60 target "
+            "words), on Chapter 2's sample count. " + " ".join(lines))
+    return pd.DataFrame([row], index=[FLOOR_ROW]) if row else pd.DataFrame(), text

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .common import model_colors, read_paper_csv, require_columns as _require
 
-__all__ = ["PAPER_LABEL", "TARGET_LABELS", "entropy_along_sentence", "kl_by_depth", "layer_accuracy", "read_paper_csv"]
+__all__ = ["PAPER_LABEL", "TARGET_LABELS", "entropy_along_sentence", "kl_by_depth", "layer_accuracy", "logit_and_tuned_lens", "read_paper_csv"]
 
 PAPER_LABEL = "paper (Pythia), read off"
 _PAPER_COLOR = "0.45"
@@ -158,5 +158,38 @@ def layer_accuracy(scores: pd.DataFrame, *, k: int = 5, nll: bool = True) -> Any
             axes[1, col].set_ylim(bottom=0)
         axes[-1, col].set_xlabel("normalized layer depth l / L")
         axes[0, col].legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def logit_and_tuned_lens(frame: pd.DataFrame) -> Any:
+    """Figure 2.1b: the logit lens (solid) and the tuned lens (dashed) against normalized depth, per model.
+
+    ``frame`` has columns ``model``, ``lens`` ('logit lens', 'tuned lens'), ``depth``, ``kl`` (KL(lens ||
+    p_L)), ``kl_from_output`` (KL(p_L || lens)), ``nll`` (of the next token) and ``log_vocab``, one row
+    per layer and sample. Panels: the two KLs, then the NLL with each model's uniform guess log|V|
+    dotted; lines are means over samples with a 95% bootstrap band.
+    """
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    _require(frame, {"model", "lens", "depth", "kl", "kl_from_output", "nll", "log_vocab"}, "frame")
+    models = list(dict.fromkeys(frame["model"]))
+    colors = dict(zip(models, sns.color_palette("colorblind", len(models))))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    panels = (("kl", "KL(lens || p_L) [nats]"), ("kl_from_output", "KL(p_L || lens) [nats]"),
+              ("nll", "NLL of x_(t+1) [nats]"))
+    for ax, (column, label) in zip(axes, panels):
+        sns.lineplot(frame, x="depth", y=column, hue="model", style="lens", palette=colors, errorbar=("ci", 95),
+                     n_boot=500, seed=0, marker="o", markersize=4, ax=ax)
+        ax.set_xlabel("normalized layer depth l / L")
+        ax.set_ylabel(label)
+        ax.set_xlim(0, 1.04)
+        ax.set_ylim(bottom=0)
+    for model in models:
+        log_v = float(frame.loc[frame["model"] == model, "log_vocab"].iloc[0])
+        axes[2].axhline(log_v, color=colors[model], linestyle=":", linewidth=1.2, label=f"{model}: log|V| (uniform)")
+    for ax in axes:
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     return fig
