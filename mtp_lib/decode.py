@@ -48,6 +48,7 @@ import dataclasses
 import heapq
 import itertools
 import math
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -310,6 +311,10 @@ class GenerateOutput:
     token was generated, or when a transformers baseline's passes could not be counted.
     ``n_forward``: forward passes of the model (for the baselines: calls of its ``forward``).
     ``stopped_by_eos``: the output ends with an end-of-sequence token it generated.
+    ``step_seconds`` (:class:`SpeculativeDecoder` only): host wall time summed over the call, split
+    into ``prefill`` (the prompt's pass), ``draft`` (drafts and the tree's tokens), ``verify`` (the
+    verification pass until its predictions reach the host) and ``accept`` (the accepted path,
+    cache commit, bookkeeping).
     """
 
     tokens: torch.Tensor
@@ -317,6 +322,7 @@ class GenerateOutput:
     accepted_lengths: list[int]
     n_forward: int
     stopped_by_eos: bool = False
+    step_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def new_tokens(self) -> int:
@@ -619,19 +625,25 @@ class SpeculativeDecoder:
         accepted: list[int] = []
         stopped = False
         bar = tqdm(total=max_new, desc="decode", disable=not progress)
+        seconds = dict.fromkeys(("prefill", "draft", "verify", "accept"), 0.0)
         if max_new > 0:
+            t0 = time.perf_counter()
             pred = self._verifier.prefill(ids)
+            seconds["prefill"] = time.perf_counter() - t0
             tokens.append(pred.greedy[0])
             accepted.append(1)
             bar.update(1)
             stopped = tokens[-1] in eos
             row = 0
             while not stopped and len(tokens) - prompt_len < max_new:
+                t0 = time.perf_counter()
                 candidates = pred.candidates(row)
                 drafts = candidates if drafter is None else drafter(tokens, candidates)
                 step_tokens = self.tree.fill(tokens[-1], drafts)
                 start = len(tokens) - 1  # tokens in the cache: all but the root
-                pred = self._verifier.step(start, step_tokens)
+                t1 = time.perf_counter()
+                pred = self._verifier.step(start, step_tokens)  # returns once its predictions are on the host
+                t2 = time.perf_counter()
                 path = self.tree.accept(step_tokens, pred.greedy)
                 self._verifier.commit(start, path)
                 row = path[-1]
@@ -644,9 +656,14 @@ class SpeculativeDecoder:
                 tokens.extend(gained)
                 accepted.append(len(gained))
                 bar.update(len(gained))
+                t3 = time.perf_counter()
+                seconds["draft"] += t1 - t0
+                seconds["verify"] += t2 - t1
+                seconds["accept"] += t3 - t2
         bar.close()
         out = torch.tensor([tokens], dtype=torch.long, device=input_ids.device)
-        return GenerateOutput(out, prompt_len, accepted, n_forward=len(accepted), stopped_by_eos=stopped)
+        return GenerateOutput(out, prompt_len, accepted, n_forward=len(accepted), stopped_by_eos=stopped,
+                              step_seconds=seconds)
 
 
 def speculative_generate(mtp_model: MTPModel, input_ids: torch.Tensor, max_new_tokens: int, *,
