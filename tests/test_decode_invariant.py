@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from mtp_lib.decode import ReferenceDrafter, SpeculativeDecoder, Tree, greedy_generate
-from mtp_lib.decode_graph import MaskLayout
+from mtp_lib.decode_graph import MaskLayout, tree_masks
 from mtp_lib.decode_invariant import invariant_attention, slot_table, tree_paths
 from mtp_lib.heads import MTPModel
 from mtp_lib.models import build_tiny_model
@@ -212,3 +214,112 @@ def test_invalid_invariant_arguments() -> None:
     with pytest.raises(ValueError, match="needs 41 positions"):
         dec.generate(prompt(seed, 20), 14)
     assert mtp.backbone.config._attn_implementation != "mtp_invariant"  # the model keeps its attention
+
+
+# --------------------------------------------------------------------------------------------------
+# The GPU's failure mode, emulated on the CPU
+
+
+class ShapeDependentKernels(TorchFunctionMode):
+    """CPU kernels that round as GPU kernels chosen by shape do.
+
+    A matmul (``F.linear``, ``matmul``) splits its reduction into chunks whose size depends on how
+    many rows it computes (as cuBLAS picks split-K and tiles by shape), each partial rounded to the
+    input dtype. SDPA sums its values in blocks of 4 *cache slots*, each block rounded (as a fused
+    kernel's key blocks). On the CPU's own kernels a position's logits happen not to depend on the
+    pass (see the module doc); under this mode the plain decoder's do, the invariant decoder's must not.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            out = self.matmul(x, w.t())
+            return out if bias is None else out + bias
+        if func in (torch.matmul, torch.Tensor.__matmul__):
+            return self.matmul(args[0], args[1])
+        if func is F.scaled_dot_product_attention:
+            return self.sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        k = a.shape[-1]
+        rows = a.numel() // k
+        chunk = -(-k // (1 + rows.bit_length() % 3))  # 1, 2 or 3 partial sums, by the number of rows
+        out = None
+        for i in range(0, k, chunk):
+            part = torch.matmul(a[..., i:i + chunk].float(), b[..., i:i + chunk, :].float()).to(a.dtype)
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+    @staticmethod
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+             enable_gqa: bool = False) -> torch.Tensor:
+        assert attn_mask is not None and not is_causal, "the static decoder passes its own masks"
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        p = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = None
+        for i in range(0, k.shape[2], 4):
+            part = torch.matmul(p[..., i:i + 4].float(), v[..., i:i + 4, :].float()).to(q.dtype)
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+
+@torch.no_grad()
+def _logits_by_node(dec: SpeculativeDecoder, start: int, tokens: list[int], tree: Tree) -> torch.Tensor:
+    """Head 1's logits ``[tree.size, V]`` of one pass over the tree's tokens (plain or invariant decoder)."""
+    verifier: Any = dec._verifier
+    if hasattr(verifier, "head1_logits"):
+        return verifier.head1_logits(start, tokens)
+    n = len(tokens)
+    begin = torch.tensor([start])
+    verifier.cache.set_slots(begin + torch.arange(n))
+    depth = torch.tensor(tree.depths)
+    mask = tree_masks(begin, depth, tree.ancestors(), verifier.buffer_len, verifier.layout, verifier.dtype)
+    out = verifier.view(torch.tensor([tokens]), attention_mask=mask, position_ids=(begin + depth)[None],
+                        cache=verifier.cache, use_cache=True, return_logits=False)
+    return verifier.view.unembed_states(out.states[:1, 0])[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+@torch.no_grad()
+def test_invariance_survives_shape_dependent_kernels(family: str) -> None:
+    """Under :class:`ShapeDependentKernels`, nodes of a chain or a tree verified together get other logits
+    than one-token passes in the plain decoder, and bit-identical ones in the invariant decoder (whose
+    greedy passes have the tree's width; head 1 unembedded alone)."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    mtp = mtp_of(tiny(family, seed, torch.bfloat16, 6 if family == "gemma" else 4), 4, seed)
+    ids = prompt(seed, rng.randint(20, 60))
+    start = ids.shape[1]
+    for tree in (Tree.chain(3), Tree.cartesian([3, 2])):
+        tokens = [rng.randrange(256) for _ in range(tree.size)]
+        differ = {}
+        for invariant in (False, True):
+            kw: dict[str, Any] = {"invariant": True, "width": tree.size} if invariant else {"cuda_graphs": False}
+            alone_dec = SpeculativeDecoder(mtp, tree=Tree.chain(0), max_length=128, **kw)
+            together_dec = SpeculativeDecoder(mtp, tree=tree, max_length=128, **kw)
+            with ShapeDependentKernels():
+                for dec in (alone_dec, together_dec):
+                    dec._verifier.prefill(ids)
+                together = _logits_by_node(together_dec, start, tokens, tree)
+                n_differ = 0
+                for node in range(tree.size):
+                    path = [node]
+                    while tree.parents[path[-1]] >= 0:
+                        path.append(tree.parents[path[-1]])
+                    for d, n in enumerate(path[::-1]):
+                        alone = _logits_by_node(alone_dec, start + d, [tokens[n]], Tree.chain(0))[0]
+                    n_differ += not torch.equal(alone, together[node])
+            differ[invariant] = n_differ
+        msg = f"{family}, tree {tree.choices}: nodes whose logits differ {differ}, seed {seed}"
+        assert differ[False] > 0 and differ[True] == 0, msg
