@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtp_lib.decode import Tree, _StaticVerifier, _position_limit
-from mtp_lib.decode_graph import GraphRunner, MaskLayout, StaticMTPCache, mask_layout
-from mtp_lib.heads import LayerHead, MTPModel, shallow_module_copy
+from mtp_lib.decode import Tree, _StaticVerifier
+from mtp_lib.decode_graph import MaskLayout
+from mtp_lib.heads import MTPModel, shallow_module_copy
 
 __all__ = ["ATTENTION", "InvariantVerifier", "invariant_attention", "invariant_view", "slot_table", "tree_paths"]
 
@@ -105,7 +105,7 @@ def invariant_view(view: MTPModel) -> MTPModel:
     """Switch ``view`` (a decoder's own module tree, see ``decode._first_heads``) to :func:`invariant_attention`.
 
     The heads are copied (sharing their weights) and each module's ``config`` is replaced by a copy
-    naming the ``"mtp_invariant"`` attention; the model the view was made from keeps its own. Refuses attention features the function lacks.
+    naming the ``"mtp_invariant"`` attention; the model the view was made from keeps its own.
     """
     from transformers import PreTrainedConfig
 
@@ -117,7 +117,7 @@ def invariant_view(view: MTPModel) -> MTPModel:
         if not isinstance(config, PreTrainedConfig):
             continue
         if id(config) not in copies:
-            new = copy.copy(config)
+            new = copy.deepcopy(config)  # sub-configs too: the setter below reaches them
             new._attn_implementation = ATTENTION
             copies[id(config)] = new
         module.config = copies[id(config)]
@@ -194,31 +194,11 @@ class InvariantVerifier(_StaticVerifier):
         width = tree.size if width is None else width
         if isinstance(width, bool) or not isinstance(width, int) or width < tree.size:
             raise ValueError(f"width={width!r} must be an integer >= the tree size {tree.size}")
-        param = next(view.parameters())
-        self.view, self.tree, self.max_length, self.width = invariant_view(view), tree, max_length, width
-        self.device, self.dtype = param.device, param.dtype
-        self.k = max(tree.widths, default=0)
-        configs = [view.backbone.config] + [h.body.config for h in view.heads if isinstance(h, LayerHead)]
-        self.layout = mask_layout(configs)
-        self.buffer_len = -(-max_length // 64) * 64
-        n_backbone = len(getattr(view.backbone, view.adapter.layers_attr))
-        self.cache = StaticMTPCache(n_backbone, view.n_heads, view.head_type == "layer", self.buffer_len)
-        self.depth = torch.tensor([*tree.depths, *[0] * (width - tree.size)], device=self.device)
-        self.paths = tree_paths(tree, width).to(self.device)
-        self.graphs = cuda_graphs and self.device.type == "cuda"
-
-        def zeros(n: int) -> torch.Tensor:
-            return torch.zeros(n, dtype=torch.long, device=self.device)
-
-        with torch.no_grad():
-            self.step_runner = GraphRunner(self._step, [zeros(1 + width)], cuda_graph=self.graphs)
-            self.commit_runner = None if tree.is_chain else GraphRunner(
-                self._commit, [zeros(1 + tree.depth + 1)], cuda_graph=self.graphs)
-            self.prompt_runners: dict[int, GraphRunner] = {}
-            if self.graphs if pad_prompts is None else pad_prompts:
-                limit = min(max_length, _position_limit(view) or max_length)
-                for n in sorted({*(64 * 2**i for i in range(20) if 64 * 2**i < limit), limit}):
-                    self.prompt_runners[n] = GraphRunner(self._padded_prompt, [zeros(1 + n)], cuda_graph=self.graphs)
+        device = next(view.parameters()).device
+        # set before the runners of the base class capture _step: the tree's tokens, then padding at depth 0
+        self.pass_depth = torch.tensor([*tree.depths, *[0] * (width - tree.size)], device=device)
+        self.paths = tree_paths(tree, width).to(device)
+        super().__init__(invariant_view(view), tree, max_length, cuda_graphs, pad_prompts, width=width)
 
     def _forward(self, start: torch.Tensor, tokens: torch.Tensor, depth: torch.Tensor, paths: torch.Tensor | None,
                  rows: torch.Tensor | None) -> torch.Tensor:
@@ -228,14 +208,14 @@ class InvariantVerifier(_StaticVerifier):
 
     def states(self, start: torch.Tensor, tokens: torch.Tensor, depth: torch.Tensor,
                paths: torch.Tensor | None) -> torch.Tensor:
-        """The heads' normed outputs ``[n_heads, S, H]`` of ``tokens`` written at slots ``start`` .. (set by the caller)."""
+        """The heads' normed outputs ``[n_heads, S, H]`` of ``tokens`` (the caller sets the cache's write slots)."""
         table = slot_table(start, depth, paths, self.buffer_len, self.layout)
         out = self.view(tokens[None], attention_mask=table, position_ids=(start + depth)[None], cache=self.cache,
                         use_cache=True, return_logits=False)
         return out.states[:, 0]
 
     def _step(self, packed: torch.Tensor) -> torch.Tensor:
-        return self._forward(packed[:1], packed[1:], self.depth, self.paths, None)
+        return self._forward(packed[:1], packed[1:], self.pass_depth, self.paths, None)
 
     def _prompt(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         depth = torch.arange(tokens.shape[0], device=tokens.device)
@@ -255,5 +235,5 @@ class InvariantVerifier(_StaticVerifier):
         padded = torch.tensor([*tokens, *[0] * (self.width - len(tokens))], device=self.device)
         start_t = torch.tensor([start], device=self.device)
         self.cache.set_slots(start_t + torch.arange(self.width, device=self.device))
-        states = self.states(start_t, padded, self.depth, self.paths)
+        states = self.states(start_t, padded, self.pass_depth, self.paths)
         return self.view.unembed_states(states[:1])[0, :len(tokens)]
