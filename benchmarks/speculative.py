@@ -265,6 +265,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def portable(value: Any) -> Any:
+    """A setting as recorded: paths as given when relative, else by their last part (no machine path)."""
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value) if not value.is_absolute() else value.name
+    return value
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -495,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "benchmark": "speculative", "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t_start),
         "model": loaded.info(), "dtype": loaded.info()["dtype"],
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: portable(v) for k, v in vars(args).items()},
         "cuda_graphs": graphs and device.type == "cuda", "eos_token_id": eos,
         "invariant": args.invariant, "invariant_width": width if args.invariant else None,
         "greedy_reference": reference,

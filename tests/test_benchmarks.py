@@ -111,3 +111,12 @@ def test_speculative_summary_reports_the_fastest_greedy_row_and_the_step_split()
                 want = 1e3 * sum(r["step_seconds"][part] for r in rs) / n_steps
                 assert abs(row[f"{part}_ms"] - want) < 1e-9, msg
             assert abs(row["prefill_ms"] - 1e3 * statistics.mean(r["step_seconds"]["prefill"] for r in rs)) < 1e-9
+
+
+def test_speculative_settings_hold_no_machine_path() -> None:
+    from pathlib import Path
+
+    bench = _load("speculative")
+    assert bench.portable(Path("/some/where/runs/heads-4")) == "heads-4"
+    assert bench.portable([Path("runs/h2"), Path("/abs/h4")]) == ["runs/h2", "h4"]
+    assert bench.portable(3) == 3 and bench.portable(None) is None
