@@ -585,7 +585,7 @@ class SpeculativeDecoder:
             raise ValueError("invariant=True needs the static cache (static_cache=True)")
         self.width = tree.size if width is None else width
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < self.width + 1:
-            raise ValueError(f"max_length={max_length!r} must be an integer > the tree size {self.width}")
+            raise ValueError(f"max_length={max_length!r} must be an integer > the tokens of a pass ({self.width})")
         limit = _position_limit(mtp)
         if static_cache and limit is not None and max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds the model's {limit} learned positions: lower it")
