@@ -9,13 +9,26 @@ greedy decoding token for token.
 Rows (all greedy, batch 1, same prompts, same EOS and token budget):
 
   generate        transformers ``generate`` (eager, dynamic cache) on the model head 1 computes
+  generate_compiled  transformers ``generate`` with one ``StaticCache`` reset per prompt and the
+                  decoding step compiled (``torch.compile``, CUDA graphs; mtp_lib.decode_compiled):
+                  transformers' fastest greedy decode (eager static cache off CUDA)
   prompt_lookup   transformers prompt lookup decoding (``prompt_lookup_num_tokens``)
   greedy_graph    mtp_lib.decode greedy decoding, static cache, one CUDA graph per token: the honest
                   baseline for speculation (the launch overhead of eager decoding removed)
+  greedy_invariant  with ``--invariant``: greedy decoding through the position-invariant verifier
+                  (mtp_lib.decode_invariant) at the width of the largest tree, the reference every
+                  speculative row must equal token for token
   specN_chain     N heads, chain of top-1 drafts, static cache + CUDA graphs
   specN_tree      N heads, Medusa-style tree calibrated on greedy outputs of training prompts
   oracle2         drafts x_{t+2} from the model's own marginal over x_{t+1} (mtp_lib.marginal):
                   acceptance only (its drafting is not timed against the others)
+
+With ``--invariant`` every speculative row verifies position-invariantly (passes of one width, keys
+read in logical order): in bf16 its outputs must equal ``greedy_invariant``'s on every prompt
+(``identical_to_greedy``; without ``--invariant`` the reference is ``greedy_graph``). Speedups are
+reported over every greedy row and over the fastest one on the same prompts
+(``speedup_vs_fastest_greedy``); the decoders' host time per verification step is split into
+drafting, verification and acceptance (``draft_ms``, ``verify_ms``, ``accept_ms``).
 
 Heads: trained here with mtp_lib.train (the ``heads_only`` recipe by default) on the model's own
 greedy continuations of training prompts (self-distillation: acceptance is agreement with greedy
@@ -27,6 +40,7 @@ heads 2..N independent of head 1, so this equals training heads 2..N alone.
     python benchmarks/speculative.py --quick --out quick.json            # CPU, a couple of minutes
     python benchmarks/speculative.py --device cuda --out h100.json        # the full run (GPU)
     python benchmarks/speculative.py --device cuda --heads runs/h2 runs/h4 --out h100.json
+    python benchmarks/speculative.py --device cuda --invariant --out h100-invariant.json
 
 ``--quick`` is a smoke run (tiny training budget, few prompts and tokens): read its ratios only.
 """
@@ -62,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--open-prompt-tokens", type=int, default=64, help="open-ended prompt: first tokens of a passage")
     p.add_argument("--methods", nargs="+", help="rows to run (default: all); names as in the module doc")
     p.add_argument("--no-graphs", action="store_true", help="static-cache rows without CUDA graphs")
+    p.add_argument("--invariant", action="store_true",
+                   help="position-invariant verification (bit-exact against greedy_invariant in any dtype)")
     p.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method (mean)")
     # heads
@@ -102,11 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, q if quick else full)
     if quick and args.device == "auto":
         args.device = "cpu"
-    bad = [m for m in args.methods or [] if not re.fullmatch(r"generate|prompt_lookup|greedy_graph|oracle2|"
-                                                             r"spec\d+_(chain|tree)", m)]
+    rows = r"generate|generate_compiled|prompt_lookup|greedy_graph|greedy_invariant|oracle2|spec\d+_(chain|tree)"
+    bad = [m for m in args.methods or [] if not re.fullmatch(rows, m)]
     if bad:
-        p.error(f"--methods: unknown rows {bad} (generate, prompt_lookup, greedy_graph, oracle2, specN_chain, "
-                "specN_tree)")
+        p.error(f"--methods: unknown rows {bad} (generate, generate_compiled, prompt_lookup, greedy_graph, "
+                "greedy_invariant, oracle2, specN_chain, specN_tree)")
     return args
 
 
@@ -249,6 +265,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def portable(value: Any) -> Any:
+    """A setting as recorded: paths as given when relative, else by their last part (no machine path)."""
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value) if not value.is_absolute() else value.name
+    return value
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -256,8 +281,40 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+GREEDY_ROWS = ("generate", "generate_compiled", "greedy_graph", "greedy_invariant")  # one token per pass
+
+
+def step_split(rs: list[dict[str, Any]]) -> dict[str, float]:
+    """Host milliseconds per verification step spent drafting, verifying and accepting, pooled over
+    ``rs`` (records of one decoder row), and per prompt in its prefill; empty for transformers rows."""
+    timed = [r for r in rs if r.get("step_seconds")]
+    steps = sum(len(r["accepted_lengths"]) - 1 for r in timed)
+    if not timed or steps == 0:
+        return {}
+    out = {f"{part}_ms": 1e3 * sum(r["step_seconds"][part] for r in timed) / steps
+           for part in ("draft", "verify", "accept")}
+    out["prefill_ms"] = 1e3 * sum(r["step_seconds"]["prefill"] for r in timed) / len(timed)
+    return out
+
+
+def add_fastest_greedy(rows: list[dict[str, Any]]) -> None:
+    """Give every timed row of a task ``fastest_greedy`` (the greedy row with the most tokens/s on the
+    task) and ``speedup_vs_fastest_greedy`` (its speedup over that row, from ``speedup_vs_<row>``)."""
+    for task in {r["task"] for r in rows}:
+        mine = [r for r in rows if r["task"] == task]
+        greedy = [r for r in mine if r["method"] in GREEDY_ROWS and r["timed"]]
+        if not greedy:
+            continue
+        best = max(greedy, key=lambda r: r["tokens_per_s"])["method"]
+        for r in mine:
+            if f"speedup_vs_{best}" in r:
+                r["fastest_greedy"] = best
+                r["speedup_vs_fastest_greedy"] = r[f"speedup_vs_{best}"]
+
+
 def summarize(records: list[dict[str, Any]], baselines: list[str]) -> list[dict[str, Any]]:
-    """Per task and method: mean tokens/s, speedups over baselines (same prompts), tau, identity checks."""
+    """Per task and method: mean tokens/s, speedups over baselines and the fastest greedy row (same
+    prompts), tau, identity checks, the host time per step."""
     rows = []
     for task in sorted({r["task"] for r in records}) + ["all"]:
         mine = [r for r in records if task in ("all", r["task"])]
@@ -270,19 +327,21 @@ def summarize(records: list[dict[str, Any]], baselines: list[str]) -> list[dict[
                    "total_tokens_per_s": sum(r["new_tokens"] for r in rs) / sum(r["seconds"] for r in rs),
                    "tau": sum(steps) / len(steps) if steps else None,
                    "identical_to_greedy": sum(r["identical_to_greedy"] for r in rs) / len(rs),
-                   "identical_to_generate": sum(r["identical_to_generate"] for r in rs) / len(rs)}
+                   "identical_to_generate": sum(r["identical_to_generate"] for r in rs) / len(rs),
+                   **step_split(rs)}
             for base in baselines:
                 ids = {r["prompt"] for r in rs}
                 bs = [r for r in mine if r["method"] == base and r["prompt"] in ids]
                 if bs and len(bs) == len(rs) and row["timed"]:
                     row[f"speedup_vs_{base}"] = row["tokens_per_s"] / statistics.mean(r["tokens_per_s"] for r in bs)
             rows.append(row)
+    add_fastest_greedy(rows)
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["task", "method", "prompts", "tokens_per_s", "tau", "speedup_vs_generate", "speedup_vs_greedy_graph",
-            "identical_to_greedy"]
+    cols = ["task", "method", "prompts", "tokens_per_s", "tau", "speedup_vs_greedy_graph", "fastest_greedy",
+            "speedup_vs_fastest_greedy", "identical_to_greedy", "verify_ms", "draft_ms", "accept_ms"]
     print("  ".join(f"{c:>14}" for c in cols))
     for r in rows:
         cells = []
@@ -303,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         next_token_model,
         rank_acceptance,
     )
+    from mtp_lib.decode_compiled import CompiledGenerate
     from mtp_lib.heads import MTPModel
     from mtp_lib.models import load_model
     from mtp_lib.results import provenance, to_jsonable
@@ -343,30 +403,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         verifier_mtp, hf_model = MTPModel(model, n_heads=1), model
     wanted = set(args.methods) if args.methods else None
-    known = {"generate", "prompt_lookup", "greedy_graph", "oracle2"} | {
+    known = {"generate", "generate_compiled", "prompt_lookup", "greedy_graph", "greedy_invariant", "oracle2"} | {
         f"spec{n}_{kind}" for n in heads for kind in ("chain", "tree")}
     if wanted is not None and wanted - known:
         raise SystemExit(f"--methods: unknown rows {sorted(wanted - known)}; available: {sorted(known)}")
+    if wanted is not None and "greedy_invariant" in wanted and not args.invariant:
+        raise SystemExit("--methods greedy_invariant needs --invariant")
+
+    reference = "greedy_invariant" if args.invariant else "greedy_graph"  # what every output must equal
 
     def want(name: str) -> bool:
-        return wanted is None or name in wanted or name in ("generate", "greedy_graph")
+        return wanted is None or name in wanted or name in ("generate", "greedy_graph", reference)
 
-    def decoder(mtp: Any, tree: Any) -> Runner:
-        dec = SpeculativeDecoder(mtp, tree=tree, max_length=max_prompt + budget + tree.size + 1, cuda_graphs=graphs)
+    def decoder(mtp: Any, tree: Any, invariant: bool = False) -> Runner:
+        if invariant:  # one width and one cache length for all, so that their outputs can be identical
+            dec = SpeculativeDecoder(mtp, tree=tree, max_length=max_prompt + budget + width + 1, cuda_graphs=graphs,
+                                     invariant=True, width=width)
+        else:
+            dec = SpeculativeDecoder(mtp, tree=tree, max_length=max_prompt + budget + tree.size + 1,
+                                     cuda_graphs=graphs)
         return lambda ids: dec.generate(ids, budget, eos_token_id=eos)
 
     methods: dict[str, tuple[Runner, bool]] = {}  # name -> (run(ids) -> GenerateOutput, timed)
     methods["generate"] = (lambda ids: hf_generate(hf_model, ids, budget, eos_token_id=eos), True)
+    if want("generate_compiled"):
+        compiled = CompiledGenerate(hf_model, max_prompt + budget)
+        methods["generate_compiled"] = (lambda ids: compiled.generate(ids, budget, eos_token_id=eos), True)
     if want("prompt_lookup"):
         methods["prompt_lookup"] = (lambda ids: hf_generate(hf_model, ids, budget, eos_token_id=eos,
                                                             prompt_lookup_num_tokens=args.prompt_lookup), True)
     methods["greedy_graph"] = (decoder(verifier_mtp, Tree.chain(0)), True)
     trees: dict[str, list[list[int]]] = {}
     acceptance: dict[str, list[list[float]]] = {}
+    specs: dict[str, tuple[Any, Any]] = {}  # speculative rows: name -> (heads, tree)
     calib_outs = None
     for n, mtp in sorted(heads.items()):
         if want(f"spec{n}_chain"):
-            methods[f"spec{n}_chain"] = (decoder(mtp, Tree.chain(n - 1)), True)
+            specs[f"spec{n}_chain"] = (mtp, Tree.chain(n - 1))
         if want(f"spec{n}_tree"):
             if calib_outs is None:  # greedy outputs of training prompts: what verification accepts
                 greedy = methods["greedy_graph"][0]
@@ -375,7 +448,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             acceptance[f"heads-{n}"] = probs.tolist()
             tree = Tree.from_rank_probs(probs, args.tree_nodes[0] if n == 2 else args.tree_nodes[1])
             trees[f"spec{n}_tree"] = [list(c) for c in tree.choices]
-            methods[f"spec{n}_tree"] = (decoder(mtp, tree), True)
+            specs[f"spec{n}_tree"] = (mtp, tree)
+    width = max([tree.size for _, tree in specs.values()] + [1])  # of every invariant pass
+    if args.invariant:
+        methods["greedy_invariant"] = (decoder(verifier_mtp, Tree.chain(0), True), True)
+    for name, (mtp, tree) in specs.items():
+        methods[name] = (decoder(mtp, tree, args.invariant), True)
     if want("oracle2"):
         oracle_mtp = MTPModel(model, n_heads=2, head_type="medusa")  # head 1 is the model itself
         oracle_dec = SpeculativeDecoder(oracle_mtp, tree=Tree.chain(1), max_length=max_prompt + budget + 3,
@@ -413,20 +491,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "prompt_tokens": int(prompt.ids.shape[1]), "new_tokens": out.new_tokens,
                             "seconds": secs, "tokens_per_s": out.new_tokens / secs,
                             "accepted_lengths": out.accepted_lengths, "n_forward": out.n_forward,
-                            "stopped_by_eos": out.stopped_by_eos, "new_token_ids": out.new_token_ids})
-        greedy, generated = outs["greedy_graph"].new_token_ids, outs["generate"].new_token_ids
+                            "stopped_by_eos": out.stopped_by_eos, "new_token_ids": out.new_token_ids,
+                            "step_seconds": out.step_seconds})
+        greedy, generated = outs[reference].new_token_ids, outs["generate"].new_token_ids
         for r in records[-len(outs):]:
             r["identical_to_greedy"] = r["new_token_ids"] == greedy
             r["identical_to_generate"] = r["new_token_ids"] == generated
             r["first_difference_to_greedy"] = first_difference(r["new_token_ids"], greedy)
 
-    rows = summarize(records, ["generate", "greedy_graph"])
+    rows = summarize(records, [m for m in GREEDY_ROWS if m in methods])
     print_table(rows)
     result = {
         "benchmark": "speculative", "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t_start),
         "model": loaded.info(), "dtype": loaded.info()["dtype"],
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: portable(v) for k, v in vars(args).items()},
         "cuda_graphs": graphs and device.type == "cuda", "eos_token_id": eos,
+        "invariant": args.invariant, "invariant_width": width if args.invariant else None,
+        "greedy_reference": reference,
         "heads": {str(n): mtp.options() for n, mtp in heads.items()},
         "training": {str(n): t for n, t in training.items()}, "trees": trees,
         "rank_acceptance": acceptance, "rows": rows, "per_prompt": records,

@@ -44,6 +44,7 @@ Example::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -86,14 +87,19 @@ class SpeculativeDecoder:
     ``cuda_graphs``: capture the step as a CUDA graph when the model is on CUDA (ignored elsewhere);
     capturing happens here, once. ``pad_prompts``: pad prompts to 64, 128, 256, .. tokens so that
     their pass is a captured graph too (default: when CUDA graphs are used). Only heads
-    1..tree.depth+1 are run.
+    1..tree.depth+1 are run. ``invariant``: position-invariant verification
+    (:mod:`mtp_lib.decode_invariant`): every pass feeds ``width`` tokens (default the tree's size)
+    and attention reads keys in logical order, so that in any dtype a token's logits are bit-identical
+    whatever is verified beside it; decoders with the same ``width`` and ``max_length`` (greedy ones,
+    ``Tree.chain(0)``, included) then give identical outputs.
 
     The decoder shares ``mtp``'s weights: changing them in place is seen by later calls, moving the
     model to another device or dtype is not (build a new decoder).
     """
 
     def __init__(self, mtp: MTPModel, *, tree: Tree | None = None, max_length: int = 1024,
-                 static_cache: bool = True, cuda_graphs: bool = True, pad_prompts: bool | None = None) -> None:
+                 static_cache: bool = True, cuda_graphs: bool = True, pad_prompts: bool | None = None,
+                 invariant: bool = False, width: int | None = None) -> None:
         if not isinstance(mtp, MTPModel):
             raise ValueError(f"mtp must be an mtp_lib.heads.MTPModel (a model with its MTP heads), got "
                              f"{type(mtp).__name__}: build one with MTPModel(model, n_heads=...) (a model or the "
@@ -104,17 +110,26 @@ class SpeculativeDecoder:
         if tree.depth > mtp.n_heads - 1:
             raise ValueError(f"the tree drafts {tree.depth} tokens ahead but the model has {mtp.n_heads} heads "
                              f"(at most {mtp.n_heads - 1} drafts): use a shallower tree or more heads")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < tree.size + 1:
-            raise ValueError(f"max_length={max_length!r} must be an integer > the tree size {tree.size}")
+        if width is not None and not invariant:
+            raise ValueError("width is the pass width of invariant decoding: pass invariant=True with it")
+        if invariant and not static_cache:
+            raise ValueError("invariant=True needs the static cache (static_cache=True)")
+        self.width = tree.size if width is None else width
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < self.width + 1:
+            raise ValueError(f"max_length={max_length!r} must be an integer > the tokens of a pass ({self.width})")
         limit = _position_limit(mtp)
         if static_cache and limit is not None and max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds the model's {limit} learned positions: lower it")
         self.mtp, self.tree, self.static_cache = mtp, tree, static_cache
         self.max_length = max_length if static_cache else None
         self.view = _first_heads(mtp, tree.depth + 1)
-        self._verifier: _StaticVerifier | _DynamicVerifier = (
-            _StaticVerifier(self.view, tree, max_length, cuda_graphs, pad_prompts) if static_cache
-            else _DynamicVerifier(self.view, tree))
+        self._verifier: _StaticVerifier | _DynamicVerifier
+        if invariant:  # position-invariant verification: mtp_lib.decode_invariant
+            from mtp_lib.decode_invariant import InvariantVerifier
+            self._verifier = InvariantVerifier(self.view, tree, max_length, cuda_graphs, pad_prompts, width)
+        else:
+            self._verifier = (_StaticVerifier(self.view, tree, max_length, cuda_graphs, pad_prompts) if static_cache
+                              else _DynamicVerifier(self.view, tree))
 
     @property
     def uses_cuda_graphs(self) -> bool:
@@ -137,38 +152,47 @@ class SpeculativeDecoder:
         bar = tqdm(total=max_new, desc="decode", disable=not progress)
         tokens, stopped = ids[0].tolist(), False
         accepted: list[int] = []
+        seconds = dict.fromkeys(("prefill", "draft", "verify", "accept"), 0.0)
         if max_new > 0:
-            accepted, stopped = self._decode(ids, tokens, max_new, eos, drafter, bar.update)
+            accepted, stopped = self._decode(ids, tokens, max_new, eos, drafter, bar.update, seconds)
         bar.close()
         out = torch.tensor([tokens], dtype=torch.long, device=prompt.device)
-        return GenerateOutput(out, ids.shape[1], accepted, n_forward=len(accepted), stopped_by_eos=stopped)
+        return GenerateOutput(out, ids.shape[1], accepted, n_forward=len(accepted), stopped_by_eos=stopped,
+                              step_seconds=seconds)
 
     def _check_room(self, prompt_len: int, max_new: int) -> None:
-        need = prompt_len + max_new + self.tree.size - 1
+        need = prompt_len + max_new + self.width - 1
         room = self.max_length if self.max_length is not None else _position_limit(self.mtp)
         if room is not None and max_new > 0 and need > room:
             raise ValueError(f"a prompt of {prompt_len} tokens with max_new_tokens={max_new} and a tree of "
-                             f"{self.tree.size} tokens needs {need} positions, more than the "
+                             f"{self.width} tokens needs {need} positions, more than the "
                              f"{'static cache' if self.max_length is not None else 'model'} holds ({room}): "
                              "raise max_length or lower max_new_tokens")
 
     def _decode(self, ids: torch.Tensor, tokens: list[int], max_new: int, eos: frozenset[int],
-                drafter: Drafter | None, update: Callable[[int], Any]) -> tuple[list[int], bool]:
+                drafter: Drafter | None, update: Callable[[int], Any], seconds: dict[str, float]
+                ) -> tuple[list[int], bool]:
         """The prompt's pass, then verification steps until ``max_new`` tokens or an end of sequence;
-        ``tokens`` grows in place. Returns the tokens gained per pass and whether an eos stopped it."""
+        ``tokens`` grows in place. Returns the tokens gained per pass and whether an eos stopped it;
+        adds the host's seconds per phase to ``seconds`` (see :class:`GenerateOutput`)."""
         prompt_len = len(tokens)
+        t0 = time.perf_counter()
         pred = self._verifier.prefill(ids)
+        seconds["prefill"] = time.perf_counter() - t0
         tokens.append(pred.greedy[0])
         accepted = [1]
         update(1)
         stopped = tokens[-1] in eos
         row = 0
         while not stopped and len(tokens) - prompt_len < max_new:
+            t0 = time.perf_counter()
             candidates = pred.candidates(row)
             drafts = candidates if drafter is None else drafter(tokens, candidates)
             step_tokens = self.tree.fill(tokens[-1], drafts)
             start = len(tokens) - 1  # tokens in the cache: all but the root
-            pred = self._verifier.step(start, step_tokens)
+            t1 = time.perf_counter()
+            pred = self._verifier.step(start, step_tokens)  # returns once its predictions are on the host
+            t2 = time.perf_counter()
             path = self.tree.accept(step_tokens, pred.greedy)
             self._verifier.commit(start, path)
             row = path[-1]
@@ -181,6 +205,9 @@ class SpeculativeDecoder:
             tokens.extend(gained)
             accepted.append(len(gained))
             update(len(gained))
+            seconds["draft"] += t1 - t0
+            seconds["verify"] += t2 - t1
+            seconds["accept"] += time.perf_counter() - t2
         return accepted, stopped
 
 

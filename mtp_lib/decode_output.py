@@ -21,6 +21,10 @@ class GenerateOutput:
     token was generated, or when a transformers baseline's passes could not be counted.
     ``n_forward``: forward passes of the model (for the baselines: calls of its ``forward``).
     ``stopped_by_eos``: the output ends with an end-of-sequence token it generated.
+    ``step_seconds`` (:class:`SpeculativeDecoder` only): host wall time summed over the call, split
+    into ``prefill`` (the prompt's pass), ``draft`` (drafts and the tree's tokens), ``verify`` (the
+    verification pass until its predictions reach the host) and ``accept`` (the accepted path,
+    cache commit, bookkeeping).
     """
 
     tokens: torch.Tensor
@@ -28,6 +32,7 @@ class GenerateOutput:
     accepted_lengths: list[int]
     n_forward: int
     stopped_by_eos: bool = False
+    step_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def new_tokens(self) -> int:

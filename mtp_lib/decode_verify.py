@@ -76,9 +76,10 @@ class _StaticVerifier:
     """
 
     def __init__(self, view: MTPModel, tree: Tree, max_length: int, cuda_graphs: bool,
-                 pad_prompts: bool | None = None) -> None:
+                 pad_prompts: bool | None = None, width: int | None = None) -> None:
         param = next(view.parameters())
         self.view, self.tree, self.max_length = view, tree, max_length
+        self.width = tree.size if width is None else width  # tokens per step pass (padded: decode_invariant)
         self.device, self.dtype = param.device, param.dtype
         self.k = max(tree.widths, default=0)
         configs = [view.backbone.config] + [h.body.config for h in view.heads if isinstance(h, LayerHead)]
@@ -95,7 +96,7 @@ class _StaticVerifier:
             return torch.zeros(n, dtype=torch.long, device=self.device)
 
         with torch.no_grad():
-            self.step_runner = GraphRunner(self._step, [zeros(1 + tree.size)], cuda_graph=graphs)
+            self.step_runner = GraphRunner(self._step, [zeros(1 + self.width)], cuda_graph=graphs)
             self.commit_runner = None if tree.is_chain else GraphRunner(
                 self._commit, [zeros(1 + tree.depth + 1)], cuda_graph=graphs)
             self.prompt_runners: dict[int, GraphRunner] = {}

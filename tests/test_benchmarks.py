@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import random
+import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -59,3 +61,62 @@ def test_kernel_totals_sum_each_kernel_with_its_whole_name() -> None:
     assert len(lines) == 3
     assert lines[1].split() == ["0.40", "2", "200.0", long], lines[1]
     assert lines[2].split() == ["0.25", "1", "250.0", "gemm"], lines[2]
+
+
+# --------------------------------------------------------------------------------------------------
+# benchmarks/speculative.py: the fastest greedy row and the host time per step
+
+
+def _spec_records(rng: random.Random, methods: list[str], tasks: list[str], n: int) -> list[dict]:
+    records = []
+    for task in tasks:
+        for i in range(n):
+            for m in methods:
+                steps = [1] + [rng.randint(1, 4) for _ in range(rng.randint(1, 6))]
+                secs = rng.uniform(0.5, 2.0)
+                split = {k: rng.uniform(0.0, 0.1) for k in ("prefill", "draft", "verify", "accept")}
+                records.append({"task": task, "prompt": f"{task}-{i}", "method": m, "timed": True,
+                                "new_tokens": sum(steps), "seconds": secs, "tokens_per_s": sum(steps) / secs,
+                                "accepted_lengths": steps, "identical_to_greedy": True,
+                                "identical_to_generate": rng.random() < 0.5,
+                                "step_seconds": {} if m.startswith("generate") else split})
+    return records
+
+
+def test_speculative_summary_reports_the_fastest_greedy_row_and_the_step_split() -> None:
+    from seeds import fresh_seed
+
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    bench = _load("speculative")
+    methods = ["generate", "generate_compiled", "greedy_graph", "greedy_invariant", "spec4_tree"]
+    records = _spec_records(rng, methods, ["translation", "open-ended"], 3)
+    baselines = [m for m in bench.GREEDY_ROWS if m in methods]
+    rows = bench.summarize(records, baselines)
+    for task in ("translation", "open-ended", "all"):
+        mine = [r for r in records if task in ("all", r["task"])]
+        speed = {m: statistics.mean(r["tokens_per_s"] for r in mine if r["method"] == m) for m in methods}
+        fastest = max(bench.GREEDY_ROWS, key=lambda m: speed[m])
+        for m in methods:
+            row = next(r for r in rows if r["task"] == task and r["method"] == m)
+            msg = f"{task} {m}, seed {seed}"
+            assert row["fastest_greedy"] == fastest, msg
+            assert abs(row["speedup_vs_fastest_greedy"] - speed[m] / speed[fastest]) < 1e-9, msg
+            rs = [r for r in mine if r["method"] == m]
+            if m.startswith("generate"):
+                assert "verify_ms" not in row, msg
+                continue
+            n_steps = sum(len(r["accepted_lengths"]) - 1 for r in rs)
+            for part in ("draft", "verify", "accept"):
+                want = 1e3 * sum(r["step_seconds"][part] for r in rs) / n_steps
+                assert abs(row[f"{part}_ms"] - want) < 1e-9, msg
+            assert abs(row["prefill_ms"] - 1e3 * statistics.mean(r["step_seconds"]["prefill"] for r in rs)) < 1e-9
+
+
+def test_speculative_settings_hold_no_machine_path() -> None:
+    from pathlib import Path
+
+    bench = _load("speculative")
+    assert bench.portable(Path("/some/where/runs/heads-4")) == "heads-4"
+    assert bench.portable([Path("runs/h2"), Path("/abs/h4")]) == ["runs/h2", "h4"]
+    assert bench.portable(3) == 3 and bench.portable(None) is None
