@@ -39,7 +39,7 @@ class SuiteSettings:
 
     sizes: tuple[str, ...] = ("micro-32", "micro-64", "micro-128")
     sources: tuple[str, ...] = ("translation", "kjv", "brown", "austen", "shakespeare", "sentences", "gcide")
-    vocab_size: int = 4096
+    vocab_size: int = 2048
     max_docs: int = 150
     stream_seed: int = 0
     steps: int = 120
@@ -48,13 +48,13 @@ class SuiteSettings:
     micro_batch: int = 0
     train_seed: int = 1234
     compile: bool = False
-    n_samples: int = 8
+    n_samples: int = 6
     last_tokens: int = 20
     top_k: int = 5
     top_p: float = 0.99
     nucleus_top_p: tuple[float, ...] = (0.9,)
     along_training: bool = True
-    along_samples: int = 3
+    along_samples: int = 2
     open_ended_tokens: int = 200
     profile: str = "cpu"
     compute: bool = True  # False: a missing result is an error that says how to compute it
