@@ -95,6 +95,8 @@ def test_row_difference_is_the_paired_mean_and_claims_use_the_shared_verdict() -
     recipes = ["ntp_baseline", "heads_only", "vanilla_joint", "diff_lr", "medusa"]
     rows = fake_rows(rng, recipes)
     rows["m1", "ntp_baseline"].value["hits"] = np.ones((6, 2, 5), dtype=int).tolist()  # beats every row
+    for rec in recipes[1:]:  # clearly: at a rate of 0.3 (a row near 0.9 could tie it on 6 samples)
+        rows["m1", rec].value["hits"] = (rng.random((6, 2, 5)) < 0.3).astype(int).tolist()
     diff = T.row_difference(rows, "m1", "vanilla_joint", "heads_only", "2nd")
     a = np.asarray(rows["m1", "vanilla_joint"].value["hits"])[:, 1]
     b = np.asarray(rows["m1", "heads_only"].value["hits"])[:, 1]
