@@ -40,8 +40,8 @@ import torch
 from .results import CachedResult, cached, config_key, repo_root, results_dir, to_jsonable
 from .strategy_runs import STRATEGIES
 
-__all__ = ["COMMAND", "KIND", "NOT_PUBLISHED", "PARAMETERS", "PEAK_FLOPS", "PUBLISHED_LR", "VERSION", "BudgetRuns",
-           "BudgetSetup", "Unit", "chapter_setup", "chosen_lr", "gpu_peak", "run_budget", "save_folder",
+__all__ = ["COMMAND", "KIND", "NOT_PUBLISHED", "PARAMETERS", "PUBLISHED_LR", "VERSION", "BudgetRuns",
+           "BudgetSetup", "Unit", "chapter_setup", "chosen_lr", "run_budget", "save_folder",
            "setup_from_parameters", "stored"]
 
 KIND, VERSION = "ch03-budget", 1
@@ -54,7 +54,6 @@ PUBLISHED_LR: dict[str, tuple[float, str]] = {  # model -> (peak pretraining LR,
 NOT_PUBLISHED = {  # model -> where a pretraining LR was looked for and not found
     "gemma3-270m": "neither the Gemma 3 Technical Report (arXiv 2503.19786) nor the model card gives one",
 }
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak, FLOP/s
 N_FIRST = 20  # training losses kept from the start of a run
 WINDOW = 25  # steps per mean of the stored training-loss curve
 
@@ -265,10 +264,6 @@ def save_folder(setup: BudgetSetup, unit: Unit) -> Path | None:
     return (Path(setup.save_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", unit.model) / unit.recipe
             / f"seed{unit.seed}-lr{unit.lr:g}-steps{setup.total_steps}")
 
-
-def gpu_peak(device_name: str) -> float | None:
-    """The dense bf16 peak FLOP/s of a known GPU, by name; None for others (and CPUs)."""
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in device_name), None)
 
 
 def _timestamp() -> float:

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .budget_runs import N_FIRST, WINDOW, BudgetSetup, Unit, _timestamp, gpu_peak, save_folder
+from .budget_runs import N_FIRST, WINDOW, BudgetSetup, Unit, _timestamp, save_folder
+from .results import peak_bf16_flops
 
 __all__ = ["DEADLINE", "LazyData", "StepClock", "TimeUp", "run_unit"]
 
@@ -131,7 +132,7 @@ def _speed(clock: StepClock, model: torch.nn.Module, device: torch.device) -> di
 
     n_params = sum(p.numel() for p in model.parameters())
     name = device_name(device)
-    peak = gpu_peak(name) if device.type == "cuda" else None
+    peak = peak_bf16_flops(name) if device.type == "cuda" else None
     rate = clock.tokens / clock.seconds if clock.seconds > 0 else float("nan")
     return {"device": name, "timed_steps": clock.steps, "step_seconds": round(clock.seconds, 3),
             "tokens": clock.tokens, "tokens_per_s": round(rate, 1), "params": n_params,

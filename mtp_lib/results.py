@@ -131,6 +131,16 @@ def device_name(device: Any = None) -> str:
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+# Dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name() (vendor specs).
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_bf16_flops(device: str) -> float | None:
+    """The dense bf16 peak of a known GPU named by :func:`device_name` (None for a CPU or an unlisted
+    card: no MFU then)."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
+
+
 def _commit() -> tuple[str | None, bool | None, str | None]:
     """The git commit (and whether the tree had changes) and where it came from: $MTP_GIT_COMMIT when
     it is set (a run on a copy of the checkout passes the commit in; the copy's own git, if it has

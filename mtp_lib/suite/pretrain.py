@@ -319,14 +319,14 @@ def pretrain(tokens: np.ndarray, stream_fp: str, vocab_size: int, spec: TrainSpe
 
 
 def _record(run: _Run, first_step: int, timed_steps: int, elapsed: float) -> dict[str, Any]:
-    from mtp_lib.results import device_name
+    from mtp_lib.results import device_name, peak_bf16_flops
 
     spec = run.spec
     counts = shapes.param_counts(run.model)
     per_token = shapes.flops_per_token(counts, spec.size, spec.seq_len)
     tokens_per_s = timed_steps * spec.batch_size * spec.seq_len / elapsed if elapsed > 0 else None
     device = device_name(run.acc.device)
-    peak = shapes.peak_flops(device)
+    peak = peak_bf16_flops(device)
     s = shapes.shape(spec.size)
     return {
         "size": spec.size, "shape": dataclasses.asdict(s), **counts, "recipe": spec.recipe(),

@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["PEAK_BF16_FLOPS", "SHAPES", "Shape", "flops_per_token", "gpt_neox_config", "memory_estimate",
-           "param_counts", "peak_flops", "shape"]
+__all__ = ["SHAPES", "Shape", "flops_per_token", "gpt_neox_config", "memory_estimate", "param_counts", "shape"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +35,6 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
     Shape("1b", 2048, 16, 8, 3e-4),
 ]}
 
-# Dense bf16 peak of the tensor cores, FLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
 def shape(name: str) -> Shape:
@@ -82,10 +79,6 @@ def flops_per_token(counts: dict[str, int], size: str, seq_len: int) -> float:
     n = counts["non_embedding_params"] + counts["unembedding_params"]
     return 6.0 * n + 12.0 * s.n_layers * s.d_model * seq_len
 
-
-def peak_flops(device_name: str) -> float | None:
-    """The dense bf16 peak of a known GPU (None for a CPU or an unlisted card: no MFU then)."""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
 
 
 def memory_estimate(size: str, vocab_size: int, micro_batch: int, seq_len: int) -> float:
