@@ -30,7 +30,7 @@ from mtp_lib.marginal import MarginalResult, marginalize
 from mtp_lib.results import CachedResult, cached
 
 __all__ = ["BROWSER_TOP", "CONTEXT_SHOWN", "TASKS", "VERSION", "DeviceChoice", "LazyModel", "MarginalRuns", "MarginalStudy",
-           "evenly_spaced"]
+           "evenly_spaced", "task_samples"]
 
 VERSION = 1  # bump when the computation changes what it stores
 TASKS = ["translation", "open-ended"]
@@ -38,6 +38,17 @@ BROWSER_TOP = 5  # tokens listed per distribution in the browser
 CONTEXT_SHOWN = 24  # context tokens shown in the browser
 _TRANSLATION: dict[str, Any] = {"dataset": "bible-es-en", "split": "validation", "template": "paper", "min_target_words": 20,
                 "max_target_words": 60, "order": "file"}
+
+
+def task_samples(tok: Any, task: str, n: int, *, open_ended_tokens: int = 200) -> list[data.Sample]:
+    """Chapter 1's samples of a task: the first ``n`` validation pairs with 20-60 target words, or the
+    first ``n`` Brown passages cut to ``open_ended_tokens`` tokens."""
+    if task == "translation":
+        return data.translation_samples(tok, n, min_target_words=_TRANSLATION["min_target_words"],
+                                        max_target_words=_TRANSLATION["max_target_words"])
+    if task == "open-ended":
+        return data.open_ended_samples(tok, n, n_tokens=open_ended_tokens)
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
 class LazyModel:
@@ -204,10 +215,7 @@ class MarginalStudy(DeviceChoice):
     # The computation behind one result
 
     def samples(self, tok: Any, task: str, n: int) -> list[data.Sample]:
-        if task == "translation":
-            return data.translation_samples(tok, n, min_target_words=_TRANSLATION["min_target_words"],
-                                            max_target_words=_TRANSLATION["max_target_words"])
-        return data.open_ended_samples(tok, n, n_tokens=self.open_ended_tokens)
+        return task_samples(tok, task, n, open_ended_tokens=self.open_ended_tokens)
 
     def _timed(self, fn: Callable[[], MarginalResult]) -> tuple[MarginalResult, float]:
         dev = self.dev

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mtp_lib import data
+from mtp_lib.marginal_study import task_samples
 from mtp_lib.suite import analysis, pretrain, shapes
 from mtp_lib.suite import sources as S
 from mtp_lib.suite.run import SuiteSettings, train_size
@@ -194,7 +195,7 @@ def test_marginal_hits_against_brute_force(stream) -> None:
     torch.manual_seed(seed)
     vocab = len(stream.tokenizer)
     model = GPTNeoXForCausalLM(shapes.gpt_neox_config("micro-32", vocab)).double().eval()
-    sample = analysis.evaluation_samples(stream.tokenizer, "translation", 1)[0]
+    sample = task_samples(stream.tokenizer, "translation", 1)[0]
     got = analysis.marginal_hits(model, [sample], last=3, k=5, top_p=1.0, nucleus_top_p=())[0]
     ids = torch.tensor(sample.input_ids)
     want1, want2 = [], []

@@ -19,6 +19,7 @@ import sys
 import yaml
 
 from mtp_lib.suite.run import SuiteSettings, analyze_size, stream_result, train_size
+from mtp_lib.suite.shapes import shape
 
 
 def _settings(args: argparse.Namespace) -> SuiteSettings:
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = _settings(args)
         sizes = args.size or list(settings.sizes)
         for size in sizes:
-            SuiteSettings(**{**settings.__dict__, "sizes": (size,)})  # checks the size name
+            shape(size)  # an unknown size fails here, before any work
         manifest = stream_result(settings)
         print(f"stream {manifest.value['fingerprint']}: {manifest.value['tokens']:,} tokens ({manifest.path.name})")
         for size in sizes if args.command != "stream" else []:

@@ -21,16 +21,7 @@ from mtp_lib import data, metrics
 from mtp_lib.lens import lens_stats
 from mtp_lib.marginal import marginalize
 
-__all__ = ["evaluation_samples", "lens_kl", "marginal_hits"]
-
-
-def evaluation_samples(tokenizer: Any, task: str, n: int, *, open_ended_tokens: int = 200) -> list[data.Sample]:
-    """Chapter 1's samples: the first ``n`` validation pairs (20-60 target words) or Brown passages."""
-    if task == "translation":
-        return data.translation_samples(tokenizer, n)
-    if task == "open-ended":
-        return data.open_ended_samples(tokenizer, n, n_tokens=open_ended_tokens)
-    raise ValueError(f"task must be 'translation' or 'open-ended', got {task!r}")
+__all__ = ["lens_kl", "marginal_hits"]
 
 
 def _sample_hits(model: torch.nn.Module, sample: data.Sample, *, last: int, k: int, top_p: float,

@@ -17,6 +17,7 @@ last (log-spaced, as Pythia's), kept for the analyses along training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -269,7 +270,7 @@ class _Run:
         total = torch.zeros((), device=self.acc.device)
         for j in range(0, self.share, self.micro):
             last = j + self.micro >= self.share
-            with (self.acc.no_sync(self.ddp) if not last else _nullcontext()), self.autocast:
+            with (self.acc.no_sync(self.ddp) if not last else contextlib.nullcontext()), self.autocast:
                 loss = self.loss_fn(self.ddp, batch[j:j + self.micro]) * (self.micro / self.share)
             self.acc.backward(loss)
             total += loss.detach()
@@ -278,14 +279,6 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         return total
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
 
 
 def pretrain(tokens: np.ndarray, stream_fp: str, vocab_size: int, spec: TrainSpec, out_dir: Path, *,

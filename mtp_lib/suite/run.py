@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from mtp_lib import results
+from mtp_lib.marginal_study import task_samples
 from mtp_lib.suite import analysis, pretrain, shapes
 from mtp_lib.suite.stream import Stream, StreamSpec, build_stream, load_stream
 
@@ -176,8 +177,8 @@ def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto") ->
         folder = run_folder(settings, size, fingerprint)
         config = shapes.gpt_neox_config(size, len(stream.tokenizer), max_positions=max(2048, settings.seq_len),
                                         eos_id=stream.tokenizer.eos_token_id)
-        samples = {t: analysis.evaluation_samples(stream.tokenizer, t, settings.n_samples,
-                                                  open_ended_tokens=settings.open_ended_tokens) for t in TASKS}
+        samples = {t: task_samples(stream.tokenizer, t, settings.n_samples,
+                                   open_ended_tokens=settings.open_ended_tokens) for t in TASKS}
         final = pretrain.load_snapshot(folder, settings.steps, config).to(dev)
         out: dict[str, Any] = {"size": size, "device": results.device_name(dev), "final": {}, "lens": {},
                                "along": {}}

@@ -97,16 +97,17 @@ def kl_frame(analyses: Mapping[str, Any], task: str = "translation") -> pd.DataF
 
 
 def along_frame(trains: Mapping[str, Any], analyses: Mapping[str, Any]) -> pd.DataFrame:
-    """2nd- and next-token accuracy at each log-spaced snapshot (and the final weights)."""
+    """2nd- and next-token accuracy at each log-spaced snapshot and at the final weights, on the
+    snapshots' samples (the first ``along_samples`` of the final analysis')."""
     rows = []
     for size, a in analyses.items():
         tokens_per_step = trains[size].value["train_tokens"] / trains[size].value["recipe"]["steps"]
         steps = {**a.value["along"], str(trains[size].value["recipe"]["steps"]): a.value["final"]}
+        first = next(iter(a.value["along"].values()))
         for step, by_task in steps.items():
             for task in TASKS:
-                n = len(by_task[task]) if step in a.value["along"] else len(next(iter(a.value["along"].values()))[task])
                 for offset in OFFSETS:
-                    hits, _ = _hits(by_task[task][:n], offset)
+                    hits, _ = _hits(by_task[task][:len(first[task])], offset)
                     rows.append({"size": size, "step": int(step), "tokens": int(step) * tokens_per_step,
                                  "task": task, "offset": offset, "accuracy": float(hits.mean())})
     return pd.DataFrame(rows)
