@@ -321,3 +321,19 @@ def test_paired_trend_against_polyfit() -> None:
     draws = [np.polyfit(x, [values[s][idx].mean() for s in "abcd"], 1)[0]
              for idx in (rng.integers(0, 12, 12) for _ in range(200))]
     assert np.allclose([got.lo, got.hi], np.percentile(draws, [2.5, 97.5])), f"seed {seed}"
+
+
+def test_a_tokenizer_of_another_stream_is_refused(stream, tmp_path: Path) -> None:
+    import shutil
+
+    other = build_stream(StreamSpec(("translation",), vocab_size=280, max_docs=50), tmp_path / "o",
+                         downloads=tmp_path / "dl")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(stream.folder, mixed)
+    shutil.rmtree(mixed / "tokenizer")
+    shutil.copytree(other.folder / "tokenizer", mixed / "tokenizer")
+    with pytest.raises(ValueError, match="do not match its manifest.*rebuild the stream"):
+        load_stream(mixed)
+    assert load_stream(stream.folder).fingerprint == stream.fingerprint
+    with pytest.raises(FileNotFoundError, match="no stream in .*python -m mtp_lib.suite stream"):
+        load_stream(tmp_path / "nothing")
