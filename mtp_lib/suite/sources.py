@@ -63,7 +63,6 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
 ]}
 # Profanity list for the sentences source (PyPI better_profanity 0.7.0, MIT): only its word list is read.
 PROFANITY = ("pypi", "better_profanity", "0.7.0")
-_DEB_DIR = {"kjv": "kjv", "austen": "austen", "gcide": "gcide"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -107,36 +107,47 @@ def _grams(words: Sequence[str]) -> set[int]:
     return {hash(tuple(words[i:i + _NGRAM])) for i in range(len(words) - _NGRAM + 1)}
 
 
+class _Scan:
+    """One pass over the training documents against the evaluation texts' word 12-grams: per
+    document, the evaluation 12-grams it holds and how many distinct 12-grams it has."""
+
+    def __init__(self, docs: Iterable[str], eval_texts: dict[str, str]) -> None:
+        self.wanted = {key: _grams(_words(text)) for key, text in eval_texts.items()}
+        pool = set().union(*self.wanted.values()) if self.wanted else set()
+        self.docs: list[tuple[set[int], int]] = []
+        for doc in docs:
+            grams = _grams(_words(doc))
+            self.docs.append((grams & pool, len(grams)))
+
+    def overlap(self, kept: Iterable[int] | None = None) -> dict[str, float]:
+        """Each evaluation text's share of 12-grams found in the documents (those of ``kept`` only)."""
+        rows = self.docs if kept is None else [self.docs[i] for i in kept]
+        seen: set[int] = set().union(*(m for m, _ in rows)) if rows else set()
+        return {key: (len(g & seen) / len(g) if g else 0.0) for key, g in self.wanted.items()}
+
+
 def held_out_overlap(docs: Iterable[str], eval_texts: dict[str, str]) -> dict[str, float]:
     """For each evaluation text, the share of its word 12-grams that occur in ``docs`` (1.0: the whole
     text appears in training; words are lowercased letters and digits, so spacing and punctuation
     do not hide a copy)."""
-    wanted = {key: _grams(_words(text)) for key, text in eval_texts.items()}
-    pool = set().union(*wanted.values()) if wanted else set()
-    seen: set[int] = set()
-    for doc in docs:
-        words = _words(doc)
-        seen |= {h for i in range(len(words) - _NGRAM + 1) if (h := hash(tuple(words[i:i + _NGRAM]))) in pool}
-    return {key: (len(g & seen) / len(g) if g else 0.0) for key, g in wanted.items()}
+    return _Scan(docs, eval_texts).overlap()
 
 
-def _drop_copies(docs: list[tuple[str, str]], evals: dict[str, str], overlap: dict[str, float]
-                 ) -> tuple[list[tuple[str, str]], dict[str, int]]:
-    """Drop the training documents that are copies of an evaluation text: the Bible repeats verses
-    (2 Kings 14:15 is 2 Kings 13:12, "Yahweh spoke to Moses, saying" recurs), so a training verse
-    can equal a validation verse of another chapter. A document goes when half or more of its word
-    12-grams belong to an evaluation text that appears (half or more of its 12-grams) in training,
-    or a quarter of them when the text is pieced together from several near-copies (2 Kings 13:12 is
-    made of the formulas of its neighbours)."""
-    flagged = set().union(*(_grams(_words(evals[k])) for k, v in overlap.items() if v >= 0.5))
-    kept: list[tuple[str, str]] = []
+def _drop_copies(docs: list[tuple[str, str]], scan: _Scan) -> tuple[list[int], dict[str, int]]:
+    """The documents to keep (indices), dropping the training documents that are copies of an
+    evaluation text: the Bible repeats verses (2 Kings 14:15 is 2 Kings 13:12, "Yahweh spoke to
+    Moses, saying" recurs), so a training verse can equal a validation verse of another chapter. A
+    document goes when half or more of its word 12-grams belong to an evaluation text that appears
+    (half or more of its 12-grams) in training, or a quarter of them when the text is pieced
+    together from several near-copies (2 Kings 13:12 is made of the formulas of its neighbours)."""
+    flagged = set().union(*(scan.wanted[k] for k, v in scan.overlap().items() if v >= 0.5))
+    kept: list[int] = []
     dropped: dict[str, int] = {}
-    for name, doc in docs:
-        grams = _grams(_words(doc))
-        if grams and len(grams & flagged) / len(grams) >= 0.25:
+    for i, ((name, _), (matched, n_grams)) in enumerate(zip(docs, scan.docs)):
+        if n_grams and len(matched & flagged) / n_grams >= 0.25:
             dropped[name] = dropped.get(name, 0) + 1
         else:
-            kept.append((name, doc))
+            kept.append(i)
     return kept, dropped
 
 
@@ -162,9 +173,10 @@ def build_stream(spec: StreamSpec, folder: Path, *, downloads: Path, work: Path 
 
     work = work or downloads / "unpacked"
     docs = _documents(spec, downloads, work)
-    evals = evaluation_texts()
-    docs, dropped = _drop_copies(docs, evals, held_out_overlap((d for _, d in docs), evals))
-    overlap = held_out_overlap((d for _, d in docs), evals)
+    scan = _Scan((d for _, d in docs), evaluation_texts())  # one pass over the documents
+    kept, dropped = _drop_copies(docs, scan)
+    overlap = scan.overlap(kept)
+    docs = [docs[i] for i in kept]
     leaked = sorted(k for k, v in overlap.items() if v >= 0.5)
     if leaked:
         raise RuntimeError(f"{len(leaked)} evaluation texts appear in the training documents "
