@@ -29,11 +29,12 @@ def test_evenly_spaced_keeps_order_and_ends() -> None:
     seed = fresh_seed()
     rng = random.Random(seed)
     items = sorted(rng.sample(range(1000), rng.randint(1, 40)))
-    n = rng.randint(1, 50)
+    n = rng.randint(2, 50)  # one item cannot hold both ends: n = 1 is checked below
     got = evenly_spaced(items, n)
     assert got == sorted(got) and set(got) <= set(items), f"seed {seed}"
     assert got[0] == items[0] and got[-1] == items[-1], f"seed {seed}"
     assert len(got) == min(n, len(items)) or (n < len(items) and len(got) <= n), f"seed {seed}"
+    assert evenly_spaced(items, 1) == items[:1], f"seed {seed}"  # the first
 
 
 def test_configs_are_the_committed_cache_keys() -> None:
