@@ -33,7 +33,7 @@ from mtp_lib.lens_study import SELECTION, layer_subset
 from mtp_lib.marginal_study import DeviceChoice, LazyModel
 from mtp_lib.results import CachedResult, MissingResultError, cached
 
-__all__ = ["CHAPTER", "COMMAND", "NAME", "VERSION", "TunedLensRuns", "TunedLensStudy", "main"]
+__all__ = ["CHAPTER", "COMMAND", "NAME", "VERSION", "TunedLensRuns", "TunedLensStudy", "fit_and_score", "main"]
 
 NAME, VERSION, CHAPTER = "ch02-tuned-lens", 1, "02_layer_specialization"
 COMMAND = "MTP_GIT_COMMIT=$(git rev-parse HEAD) python -m mtp_lib.tuned_lens_study --profile {profile}"
@@ -103,30 +103,11 @@ class TunedLensStudy(DeviceChoice):
         test_data = probe.collect_probe_data(
             lm.model, [s.input_ids for s in test], offsets=[1],
             positions=[data.context_ends(s, 1, self.last_tokens) for s in test], progress=False)
-        n_layers = train_data.n_layers
-        layers = [layer for layer in layer_subset(n_layers, self.layer_stride) if layer < n_layers]
-        fit = tuned_lens.fit_tuned_lens(lm.model, train_data, layers=layers, steps=self.steps, batch_size=self.batch,
-                                        lr=self.lr, weight_decay=self.weight_decay, seed=self.seed,
-                                        max_elements=self.max_elements, progress=False)
-        scores = tuned_lens.compare_lenses(lm.model, fit.lens, test_data, k=self.top_k, max_elements=self.max_elements)
-        rows = torch.tensor([layer - 1 for layer in layers])
-
-        def per_sample(values: torch.Tensor) -> Any:  # [rows, N] -> [rows, samples], 5 decimals
-            means = torch.stack([values[:, scores.sequence == i].mean(1) for i in range(len(test))], 1)
-            return np.round(means.numpy(), 5)
-
-        tail = max(1, self.steps // 10)
-        return {
-            "info": {k: v for k, v in lm.info().items() if k != "device"}, "n_layers": n_layers, "tuned_layers": layers,
-            "vocab": lm.vocab_size, "train_ids": [s.id for s in train], "test_ids": [s.id for s in test],
-            "n_train_positions": len(train_data), "n_test_positions": len(test_data),
-            "logit": {m: per_sample(getattr(scores, f"{m.replace('kl', 'kl_logit', 1)}" if m.startswith("kl")
-                                            else f"{m}_logit")) for m in _METRICS},
-            "tuned": {m: per_sample(getattr(scores, f"{m.replace('kl', 'kl_tuned', 1)}" if m.startswith("kl")
-                                            else f"{m}_tuned")[rows]) for m in _METRICS},
-            "train_loss_first": np.round([loss[0] for loss in fit.losses], 4),
-            "train_loss_last": np.round([float(np.mean(loss[-tail:])) for loss in fit.losses], 4),
-        }
+        return {"info": {k: v for k, v in lm.info().items() if k != "device"}, "vocab": lm.vocab_size,
+                "train_ids": [s.id for s in train], "test_ids": [s.id for s in test],
+                **fit_and_score(lm.model, train_data, test_data, len(test), layer_stride=self.layer_stride,
+                                steps=self.steps, batch=self.batch, lr=self.lr, weight_decay=self.weight_decay,
+                                seed=self.seed, top_k=self.top_k, max_elements=self.max_elements)}
 
     # ------------------------------------------------------------------------------------------------
     # From a profile (the command line)
@@ -147,6 +128,33 @@ class TunedLensStudy(DeviceChoice):
                     weight_decay=params["probe_weight_decay"], seed=params["seed"],
                     max_elements=params["max_elements"], dtype=params["dtype"], device=params["device"])
         return study, list(params["models"])
+
+
+def fit_and_score(model: Any, train: probe.ProbeData, test: probe.ProbeData, n_test: int, *, layer_stride: int = 1,
+                  steps: int = 300, batch: int = 256, lr: float = 1e-3, weight_decay: float = 0.01, seed: int = 0,
+                  top_k: int = 5, max_elements: int = 2**22) -> dict[str, Any]:
+    """Train translators on ``train``'s positions (every ``layer_stride``-th layer below L), score both
+    lenses on ``test``'s, and average each metric per test sequence (``n_test`` of them): the stored
+    form that :mod:`mtp_lib.tuned_lens_tables` reads (``logit`` rows: layers 1..L; ``tuned`` rows: the
+    tuned layers)."""
+    n_layers = train.n_layers
+    layers = [layer for layer in layer_subset(n_layers, layer_stride) if layer < n_layers]
+    fit = tuned_lens.fit_tuned_lens(model, train, layers=layers, steps=steps, batch_size=batch, lr=lr,
+                                    weight_decay=weight_decay, seed=seed, max_elements=max_elements, progress=False)
+    scores = tuned_lens.compare_lenses(model, fit.lens, test, k=top_k, max_elements=max_elements)
+    rows = torch.tensor([layer - 1 for layer in layers])
+
+    def per_sample(lens: str, metric: str) -> Any:  # [rows, N] -> [rows, sequences], 5 decimals
+        name = metric.replace("kl", f"kl_{lens}", 1) if metric.startswith("kl") else f"{metric}_{lens}"
+        values = getattr(scores, name)
+        means = torch.stack([values[:, scores.sequence == i].mean(1) for i in range(n_test)], 1)
+        return np.round((means if lens == "logit" else means[rows]).numpy(), 5)
+
+    tail = max(1, steps // 10)
+    return {"n_layers": n_layers, "tuned_layers": layers, "n_train_positions": len(train),
+            "n_test_positions": len(test), **{lens: {m: per_sample(lens, m) for m in _METRICS} for lens in ("logit", "tuned")},
+            "train_loss_first": np.round([loss[0] for loss in fit.losses], 4),
+            "train_loss_last": np.round([float(np.mean(loss[-tail:])) for loss in fit.losses], 4)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

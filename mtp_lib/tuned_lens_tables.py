@@ -26,7 +26,7 @@ from mtp_lib.metrics import mean_with_ci
 from mtp_lib.report import ci_text, paired_difference, verdict
 from mtp_lib.results import CachedResult
 
-__all__ = ["SETTLED_NATS", "calibration_lines", "calibration_table", "lens_frame", "missing_note", "probe_calibration_lines",
+__all__ = ["SETTLED_NATS", "calibration_lines", "calibration_table", "lens_frame", "lens_rows", "missing_note", "probe_calibration_lines",
            "specialization_lines", "specialization_layer"]
 
 SETTLED_NATS = 2.0  # a lens within this many nats of the output has "settled" on the next token (as Figure 2.1's text)
@@ -34,7 +34,7 @@ Runs = Mapping[str, CachedResult]
 _LENSES = ("logit", "tuned")
 
 
-def _rows(value: Mapping[str, Any], lens: str, metric: str) -> dict[int, np.ndarray]:
+def lens_rows(value: Mapping[str, Any], lens: str, metric: str) -> dict[int, np.ndarray]:
     """Layer (1-based) -> per-sample values of one lens; the tuned lens at its layers and at L (the output)."""
     n_layers = value["n_layers"]
     stored = np.asarray(value[lens][metric], dtype=float)
@@ -54,7 +54,7 @@ def lens_frame(tuned: Runs) -> Any:
     for name, res in tuned.items():
         v = res.value
         for lens in _LENSES:
-            kl, back, nll = (_rows(v, lens, m) for m in ("kl", "kl_from_output", "nll"))
+            kl, back, nll = (lens_rows(v, lens, m) for m in ("kl", "kl_from_output", "nll"))
             for layer in sorted(kl):
                 if layer == v["n_layers"]:
                     continue
@@ -71,7 +71,7 @@ def calibration_table(tuned: Runs) -> Any:
     rows = []
     for name, res in tuned.items():
         v = res.value
-        metrics = {(lens, m): _rows(v, lens, m) for lens in _LENSES for m in ("nll", "hit", "entropy", "kl", "kl_from_output")}
+        metrics = {(lens, m): lens_rows(v, lens, m) for lens in _LENSES for m in ("nll", "hit", "entropy", "kl", "kl_from_output")}
         for layer in sorted(metrics[("tuned", "nll")]):
             row: dict[str, Any] = {"model": name, "layer": layer, "depth": round(layer / v["n_layers"], 2)}
             for lens in _LENSES:
@@ -96,7 +96,7 @@ def calibration_lines(tuned: Runs) -> list[str]:
     for name, res in tuned.items():
         v = res.value
         log_v, n_layers = math.log(v["vocab"]), v["n_layers"]
-        logit, tuned_nll = _rows(v, "logit", "nll"), _rows(v, "tuned", "nll")
+        logit, tuned_nll = lens_rows(v, "logit", "nll"), lens_rows(v, "tuned", "nll")
         means = {layer: float(x.mean()) for layer, x in logit.items() if layer < n_layers}
         above = [layer for layer, m in means.items() if m > log_v]
         worst = max(means, key=lambda layer: means[layer])
@@ -128,15 +128,15 @@ def specialization_lines(tuned: Runs, *, depth: float = 0.5, min_samples: int = 
     for name, res in tuned.items():
         v = res.value
         layer = specialization_layer(v, depth)
-        est = mean_with_ci(_rows(v, "tuned", "kl_from_output")[layer])
-        judged = verdict(est, direction="less", threshold=SETTLED_NATS, samples=len(_rows(v, "tuned", "kl")[layer]),
+        est = mean_with_ci(lens_rows(v, "tuned", "kl_from_output")[layer])
+        judged = verdict(est, direction="less", threshold=SETTLED_NATS, samples=len(lens_rows(v, "tuned", "kl")[layer]),
                          min_samples=min_samples, digits=2, signed=False)
         lines.append(
             f"- **{name}**, layer {layer} of {v['n_layers']} (depth {layer / v['n_layers']:.2f}): KL(p_L || q_l) = "
             f"{ci_text(est)} nats for the tuned lens (the logit lens: "
-            f"{ci_text(mean_with_ci(_rows(v, 'logit', 'kl_from_output')[layer]))}); in the paper's direction, "
-            f"KL(q_l || p_L) = {ci_text(mean_with_ci(_rows(v, 'tuned', 'kl')[layer]))} (logit lens: "
-            f"{ci_text(mean_with_ci(_rows(v, 'logit', 'kl')[layer]))}). That the next token is settled by this depth "
+            f"{ci_text(mean_with_ci(lens_rows(v, 'logit', 'kl_from_output')[layer]))}); in the paper's direction, "
+            f"KL(q_l || p_L) = {ci_text(mean_with_ci(lens_rows(v, 'tuned', 'kl')[layer]))} (logit lens: "
+            f"{ci_text(mean_with_ci(lens_rows(v, 'logit', 'kl')[layer]))}). That the next token is settled by this depth "
             f"(below {SETTLED_NATS:g} nats): **{judged.label}**" + (f" ({judged.reason})" if judged.reason else "") + ".")
     return lines
 

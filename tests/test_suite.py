@@ -337,3 +337,54 @@ def test_a_tokenizer_of_another_stream_is_refused(stream, tmp_path: Path) -> Non
     assert load_stream(stream.folder).fingerprint == stream.fingerprint
     with pytest.raises(FileNotFoundError, match="no stream in .*python -m mtp_lib.suite stream"):
         load_stream(tmp_path / "nothing")
+
+
+def test_stream_windows_spread_over_the_stream() -> None:
+    from mtp_lib.suite.tuned import stream_windows
+
+    tokens = np.arange(1000)
+    wins = stream_windows(tokens, 4, 100)
+    assert [int(w[0]) for w in wins] == [0, 300, 600, 900] and all(len(w) == 100 for w in wins)
+    assert len(stream_windows(tokens, 50, 400)) == 2  # at most as many as fit without overlapping
+    with pytest.raises(ValueError, match="fewer than one window"):
+        stream_windows(tokens[:10], 1, 20)
+
+
+def test_tuned_lens_of_a_size_beside_the_analysis_logit_lens(stream) -> None:
+    """Both lenses are scored on the analysis' positions: the stored logit-lens KL equals
+    :func:`analysis.lens_kl`'s, and training lowers the tuned lens's objective at every layer."""
+    from transformers import GPTNeoXForCausalLM
+
+    from mtp_lib.suite.tuned import tuned_lens_result
+
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(shapes.gpt_neox_config("micro-128", len(stream.tokenizer))).eval()
+    samples = task_samples(stream.tokenizer, "translation", 3)
+    got = tuned_lens_result(model, stream.tokens, samples, windows=3, length=48, last=4, steps=30, batch=64, lr=1e-2,
+                            seed=seed)
+    want = analysis.lens_kl(model, samples, last=4)
+    assert np.allclose(np.asarray(got["logit"]["kl"]).T, want, atol=2e-5), f"seed {seed}"
+    assert got["tuned_layers"] == [1, 2] and got["n_test_positions"] == 3 * 4
+    assert all(last < first for first, last in zip(got["train_loss_first"], got["train_loss_last"])), f"seed {seed}"
+
+
+def test_size_claims_judge_the_tuned_lens_too() -> None:
+    from mtp_lib.suite import tables as T
+
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    sizes = {"14m": 10**6, "31m": 4 * 10**6, "70m": 16 * 10**6}
+    trains, analyses = _fake_results(rng, sizes, 30, {"14m": 0.1, "31m": 0.4, "70m": 0.7})
+    n_layers = 4
+    tuned = {}
+    for i, size in enumerate(sizes):  # KL at half depth falls with size, with noise per sample
+        kl = [[3.0 - i + rng.random() for _ in range(30)] for _ in range(n_layers)]
+        tuned[size] = types.SimpleNamespace(value={"n_layers": n_layers, "tuned_layers": [1, 2, 3],
+                                                   "logit": {"kl": kl}, "tuned": {"kl": kl[:3]}})
+    claims = T.size_claims(trains, analyses, tuned, n_boot=300).set_index(["claim", "task"])["verdict"]
+    row = claims.loc[("layers specialize earlier in larger models (tuned lens: KL at half depth falls)", "translation")]
+    assert row == "supported", f"seed {seed}"
+    half = T.tuned_kl_at_depth(tuned["14m"].value)  # layer 2 of 4 sits at depth 0.5
+    assert np.allclose(half, tuned["14m"].value["tuned"]["kl"][1])
+    assert len(T.size_claims(trains, analyses, {"14m": tuned["14m"]}, n_boot=50)) == 5  # not every size: no row

@@ -3,7 +3,8 @@
     python -m mtp_lib.suite stream  --profile gpu
     python -m mtp_lib.suite train   --profile gpu --size 14m 31m
     python -m mtp_lib.suite analyze --profile gpu --size 14m 31m
-    python -m mtp_lib.suite run     --profile gpu --size 160m      # train, then analyze
+    python -m mtp_lib.suite tuned   --profile gpu --size 14m 31m   # the tuned lens beside the logit lens
+    python -m mtp_lib.suite run     --profile gpu --size 160m      # train, analyze, tuned lens
 
 Data parallel on several GPUs: ``accelerate launch --multi_gpu --num_processes N -m mtp_lib.suite train ...``
 (only training runs in every process). ``--set key=value`` overrides a setting of the profile
@@ -18,7 +19,7 @@ import sys
 
 import yaml
 
-from mtp_lib.suite.run import SuiteSettings, analyze_size, stream_result, train_size
+from mtp_lib.suite.run import SuiteSettings, analyze_size, stream_result, train_size, tuned_size
 from mtp_lib.suite.shapes import shape
 
 
@@ -35,7 +36,7 @@ def _settings(args: argparse.Namespace) -> SuiteSettings:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mtp_lib.suite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["stream", "train", "analyze", "run"])
+    parser.add_argument("command", choices=["stream", "train", "analyze", "tuned", "run"])
     parser.add_argument("--profile", default="cpu", help="tiny, cpu or gpu (chapters/profiles/<profile>.yaml)")
     parser.add_argument("--size", nargs="*", default=None, help="sizes (default: the profile's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.command in ("analyze", "run"):
                 a = analyze_size(settings, size, device=args.device)
                 print(f"analysis of {size}: {a.path.name}")
+            if args.command == "tuned" or (args.command == "run" and settings.tuned_lens):
+                t = tuned_size(settings, size, device=args.device)
+                print(f"tuned lens of {size}: {t.path.name}")
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         sys.exit(f"error: {err}")
 

@@ -6,7 +6,9 @@ trained over several separate GPU runs, one size at a time):
 - ``ch05-stream``: the stream's manifest (sources, licences, token counts, fingerprint);
 - ``ch05-train-<size>``: the size's training record (sizes, tokens seen, losses, tokens/s, MFU);
 - ``ch05-analysis-<size>``: Chapter 1's and 2's analyses of the final weights, and the 2nd-token
-  accuracy along training from the log-spaced snapshots.
+  accuracy along training from the log-spaced snapshots;
+- ``ch05-tuned-<size>``: Chapter 2's tuned lens beside the logit lens on the final weights
+  (:mod:`mtp_lib.suite.tuned`).
 
 The stream, checkpoints and snapshots live outside the repository (``$MTP_CACHE_DIR/suite``); the
 weights are not committed.
@@ -24,10 +26,11 @@ import yaml
 
 from mtp_lib import results
 from mtp_lib.marginal_study import task_samples
-from mtp_lib.suite import analysis, pretrain, shapes
+from mtp_lib.suite import analysis, pretrain, shapes, tuned
 from mtp_lib.suite.stream import Stream, StreamSpec, build_stream, load_stream
 
-__all__ = ["SuiteResults", "SuiteSettings", "analyze_size", "load_suite", "stream_result", "suite_dir", "train_size"]
+__all__ = ["SuiteResults", "SuiteSettings", "analyze_size", "load_suite", "stream_result", "suite_dir", "train_size",
+           "tuned_size"]
 
 VERSION = 1
 TASKS = ("translation", "open-ended")
@@ -57,6 +60,11 @@ class SuiteSettings:
     along_training: bool = True
     along_samples: int = 2
     open_ended_tokens: int = 200
+    tuned_lens: bool = True
+    tuned_windows: int = 8
+    tuned_steps: int = 100
+    tuned_batch: int = 128
+    tuned_lr: float = 1e-3
     profile: str = "cpu"
     compute: bool = True  # False: a missing result is an error that says how to compute it
     progress: bool = False
@@ -162,6 +170,19 @@ def _analysis_config(settings: SuiteSettings, size: str, fingerprint: str) -> di
     return _train_config(settings, size, fingerprint) | {k: getattr(settings, k) for k in keys}
 
 
+def _weights(settings: SuiteSettings, size: str, fingerprint: str) -> tuple[Stream, Path, Any]:
+    """The stream, the size's run folder (checkpoints, snapshots) and its model config."""
+    stream = open_stream(settings)
+    config = shapes.gpt_neox_config(size, len(stream.tokenizer), max_positions=max(2048, settings.seq_len),
+                                    eos_id=stream.tokenizer.eos_token_id)
+    return stream, run_folder(settings, size, fingerprint), config
+
+
+def _samples(settings: SuiteSettings, stream: Stream) -> dict[str, list[Any]]:
+    return {t: task_samples(stream.tokenizer, t, settings.n_samples, open_ended_tokens=settings.open_ended_tokens)
+            for t in TASKS}
+
+
 def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto") -> results.CachedResult:
     """Chapter 1's and 2's analyses of ``size`` (final weights), and along its training."""
     import torch
@@ -173,12 +194,8 @@ def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto") ->
     dev = resolve_device(device)
 
     def analyze() -> dict[str, Any]:
-        stream = open_stream(settings)
-        folder = run_folder(settings, size, fingerprint)
-        config = shapes.gpt_neox_config(size, len(stream.tokenizer), max_positions=max(2048, settings.seq_len),
-                                        eos_id=stream.tokenizer.eos_token_id)
-        samples = {t: task_samples(stream.tokenizer, t, settings.n_samples,
-                                   open_ended_tokens=settings.open_ended_tokens) for t in TASKS}
+        stream, folder, config = _weights(settings, size, fingerprint)
+        samples = _samples(settings, stream)
         final = pretrain.load_snapshot(folder, settings.steps, config).to(dev)
         out: dict[str, Any] = {"size": size, "device": results.device_name(dev), "final": {}, "lens": {},
                                "along": {}}
@@ -204,6 +221,33 @@ def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto") ->
                    f"python -m mtp_lib.suite analyze --profile {settings.profile} --size {size}", device=dev)
 
 
+def _tuned_config(settings: SuiteSettings, size: str, fingerprint: str) -> dict[str, Any]:
+    keys = ("n_samples", "last_tokens", "top_k", "tuned_windows", "tuned_steps", "tuned_batch", "tuned_lr")
+    return _train_config(settings, size, fingerprint) | {k: getattr(settings, k) for k in keys} | {
+        "task": "translation", "window_length": settings.seq_len}
+
+
+def tuned_size(settings: SuiteSettings, size: str, *, device: str = "auto") -> results.CachedResult:
+    """Chapter 2's tuned lens beside the logit lens on ``size``'s final weights (translation positions)."""
+    from mtp_lib.models import resolve_device
+
+    trained = train_size(settings, size)
+    fingerprint = trained.value["data_fingerprint"]
+    dev = resolve_device(device)
+
+    def compute() -> dict[str, Any]:
+        stream, folder, config = _weights(settings, size, fingerprint)
+        samples = task_samples(stream.tokenizer, "translation", settings.n_samples)
+        model = pretrain.load_snapshot(folder, settings.steps, config).to(dev)
+        return {"size": size, "device": results.device_name(dev), **tuned.tuned_lens_result(
+            model, stream.tokens, samples, windows=settings.tuned_windows, length=settings.seq_len,
+            last=settings.last_tokens, steps=settings.tuned_steps, batch=settings.tuned_batch, lr=settings.tuned_lr,
+            seed=settings.train_seed, top_k=settings.top_k)}
+
+    return _cached(f"ch05-tuned-{size}", _tuned_config(settings, size, fingerprint), compute, settings,
+                   f"python -m mtp_lib.suite tuned --profile {settings.profile} --size {size}", device=dev)
+
+
 @dataclasses.dataclass
 class SuiteResults:
     """What the suite has for a chapter: the stream, and each size's training and analysis that exist
@@ -213,6 +257,7 @@ class SuiteResults:
     trains: dict[str, results.CachedResult]
     analyses: dict[str, results.CachedResult]
     missing: list[str]
+    tuned: dict[str, results.CachedResult] = dataclasses.field(default_factory=dict)
 
     @property
     def sizes(self) -> list[str]:
@@ -231,11 +276,13 @@ class SuiteResults:
 def load_suite(settings: SuiteSettings, *, device: str = "auto") -> SuiteResults:
     """The stream and every size's results: loaded, computed (``settings.compute``), or listed as missing."""
     stream = stream_result(settings)
-    trains, analyses, missing = {}, {}, []
+    trains, analyses, lenses, missing = {}, {}, {}, []
     for size in settings.sizes:
         try:
             trains[size] = train_size(settings, size)
             analyses[size] = analyze_size(settings, size, device=device)
+            if settings.tuned_lens:
+                lenses[size] = tuned_size(settings, size, device=device)
         except results.MissingResultError as err:
             missing.append(f"`{size}`: {err}")
-    return SuiteResults(stream, trains, analyses, missing)
+    return SuiteResults(stream, trains, analyses, missing, lenses)

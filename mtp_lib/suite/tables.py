@@ -17,9 +17,11 @@ import pandas as pd
 
 from mtp_lib.metrics import Interval, mean_with_ci
 from mtp_lib.report import Direction, verdict
+from mtp_lib.tuned_lens_tables import lens_rows
 
 __all__ = ["accuracy_frame", "along_frame", "kl_at_depth", "kl_frame", "loss_frame", "nucleus_frame",
-           "paired_trend", "pythia", "size_claims", "size_table", "source_table", "standin_text"]
+           "paired_trend", "pythia", "size_claims", "size_table", "source_table", "standin_text",
+           "tuned_kl_at_depth"]
 
 TASKS = ("translation", "open-ended")
 OFFSETS = {1: "next", 2: "second"}
@@ -119,6 +121,16 @@ def kl_at_depth(per_sample: Sequence[float], depth: float = 0.5) -> float:
     return float(np.interp(depth, np.arange(1, n + 1) / n, per_sample))
 
 
+def tuned_kl_at_depth(value: Mapping[str, Any], depth: float = 0.5) -> np.ndarray:
+    """Per sample: the tuned lens's KL(q_l || p_L) at normalized depth ``depth`` (linear between its layers
+    l / L, the last layer being the output itself), from a ``ch05-tuned`` result."""
+    rows = lens_rows(value, "tuned", "kl")
+    layers = sorted(rows)
+    grid = np.array(layers) / value["n_layers"]
+    table = np.stack([rows[layer] for layer in layers])  # [layers, samples]
+    return np.array([np.interp(depth, grid, table[:, s]) for s in range(table.shape[1])])
+
+
 def paired_trend(stat: Callable[[str, np.ndarray], float], sizes: Sequence[str], x: Sequence[float],
                  n_samples: int, *, n_boot: int = 2000, seed: int = 0) -> Interval:
     """Slope of ``stat(size, samples)`` against ``x`` (least squares), with a paired bootstrap: every
@@ -152,8 +164,8 @@ def _mean_of(per_size: Mapping[str, np.ndarray], log: bool = False) -> Stat:
     return stat
 
 
-def _claims_of_task(trains: Mapping[str, Any], analyses: Mapping[str, Any], sizes: list[str], task: str
-                    ) -> list[tuple[str, str, Direction, Stat, int]]:
+def _claims_of_task(trains: Mapping[str, Any], analyses: Mapping[str, Any], sizes: list[str], task: str,
+                    tuned: Mapping[str, Any]) -> list[tuple[str, str, Direction, Stat, int]]:
     def per_sample(fn: Callable[[Mapping[str, Any]], float]) -> dict[str, np.ndarray]:
         return {s: _per_sample(analyses, s, task, fn) for s in sizes}
 
@@ -166,25 +178,30 @@ def _claims_of_task(trains: Mapping[str, Any], analyses: Mapping[str, Any], size
         (f"the top-{q} nucleus shrinks with size", "log10 candidates per decade", "less", _mean_of(nuc, log=True), n)]
     if task == "translation":
         kl = {s: np.array([kl_at_depth(p) for p in analyses[s].value["lens"][task]]) for s in sizes}
-        checks.append(("layers specialize earlier in larger models (KL at half depth falls)", "nats per decade",
-                       "less", _mean_of(kl), n))
+        checks.append(("layers specialize earlier in larger models (logit lens: KL at half depth falls)",
+                       "nats per decade", "less", _mean_of(kl), n))
+        if all(s in tuned for s in sizes):
+            kl_tuned = {s: tuned_kl_at_depth(tuned[s].value) for s in sizes}
+            checks.append(("layers specialize earlier in larger models (tuned lens: KL at half depth falls)",
+                           "nats per decade", "less", _mean_of(kl_tuned), len(kl_tuned[sizes[0]])))
     return checks
 
 
-def size_claims(trains: Mapping[str, Any], analyses: Mapping[str, Any], *, min_samples: int = 5,
-                n_boot: int = 2000) -> pd.DataFrame:
+def size_claims(trains: Mapping[str, Any], analyses: Mapping[str, Any], tuned: Mapping[str, Any] | None = None, *,
+                min_samples: int = 5, n_boot: int = 2000) -> pd.DataFrame:
     """The paper's size claims, each a paired trend over our sizes with its verdict.
 
     - 2nd-token accuracy grows with size (Figure 1): slope of accuracy per decade of parameters > 0;
     - the nucleus shrinks with size (Figure 4): slope of log10(mean top-p nucleus) < 0;
     - layers specialize earlier in larger models (Figure 2): slope of the logit lens' KL at half
-      depth < 0 (on the translation positions, as the paper).
+      depth < 0 (on the translation positions, as the paper), and the same with the tuned lens
+      (:mod:`mtp_lib.suite.tuned`) where ``tuned`` holds every size.
     """
     sizes = sorted(analyses, key=lambda s: trains[s].value["non_embedding_params"])
     x = [float(np.log10(trains[s].value["non_embedding_params"])) for s in sizes]
     rows = []
     for task in TASKS:
-        for claim, unit, direction, stat, n in _claims_of_task(trains, analyses, sizes, task):
+        for claim, unit, direction, stat, n in _claims_of_task(trains, analyses, sizes, task, tuned or {}):
             trend = paired_trend(stat, sizes, x, n, n_boot=n_boot)
             v = verdict(trend, direction=direction, samples=n, min_samples=min_samples)
             rows.append({"claim": claim, "task": task, "slope": f"{v.text.split(':')[0]} {unit}",
