@@ -367,6 +367,11 @@ def test_tuned_lens_of_a_size_beside_the_analysis_logit_lens(stream) -> None:
     assert np.allclose(np.asarray(got["logit"]["kl"]).T, want, atol=2e-5), f"seed {seed}"
     assert got["tuned_layers"] == [1, 2] and got["n_test_positions"] == 3 * 4
     assert all(last < first for first, last in zip(got["train_loss_first"], got["train_loss_last"])), f"seed {seed}"
+    from mtp_lib.suite.tables import lens_agreement
+
+    same = lens_agreement({"m": types.SimpleNamespace(value={"lens": {"translation": want}})},
+                          {"m": types.SimpleNamespace(value=got)})
+    assert abs(float(same["difference"].iloc[0])) < 1e-4
 
 
 def test_size_claims_judge_the_tuned_lens_too() -> None:

@@ -19,7 +19,7 @@ from mtp_lib.metrics import Interval, mean_with_ci
 from mtp_lib.report import Direction, verdict
 from mtp_lib.tuned_lens_tables import lens_rows
 
-__all__ = ["accuracy_frame", "along_frame", "kl_at_depth", "kl_frame", "loss_frame", "nucleus_frame",
+__all__ = ["accuracy_frame", "along_frame", "kl_at_depth", "kl_frame", "lens_agreement", "loss_frame", "nucleus_frame",
            "paired_trend", "pythia", "size_claims", "size_table", "source_table", "standin_text",
            "tuned_kl_at_depth"]
 
@@ -129,6 +129,23 @@ def tuned_kl_at_depth(value: Mapping[str, Any], depth: float = 0.5) -> np.ndarra
     grid = np.array(layers) / value["n_layers"]
     table = np.stack([rows[layer] for layer in layers])  # [layers, samples]
     return np.array([np.interp(depth, grid, table[:, s]) for s in range(table.shape[1])])
+
+
+def lens_agreement(analyses: Mapping[str, Any], tuned: Mapping[str, Any]) -> pd.DataFrame:
+    """Per size with both results: the logit lens's mean KL at half depth as the analysis stored it and
+    as the tuned-lens run scored it on the same positions. Equal when both read the same weights; a
+    difference measures how far a retraining of the same recipe moved them (the weights are not kept)."""
+    rows = []
+    for size in analyses:
+        if size not in tuned:
+            continue
+        first = np.mean([kl_at_depth(p) for p in analyses[size].value["lens"]["translation"]])
+        logit = np.asarray(tuned[size].value["logit"]["kl"], dtype=float).T  # [samples, layers]
+        second = np.mean([kl_at_depth(p) for p in logit])
+        rows.append({"size": size, "KL at half depth, analysis": round(float(first), 4),
+                     "KL at half depth, tuned-lens run": round(float(second), 4),
+                     "difference": round(float(second - first), 4)})
+    return pd.DataFrame(rows).set_index("size") if rows else pd.DataFrame()
 
 
 def paired_trend(stat: Callable[[str, np.ndarray], float], sizes: Sequence[str], x: Sequence[float],
