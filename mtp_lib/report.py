@@ -171,8 +171,9 @@ def run_settings(profile: str, results: Iterable[CachedResult], *, models: Seque
     loaded = {r.loaded for r in results}
     how = ("loaded from the stored results" if loaded == {True} else "computed in this run" if loaded == {False}
            else "partly loaded, partly computed in this run")
+    dtype = _joined(r.config.get("dtype") for r in results)  # results whose config names no dtype: said in details
     line = (f"**Run settings.** profile `{profile}`; results computed on {_joined(r.provenance.get('device') for r in results)}"
-            f" ({_joined(r.config.get('dtype') for r in results)}), torch {_joined(v.get('torch') for v in versions)}, "
+            + (f" ({dtype})" if dtype != "?" else "") + f", torch {_joined(v.get('torch') for v in versions)}, "
             f"transformers {_joined(v.get('transformers') for v in versions)}; {how}; models: "
             + ", ".join(f"`{m}`" for m in models))
     return line + (f"; {details}" if details else "") + "."

@@ -136,6 +136,8 @@ def test_run_settings_names_where_the_results_were_computed() -> None:
     assert "CPU, NVIDIA H100" in mixed and "2.11.0, 2.13.0" in mixed and "partly loaded" in mixed
     with pytest.raises(ValueError, match="needs the chapter's results"):
         R.run_settings("gpu", [], models=["a"])
+    untyped = R.CachedResult("x", {}, None, {"device": "CPU", "versions": {}}, _result("CPU", True).path, True)
+    assert "CPU, torch ?" in R.run_settings("cpu", [untyped], models=["a"])  # no "(?)" for an unnamed dtype
 
 
 def test_quiet_libraries_silences_transformers() -> None:
