@@ -20,6 +20,9 @@ Rows (all greedy, batch 1, same prompts, same EOS and token budget):
                   speculative row must equal token for token
   specN_chain     N heads, chain of top-1 drafts, static cache + CUDA graphs
   specN_tree      N heads, Medusa-style tree calibrated on greedy outputs of training prompts
+  specN_pld       N heads, chain, prompt lookup first (mtp_lib.decode.PromptLookupDrafter): where the
+                  text so far repeats, what followed its latest match is drafted, the heads elsewhere;
+                  the same verifier and CUDA graphs as specN_chain, so the drafters compare on equal terms
   oracle2         drafts x_{t+2} from the model's own marginal over x_{t+1} (mtp_lib.marginal):
                   acceptance only (its drafting is not timed against the others)
 
@@ -118,11 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, q if quick else full)
     if quick and args.device == "auto":
         args.device = "cpu"
-    rows = r"generate|generate_compiled|prompt_lookup|greedy_graph|greedy_invariant|oracle2|spec\d+_(chain|tree)"
+    rows = r"generate|generate_compiled|prompt_lookup|greedy_graph|greedy_invariant|oracle2|spec\d+_(chain|tree|pld)"
     bad = [m for m in args.methods or [] if not re.fullmatch(rows, m)]
     if bad:
         p.error(f"--methods: unknown rows {bad} (generate, generate_compiled, prompt_lookup, greedy_graph, "
-                "greedy_invariant, oracle2, specN_chain, specN_tree)")
+                "greedy_invariant, oracle2, specN_chain, specN_tree, specN_pld)")
     return args
 
 
@@ -356,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from mtp_lib.decode import (
         MarginalOracleDrafter,
+        PromptLookupDrafter,
         SpeculativeDecoder,
         Tree,
         hf_generate,
@@ -404,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         verifier_mtp, hf_model = MTPModel(model, n_heads=1), model
     wanted = set(args.methods) if args.methods else None
     known = {"generate", "generate_compiled", "prompt_lookup", "greedy_graph", "greedy_invariant", "oracle2"} | {
-        f"spec{n}_{kind}" for n in heads for kind in ("chain", "tree")}
+        f"spec{n}_{kind}" for n in heads for kind in ("chain", "tree", "pld")}
     if wanted is not None and wanted - known:
         raise SystemExit(f"--methods: unknown rows {sorted(wanted - known)}; available: {sorted(known)}")
     if wanted is not None and "greedy_invariant" in wanted and not args.invariant:
@@ -415,14 +419,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def want(name: str) -> bool:
         return wanted is None or name in wanted or name in ("generate", "greedy_graph", reference)
 
-    def decoder(mtp: Any, tree: Any, invariant: bool = False) -> Runner:
+    def decoder(mtp: Any, tree: Any, invariant: bool = False, drafter: Any = None) -> Runner:
         if invariant:  # one width and one cache length for all, so that their outputs can be identical
             dec = SpeculativeDecoder(mtp, tree=tree, max_length=max_prompt + budget + width + 1, cuda_graphs=graphs,
                                      invariant=True, width=width)
         else:
             dec = SpeculativeDecoder(mtp, tree=tree, max_length=max_prompt + budget + tree.size + 1,
                                      cuda_graphs=graphs)
-        return lambda ids: dec.generate(ids, budget, eos_token_id=eos)
+        return lambda ids: dec.generate(ids, budget, eos_token_id=eos, drafter=drafter)
 
     methods: dict[str, tuple[Runner, bool]] = {}  # name -> (run(ids) -> GenerateOutput, timed)
     methods["generate"] = (lambda ids: hf_generate(hf_model, ids, budget, eos_token_id=eos), True)
@@ -440,6 +444,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for n, mtp in sorted(heads.items()):
         if want(f"spec{n}_chain"):
             specs[f"spec{n}_chain"] = (mtp, Tree.chain(n - 1))
+        if want(f"spec{n}_pld"):
+            specs[f"spec{n}_pld"] = (mtp, Tree.chain(n - 1))
         if want(f"spec{n}_tree"):
             if calib_outs is None:  # greedy outputs of training prompts: what verification accepts
                 greedy = methods["greedy_graph"][0]
@@ -453,7 +459,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.invariant:
         methods["greedy_invariant"] = (decoder(verifier_mtp, Tree.chain(0), True), True)
     for name, (mtp, tree) in specs.items():
-        methods[name] = (decoder(mtp, tree, args.invariant), True)
+        drafter = PromptLookupDrafter() if name.endswith("_pld") else None
+        methods[name] = (decoder(mtp, tree, args.invariant, drafter), True)
     if want("oracle2"):
         oracle_mtp = MTPModel(model, n_heads=2, head_type="medusa")  # head 1 is the model itself
         oracle_dec = SpeculativeDecoder(oracle_mtp, tree=Tree.chain(1), max_length=max_prompt + budget + 3,

@@ -52,7 +52,7 @@ import torch
 
 from mtp_lib.decode_baselines import hf_generate, next_token_model
 from mtp_lib.decode_output import GenerateOutput, _check_max_new, _eos_set, acceptance_summary
-from mtp_lib.decode_tree import Drafter, MarginalOracleDrafter, ReferenceDrafter, Tree, rank_acceptance
+from mtp_lib.decode_tree import Drafter, MarginalOracleDrafter, PromptLookupDrafter, ReferenceDrafter, Tree, rank_acceptance
 from mtp_lib.decode_verify import _DynamicVerifier, _first_heads, _position_limit, _StaticVerifier
 from mtp_lib.heads import MTPModel
 from mtp_lib.inputs import as_ids
@@ -61,6 +61,7 @@ __all__ = [
     "Drafter",
     "GenerateOutput",
     "MarginalOracleDrafter",
+    "PromptLookupDrafter",
     "ReferenceDrafter",
     "SpeculativeDecoder",
     "Tree",

@@ -22,7 +22,7 @@ from mtp_lib.decode_output import GenerateOutput
 from mtp_lib.heads import MTPModel
 from mtp_lib.models import eval_mode
 
-__all__ = ["Drafter", "MarginalOracleDrafter", "ReferenceDrafter", "Tree", "rank_acceptance"]
+__all__ = ["Drafter", "MarginalOracleDrafter", "PromptLookupDrafter", "ReferenceDrafter", "Tree", "rank_acceptance"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +206,44 @@ class ReferenceDrafter:
         for d, row in enumerate(head_candidates, start=1):
             j = n + d - 1
             out.append([self.reference[j] if j < len(self.reference) else row[0], *row[1:]])
+        return out
+
+
+class PromptLookupDrafter:
+    """Prompt lookup drafting (Saxena 2023; transformers' ``prompt_lookup_num_tokens``) inside our decoder.
+
+    Finds the most recent earlier occurrence of the last n tokens (the root included; n from
+    ``max_ngram`` down to ``min_ngram``) and drafts what followed it there: rank 0 at depth d is the
+    d-th token after the match. Other ranks, depths past the text, and steps without a match keep the
+    heads' candidates, so with trained heads it is a hybrid (copy where the text repeats, the heads
+    elsewhere) and with the same tree, verifier and CUDA graphs as the heads' rows its speed and
+    acceptance compare with theirs on equal terms. Drafting is a scan of the text on the host,
+    O(len(tokens) x max_ngram) per step.
+    """
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if isinstance(min_ngram, bool) or not isinstance(min_ngram, int) or not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram!r}, max_ngram={max_ngram!r}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def lookup(self, tokens: Sequence[int], depth: int) -> list[int]:
+        """Up to ``depth`` tokens that followed the latest earlier match of the longest suffix ([] if none)."""
+        toks = list(tokens)
+        n_tok = len(toks)
+        for n in range(min(self.max_ngram, n_tok - 1), self.min_ngram - 1, -1):
+            suffix = toks[n_tok - n:]
+            for start in range(n_tok - n - 1, -1, -1):  # latest first; the suffix itself is excluded
+                if toks[start:start + n] == suffix:
+                    return toks[start + n:start + n + depth]
+        return []
+
+    def __call__(self, tokens: Sequence[int], head_candidates: list[list[int]]) -> list[list[int]]:
+        found = self.lookup(tokens, len(head_candidates))
+        out = []
+        for d, row in enumerate(head_candidates):
+            if d < len(found):
+                row = [found[d], *[t for t in row if t != found[d]]][:max(len(row), 1)]
+            out.append(list(row))
         return out
 
 

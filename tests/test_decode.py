@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 from mtp_lib.decode import (
     GenerateOutput,
     MarginalOracleDrafter,
+    PromptLookupDrafter,
     ReferenceDrafter,
     SpeculativeDecoder,
     Tree,
@@ -489,3 +490,30 @@ def test_transformers_baselines_equal_greedy(family: str) -> None:
         next_token_model(MTPModel(model, n_heads=2, weighted_hidden_states=True), model)
     with pytest.raises(ValueError, match="not built on this model"):
         next_token_model(MTPModel(model, n_heads=2), tiny(family, seed + 1))
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match() -> None:
+    pld = PromptLookupDrafter(max_ngram=3)
+    assert pld.lookup([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]  # the 3-gram [1, 2, 3] matched at 0
+    assert pld.lookup([5, 7, 5, 8, 5], 4) == [8, 5]  # only the 1-gram [5]: its latest earlier match, at 2
+    assert pld.lookup([4, 6, 1, 6, 2, 7, 1, 6], 2) == [2, 7]  # the 2-gram [1, 6] wins over the 1-gram [6]
+    assert pld.lookup([1, 2, 3], 2) == [] and pld.lookup([7], 2) == []
+    # rank 0 replaced where the text matches, the heads' candidates kept otherwise (no duplicates)
+    assert pld([1, 2, 1], [[4, 2], [8, 9], [5, 6]]) == [[2, 4], [1, 8], [5, 6]]
+    assert PromptLookupDrafter(min_ngram=2)([1, 2, 3, 1], [[4], [5]]) == [[4], [5]]
+    with pytest.raises(ValueError, match="min_ngram"):
+        PromptLookupDrafter(max_ngram=2, min_ngram=3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_prompt_lookup_decoding_is_greedy(family: str) -> None:
+    """A repetitive prompt: the lookup drafts copies, the heads the rest; the output stays greedy."""
+    seed = fresh_seed()
+    model = tiny(family, seed, 4)
+    base = prompt(seed, 9)
+    ids = torch.cat([base, base, base[:, :5]], dim=1)
+    mtp = MTPModel(model, n_heads=4, seed=seed)
+    ref = brute_greedy(mtp, ids, 40)
+    for tree in [Tree.chain(3), Tree.cartesian([2, 2, 1])]:
+        out = speculative_generate(mtp, ids, 40, tree=tree, drafter=PromptLookupDrafter())
+        assert out.tokens[0].tolist() == ref, f"{tree.choices}, seed {seed}"
