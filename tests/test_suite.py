@@ -393,3 +393,31 @@ def test_size_claims_judge_the_tuned_lens_too() -> None:
     half = T.tuned_kl_at_depth(tuned["14m"].value)  # layer 2 of 4 sits at depth 0.5
     assert np.allclose(half, tuned["14m"].value["tuned"]["kl"][1])
     assert len(T.size_claims(trains, analyses, {"14m": tuned["14m"]}, n_boot=50)) == 5  # not every size: no row
+
+
+def test_a_killed_analysis_resumes_from_its_snapshots_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each snapshot's analysis is kept beside the weights: a rerun reuses them (here: nothing is
+    recomputed), unless the weights they were computed from changed."""
+    import os
+
+    from mtp_lib.suite import run
+
+    monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("MTP_SUITE_DIR", str(tmp_path / "suite"))
+    settings = SuiteSettings.from_profile("tiny", sizes=("micro-32",), tuned_lens=False)
+    first = run.analyze_size(settings, "micro-32", device="cpu")
+    assert not first.loaded and first.value["along"]
+    first.path.unlink()  # the stored result is gone, as if the analysis had been killed before writing it
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(analysis, "marginal_hits", fail)
+    again = run.analyze_size(settings, "micro-32", device="cpu")
+    assert again.value == first.value
+    again.path.unlink()
+    folder = run.run_folder(settings, "micro-32", again.config["data_fingerprint"])
+    final = pretrain.snapshot_path(folder, settings.steps)
+    os.utime(final, ns=(final.stat().st_atime_ns, final.stat().st_mtime_ns + 1))  # new weights, same name
+    with pytest.raises(AssertionError, match="recomputed"):
+        run.analyze_size(settings, "micro-32", device="cpu")

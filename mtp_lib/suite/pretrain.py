@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from mtp_lib.suite import shapes
 
-__all__ = ["TrainSpec", "batch_windows", "learning_rate", "load_snapshot", "pretrain", "snapshot_steps"]
+__all__ = ["TrainSpec", "batch_windows", "learning_rate", "load_snapshot", "pretrain", "snapshot_path", "snapshot_steps"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,13 +163,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def snapshot_path(folder: Path, step: int) -> Path:
+    """The file of the weights saved at ``step``."""
+    return folder / f"step-{step:06d}.safetensors"
+
+
 def load_snapshot(folder: Path, step: int, config: Any) -> torch.nn.Module:
     """The weights saved at ``step`` as a ``GPTNeoXForCausalLM`` in eval mode."""
     from safetensors.torch import load_file
     from transformers import GPTNeoXForCausalLM
 
     model = GPTNeoXForCausalLM(config)
-    model.load_state_dict(load_file(str(folder / f"step-{step:06d}.safetensors")))
+    model.load_state_dict(load_file(str(snapshot_path(folder, step))))
     return model.eval()
 
 
@@ -177,7 +182,7 @@ def _save_snapshot(model: torch.nn.Module, folder: Path, step: int) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / f"step-{step:06d}.safetensors"))
+    save_file(state, str(snapshot_path(folder, step)))
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ weights are not committed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -183,10 +184,33 @@ def _samples(settings: SuiteSettings, stream: Stream) -> dict[str, list[Any]]:
             for t in TASKS}
 
 
-def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto") -> results.CachedResult:
-    """Chapter 1's and 2's analyses of ``size`` (final weights), and along its training."""
+def _part(folder: Path, name: str, weights: Path, compute: Callable[[], dict[str, Any]], dev: Any) -> dict[str, Any]:
+    """``folder/name.json`` if an earlier (killed) run wrote it from these very ``weights`` (same file
+    size and modification time), else ``compute()``, written there first."""
+    import json
+
     import torch
 
+    path = folder / f"{name}.json"
+    stat = weights.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("weights") == stamp:
+            return stored["value"]  # type: ignore[no-any-return]
+    value = compute()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"weights": stamp, "value": results.to_jsonable(value)}))
+    tmp.replace(path)
+    return value
+
+
+def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto") -> results.CachedResult:
+    """Chapter 1's and 2's analyses of ``size`` (final weights), and along its training (each snapshot's
+    analysis kept beside the weights, so that a killed analysis resumes)."""
     from mtp_lib.models import resolve_device
 
     trained = train_size(settings, size)
@@ -196,25 +220,30 @@ def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto") ->
     def analyze() -> dict[str, Any]:
         stream, folder, config = _weights(settings, size, fingerprint)
         samples = _samples(settings, stream)
-        final = pretrain.load_snapshot(folder, settings.steps, config).to(dev)
-        out: dict[str, Any] = {"size": size, "device": results.device_name(dev), "final": {}, "lens": {},
-                               "along": {}}
-        for task in TASKS:
-            out["final"][task] = analysis.marginal_hits(final, samples[task], last=settings.last_tokens,
-                                                        k=settings.top_k, top_p=settings.top_p,
-                                                        nucleus_top_p=settings.nucleus_top_p)
-            out["lens"][task] = analysis.lens_kl(final, samples[task], last=settings.last_tokens)
-        del final
-        if settings.along_training:
-            for step in pretrain.snapshot_steps(settings.steps)[:-1]:
-                model = pretrain.load_snapshot(folder, step, config).to(dev)
-                out["along"][str(step)] = {
-                    t: analysis.marginal_hits(model, samples[t][:settings.along_samples], last=settings.last_tokens,
+        key = results.config_key(results.to_jsonable(_analysis_config(settings, size, fingerprint)), VERSION)
+        parts = folder / f"analysis-{key}"  # one file per snapshot analysed: a killed analysis resumes
+
+        def final() -> dict[str, Any]:
+            model = pretrain.load_snapshot(folder, settings.steps, config).to(dev)
+            return {"final": {t: analysis.marginal_hits(model, samples[t], last=settings.last_tokens, k=settings.top_k,
+                                                        top_p=settings.top_p, nucleus_top_p=settings.nucleus_top_p)
+                              for t in TASKS},
+                    "lens": {t: analysis.lens_kl(model, samples[t], last=settings.last_tokens) for t in TASKS}}
+
+        def along(step: int) -> dict[str, Any]:
+            model = pretrain.load_snapshot(folder, step, config).to(dev)
+            return {t: analysis.marginal_hits(model, samples[t][:settings.along_samples], last=settings.last_tokens,
                                               k=settings.top_k, top_p=settings.top_p, nucleus_top_p=())
                     for t in TASKS}
-                del model
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+
+        def part(name: str, step: int, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+            return _part(parts, name, pretrain.snapshot_path(folder, step), compute, dev)
+
+        out: dict[str, Any] = {"size": size, "device": results.device_name(dev),
+                               **part("final", settings.steps, final), "along": {}}
+        if settings.along_training:
+            for step in pretrain.snapshot_steps(settings.steps)[:-1]:
+                out["along"][str(step)] = part(f"along-{step:06d}", step, functools.partial(along, step))
         return out
 
     return _cached(f"ch05-analysis-{size}", _analysis_config(settings, size, fingerprint), analyze, settings,
