@@ -64,9 +64,11 @@ def node_logits(dec: Any, start: int, tokens: list[int], tree: Any) -> torch.Ten
 
 
 @torch.no_grad()
-def check(decoders: dict[str, Any], ids: torch.Tensor, n_tokens: int, trees: dict[str, Any]) -> dict[str, Any]:
+def check(decoders: dict[str, Any], ids: torch.Tensor, n_tokens: int, trees: dict[str, Any], vocab: int
+          ) -> dict[str, Any]:
     """For one prompt: per decoder kind and tree, the nodes on the greedy branch, how many are exact,
-    and the largest absolute logit difference to the one-token passes."""
+    and the largest absolute logit difference to the one-token passes (nodes off the greedy branch hold
+    other tokens of the ``vocab``)."""
     from mtp_lib.decode import Tree
 
     out: dict[str, Any] = {}
@@ -81,7 +83,7 @@ def check(decoders: dict[str, Any], ids: torch.Tensor, n_tokens: int, trees: dic
             exact, diff, nodes = 0, 0.0, 0
             on_branch = [0] + [i for i, c in enumerate(tree.choices, start=1) if all(r == 0 for r in c)]
             for base in range(0, n_tokens - tree.depth, tree.depth + 1):
-                tokens = [seq[base + tree.depths[i]] if i in on_branch else (seq[base] + 1 + i) % 1000
+                tokens = [seq[base + tree.depths[i]] if i in on_branch else (seq[base] + 1 + i) % vocab
                           for i in range(tree.size)]
                 together = node_logits(dec, start + base, tokens, tree).float()
                 for i in on_branch:
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       {n: SpeculativeDecoder(mtp, tree=t, max_length=length, cuda_graphs=False, invariant=True,
                                              width=width) for n, t in trees.items()}),
     }
-    per_prompt = [check(decoders, torch.tensor([p], device=device), args.tokens, trees) for p in prompts]
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    per_prompt = [check(decoders, torch.tensor([p], device=device), args.tokens, trees, vocab) for p in prompts]
     summary = {}
     for key in per_prompt[0]:
         nodes = sum(r[key]["nodes"] for r in per_prompt)

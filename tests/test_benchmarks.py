@@ -120,3 +120,17 @@ def test_speculative_settings_hold_no_machine_path() -> None:
     assert bench.portable(Path("/some/where/runs/heads-4")) == "heads-4"
     assert bench.portable([Path("runs/h2"), Path("/abs/h4")]) == ["runs/h2", "h4"]
     assert bench.portable(3) == 3 and bench.portable(None) is None
+
+
+def test_invariance_benchmark_runs_on_a_model_with_a_small_vocabulary() -> None:
+    """Off-branch tree nodes hold tokens of the model's own vocabulary (tiny-gpt-neox's is under 1,000:
+    a fixed modulus once indexed past its embeddings). Invariant verification is bit-exact; plain
+    verification is not (float32 on the CPU: the logits differ in the last bits)."""
+    bench = _load("invariance")
+    out = bench.main(["--model", "tiny-gpt-neox", "--device", "cpu", "--dtype", "fp32", "--n-prompts", "1",
+                      "--tokens", "8"])
+    assert set(out["summary"]) == {"plain/chain", "plain/tree", "invariant/chain", "invariant/tree"}
+    summary = out["summary"]
+    assert all(s["nodes"] > 0 for s in summary.values())
+    assert summary["invariant/chain"]["exact"] == summary["invariant/tree"]["exact"] == 1.0
+    assert summary["invariant/tree"]["max_abs_diff"] == 0.0 and summary["plain/tree"]["max_abs_diff"] < 1e-3
