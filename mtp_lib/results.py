@@ -39,6 +39,7 @@ from typing import Any
 from .sources import SourceStatus, announce, source_record, source_status
 
 __all__ = ["CachedResult", "MissingResultError", "cached", "config_key", "provenance", "repo_root", "results_dir",
+           "stored_files",
            "to_jsonable"]
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -69,6 +70,16 @@ def _shown(path: Path) -> str:
         return path.resolve().relative_to(repo_root()).as_posix()
     except ValueError:
         return str(path)
+
+
+def stored_files(profile: str, pattern: str) -> list[Path]:
+    """The files of ``profile`` whose names match ``pattern`` (a glob), one per name: the results
+    folder's first, then the committed folder's (see :func:`results_dir`)."""
+    found: dict[str, Path] = {}
+    for folder in _search_dirs(profile):
+        for path in sorted(folder.glob(pattern)):
+            found.setdefault(path.name, path)
+    return [found[name] for name in sorted(found)]
 
 
 class MissingResultError(RuntimeError):

@@ -18,7 +18,8 @@ import pandas as pd
 
 from .plots.decode import method_heads, pass_costs
 
-__all__ = ["Benchmark", "acceptance_note", "collect", "cost_frame", "cost_note", "goal_table", "goals_note",
+__all__ = ["INVARIANCE_COMMAND", "Benchmark", "acceptance_note", "collect", "cost_frame", "cost_note", "goal_table",
+           "goals_note", "invariance_table",
            "identity_note", "identity_shares", "rank_table", "speed_note", "speed_table"]
 
 TASKS = ("translation", "open-ended")
@@ -308,3 +309,29 @@ def identity_note(bench: Benchmark) -> str:
     if not lines:
         return ""
     return "**Outputs against greedy decoding**, per run:\n\n" + "\n".join(lines) + "\n\n" + IDENTITY_CAUSE
+
+
+INVARIANCE_COMMAND = ("MTP_GIT_COMMIT=$(git rev-parse HEAD) python benchmarks/invariance.py --device cuda --model MODEL "
+                      "--out data/results/gpu/benchmark-invariance-MODEL.json")
+
+
+def invariance_table(profile: str) -> pd.DataFrame:
+    """The stored ``benchmarks/invariance.py`` runs of a profile: per run, verifier and draft shape, how
+    many greedy-branch positions got logits bit-identical to one-token decoding, and the largest
+    absolute logit difference (empty when none is stored)."""
+    import json
+
+    from mtp_lib.results import stored_files
+
+    rows = []
+    for path in stored_files(profile, "benchmark-invariance-*.json"):
+        r, name = json.loads(path.read_text()), path.name
+        for key, s in r["summary"].items():
+            verifier, shape = key.split("/")
+            rows.append({"model": r["settings"]["model"], "device": r["provenance"].get("device", "?"),
+                         "dtype": r["settings"]["dtype"], "verifier": verifier,
+                         "draft": (f"tree {'x'.join(map(str, r['settings']['tree']))} ({len(r['trees'][shape]) + 1} "
+                                   f"nodes)" if shape == "tree" else f"chain of {r['settings']['chain']}"),
+                         "positions": s["nodes"], "bit-identical": round(s["exact"], 3),
+                         "max |logit difference|": s["max_abs_diff"], "file": name})
+    return pd.DataFrame(rows).set_index(["model", "verifier", "draft"]) if rows else pd.DataFrame()

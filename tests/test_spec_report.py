@@ -150,3 +150,22 @@ def test_steps_html_marks_one_bar_per_pass_and_highlights_the_drafts() -> None:
     assert "&lt;0&gt;" in html and "<0>" not in html  # token text is escaped
     with pytest.raises(ValueError, match="accepted lengths"):
         steps_html(ids[:-1], lengths, {str(i): "x" for i in ids})
+
+
+def test_invariance_table_reads_the_stored_runs(tmp_path, monkeypatch) -> None:
+    import json
+
+    from mtp_lib import spec_report as spec
+
+    monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path))
+    (tmp_path / "p").mkdir()
+    run = {"settings": {"model": "m", "dtype": "bf16", "chain": 4, "tree": [2, 2]},
+           "trees": {"chain": [[0], [0, 0], [0, 0, 0]], "tree": [[0], [1], [0, 0], [0, 1], [1, 0], [1, 1]]},
+           "provenance": {"device": "GPU"},
+           "summary": {"plain/chain": {"nodes": 8, "exact": 0.5, "max_abs_diff": 0.1},
+                       "invariant/tree": {"nodes": 8, "exact": 1.0, "max_abs_diff": 0.0}}}
+    (tmp_path / "p" / "benchmark-invariance-m.json").write_text(json.dumps(run))
+    table = spec.invariance_table("p")
+    assert list(table.index) == [("m", "plain", "chain of 4"), ("m", "invariant", "tree 2x2 (7 nodes)")]
+    assert table["bit-identical"].tolist() == [0.5, 1.0]
+    assert spec.invariance_table("q").empty
