@@ -421,3 +421,24 @@ def test_a_killed_analysis_resumes_from_its_snapshots_parts(tmp_path: Path, monk
     os.utime(final, ns=(final.stat().st_atime_ns, final.stat().st_mtime_ns + 1))  # new weights, same name
     with pytest.raises(AssertionError, match="recomputed"):
         run.analyze_size(settings, "micro-32", device="cpu")
+
+
+def test_missing_weights_name_the_retrain_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights are not committed: a lens of a size whose training is stored but whose weights are gone
+    says how to bring them back, and ``retrain`` does (the same recipe, data and seed: the same loss)."""
+    import shutil
+
+    from mtp_lib.suite import run
+
+    monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("MTP_SUITE_DIR", str(tmp_path / "suite"))
+    settings = SuiteSettings.from_profile("tiny", sizes=("micro-32",))
+    first = run.train_size(settings, "micro-32")
+    shutil.rmtree(run.run_folder(settings, "micro-32", first.value["data_fingerprint"]))
+    with pytest.raises(FileNotFoundError, match="--size micro-32 --retrain"):
+        run.tuned_size(settings, "micro-32", device="cpu")
+    assert run.train_size(settings, "micro-32", retrain=False).loaded  # the stored record alone
+    again = run.train_size(settings, "micro-32", retrain=True)
+    assert not again.loaded and again.value["history"] == first.value["history"]
+    assert run.train_size(settings, "micro-32", retrain=True).loaded  # weights here: nothing to redo
+    assert run.tuned_size(settings, "micro-32", device="cpu").value["tuned_layers"]

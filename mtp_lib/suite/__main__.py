@@ -5,6 +5,7 @@
     python -m mtp_lib.suite analyze --profile gpu --size 14m 31m
     python -m mtp_lib.suite tuned   --profile gpu --size 14m 31m   # the tuned lens beside the logit lens
     python -m mtp_lib.suite run     --profile gpu --size 160m      # train, analyze, tuned lens
+    python -m mtp_lib.suite train   --profile gpu --size 14m --retrain   # the weights back (not committed)
 
 Data parallel on several GPUs: ``accelerate launch --multi_gpu --num_processes N -m mtp_lib.suite train ...``
 (only training runs in every process). ``--set key=value`` overrides a setting of the profile
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", nargs="*", default=None, help="sizes (default: the profile's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--fresh", action="store_true", help="discard a checkpoint of another run and start over")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train even where the training result is stored (it is replaced): brings back the "
+                             "weights, which are not committed, for an analysis or a tuned lens")
     parser.add_argument("--device", default="auto", help="device of the analyses: auto, cpu or cuda")
     args = parser.parse_args(argv)
     try:
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"stream {manifest.value['fingerprint']}: {manifest.value['tokens']:,} tokens ({manifest.path.name})")
         for size in sizes if args.command != "stream" else []:
             if args.command in ("train", "run"):
-                r = train_size(settings, size, fresh=args.fresh)
+                r = train_size(settings, size, fresh=args.fresh, retrain=args.retrain)
                 print(json.dumps({k: r.value[k] for k in ("size", "non_embedding_params", "train_tokens",
                                                           "final_loss", "tokens_per_s", "mfu")}), r.path.name)
             if args.command in ("analyze", "run"):

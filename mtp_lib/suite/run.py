@@ -107,14 +107,14 @@ def suite_dir() -> Path:
 
 
 def _cached(name: str, config: dict[str, Any], compute: Callable[[], Any], settings: SuiteSettings,
-            how: str, device: Any = None) -> results.CachedResult:
+            how: str, device: Any = None, recompute: bool = False) -> results.CachedResult:
     def refuse() -> Any:
         raise results.MissingResultError(f"the {settings.profile} profile has no stored {name} result for this "
                                          f"configuration, and this run does not compute (compute=False). "
                                          f"Compute it with: {how}")
 
     return results.cached(name, config, compute if settings.compute else refuse, profile=settings.profile,
-                          version=VERSION, device=device)
+                          version=VERSION, device=device, recompute=recompute)
 
 
 def _stream_folder(settings: SuiteSettings) -> Path:
@@ -148,8 +148,11 @@ def run_folder(settings: SuiteSettings, size: str, fingerprint: str) -> Path:
     return suite_dir() / "runs" / f"{size}-{key}"
 
 
-def train_size(settings: SuiteSettings, size: str, *, fresh: bool = False) -> results.CachedResult:
-    """``size`` trained on the stream (resuming a killed run from its checkpoint)."""
+def train_size(settings: SuiteSettings, size: str, *, fresh: bool = False, retrain: bool = False
+               ) -> results.CachedResult:
+    """``size`` trained on the stream (resuming a killed run from its checkpoint). ``retrain``: train
+    even where the result is stored (its record is replaced), to bring back the weights, which are not
+    committed, for an analysis or a lens."""
     manifest = stream_result(settings).value
     fingerprint = manifest["fingerprint"]
 
@@ -162,7 +165,8 @@ def train_size(settings: SuiteSettings, size: str, *, fresh: bool = False) -> re
 
     return _cached(f"ch05-train-{size}", _train_config(settings, size, fingerprint), train, settings,
                    f"python -m mtp_lib.suite train --profile {settings.profile} --size {size} (on a GPU for the "
-                   "gpu profile)")
+                   "gpu profile)", recompute=retrain and not pretrain.snapshot_path(
+                       run_folder(settings, size, fingerprint), settings.steps).is_file())  # weights here: no need
 
 
 def _analysis_config(settings: SuiteSettings, size: str, fingerprint: str) -> dict[str, Any]:
@@ -176,7 +180,13 @@ def _weights(settings: SuiteSettings, size: str, fingerprint: str) -> tuple[Stre
     stream = open_stream(settings)
     config = shapes.gpt_neox_config(size, len(stream.tokenizer), max_positions=max(2048, settings.seq_len),
                                     eos_id=stream.tokenizer.eos_token_id)
-    return stream, run_folder(settings, size, fingerprint), config
+    folder = run_folder(settings, size, fingerprint)
+    if not pretrain.snapshot_path(folder, settings.steps).is_file():
+        raise FileNotFoundError(
+            f"the weights of {size} are not in {folder} (weights are not committed; a training run keeps them "
+            f"under $MTP_SUITE_DIR): train it again, with the same recipe, data and seed, with `python -m mtp_lib.suite "
+            f"train --profile {settings.profile} --size {size} --retrain`, then rerun this command")
+    return stream, folder, config
 
 
 def _samples(settings: SuiteSettings, stream: Stream) -> dict[str, list[Any]]:
@@ -306,12 +316,18 @@ def load_suite(settings: SuiteSettings, *, device: str = "auto") -> SuiteResults
     """The stream and every size's results: loaded, computed (``settings.compute``), or listed as missing."""
     stream = stream_result(settings)
     trains, analyses, lenses, missing = {}, {}, {}, []
+    where = " (on a GPU)" if settings.profile == "gpu" else ""
     for size in settings.sizes:
+        step = "train"
         try:
             trains[size] = train_size(settings, size)
+            step = "analyze"
             analyses[size] = analyze_size(settings, size, device=device)
+            step = "tuned"
             if settings.tuned_lens:
                 lenses[size] = tuned_size(settings, size, device=device)
-        except results.MissingResultError as err:
-            missing.append(f"`{size}`: {err}")
+        except results.MissingResultError:
+            what = {"train": "training", "analyze": "analysis", "tuned": "tuned lens"}[step]
+            missing.append(f"`{size}`: its {what} is not stored; compute it{where} with "
+                           f"`python -m mtp_lib.suite {step} --profile {settings.profile} --size {size}`")
     return SuiteResults(stream, trains, analyses, missing, lenses)
