@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from mtp_lib import marginal as MG
+from mtp_lib.results import provenance
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {"slots": args.slots, "padded_slots": length, "context": args.context,
                          "heads": [n_heads, n_kv, head_dim], "dtype": "bfloat16", "repeats": args.repeats},
             "rows": rows, "max_abs_diff_mtp_lib_vs_one_call": diff,
-            "max_abs_diff_mtp_lib_vs_merge_kernel": diff_kernel}, indent=1))
+            "max_abs_diff_mtp_lib_vs_merge_kernel": diff_kernel,
+            "provenance": provenance(device=dev, source=__file__)}, indent=1))
     return 0
 
 

@@ -52,6 +52,7 @@ from mtp_lib import kernels
 from mtp_lib import marginal as MG
 from mtp_lib.marginal import MarginalResult, marginalize, nucleus
 from mtp_lib.models import LoadedModel, load_model
+from mtp_lib.results import provenance
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -523,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                          "naive_candidates_per_position": args.naive_candidates, "repeats": args.repeats,
                          "warmup": warmup,
                          "quick": args.quick, "text": "Brown Corpus passages (mtp_lib.data.load_open_ended)"},
-            "rows": rows, **summary,
+            "rows": rows, **summary, "provenance": provenance(device=device, source=__file__),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=1))
