@@ -322,10 +322,12 @@ def invariance_table(profile: str) -> pd.DataFrame:
     import json
 
     from mtp_lib.results import stored_files
+    from mtp_lib.sources import announce
 
     rows = []
     for path in stored_files(profile, "benchmark-invariance-*.json"):
         r, name = json.loads(path.read_text()), path.name
+        announce(name, r["provenance"])
         for key, s in r["summary"].items():
             verifier, shape = key.split("/")
             rows.append({"model": r["settings"]["model"], "device": r["provenance"].get("device", "?"),

@@ -154,6 +154,7 @@ def stored_files(profile: str, pattern: str) -> list[Path]:
 def _stored_runs(setup: SpecSetup, notes: list[str]) -> dict[str, dict[str, Any]]:
     # one run per model and dtype (the newest): a bfloat16 and a float32 run of a model both show
     from .results import config_key
+    from .sources import announce
 
     runs: dict[str, dict[str, Any]] = {}
     for path in stored_files(setup.profile, setup.benchmark_glob):
@@ -169,6 +170,7 @@ def _stored_runs(setup: SpecSetup, notes: list[str]) -> dict[str, dict[str, Any]
             continue
         runs[name] = {"result": result, "source": path.name, "loaded": True,
                       "key": config_key({"file": path.name, "text": text}, 1)}
+        announce(path.name, result["provenance"])  # the cell's note, where the code that ran has changed since
     for name in setup.models:
         if not any(run["result"]["model"]["name"] == name for run in runs.values()):
             notes.append(
