@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       {n: SpeculativeDecoder(mtp, tree=t, max_length=length, cuda_graphs=False, invariant=True,
                                              width=width) for n, t in trees.items()}),
     }
-    vocab = loaded.model.get_output_embeddings().weight.shape[0]
-    per_prompt = [check(decoders, torch.tensor([p], device=device), args.tokens, trees, vocab) for p in prompts]
+    per_prompt = [check(decoders, torch.tensor([p], device=device), args.tokens, trees, loaded.vocab_size)
+                  for p in prompts]
     summary = {}
     for key in per_prompt[0]:
         nodes = sum(r[key]["nodes"] for r in per_prompt)

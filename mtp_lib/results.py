@@ -79,7 +79,7 @@ def stored_files(profile: str, pattern: str) -> list[Path]:
     for folder in _search_dirs(profile):
         for path in sorted(folder.glob(pattern)):
             found.setdefault(path.name, path)
-    return [found[name] for name in sorted(found)]
+    return list(found.values())
 
 
 class MissingResultError(RuntimeError):

@@ -17,7 +17,6 @@ import io
 import json
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 __all__ = ["VERSIONS", "SpecSetup", "load_benchmark", "load_runs", "run_info_table", "runs_table"]
@@ -139,21 +138,9 @@ def _measured_runs(setup: SpecSetup) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def stored_files(profile: str, pattern: str) -> list[Path]:
-    """Benchmark files of this profile matching ``pattern`` (the results folder, and the repository's
-    if ``$MTP_RESULTS_DIR`` moved it; one per file name)."""
-    from .results import repo_root, results_dir
-
-    found: dict[str, Path] = {}
-    for folder in (results_dir(profile), repo_root() / "data" / "results" / profile):
-        for path in sorted(folder.glob(pattern)):
-            found.setdefault(path.name, path)
-    return list(found.values())
-
-
 def _stored_runs(setup: SpecSetup, notes: list[str]) -> dict[str, dict[str, Any]]:
     # one run per model and dtype (the newest): a bfloat16 and a float32 run of a model both show
-    from .results import config_key
+    from .results import config_key, stored_files
     from .sources import announce
 
     runs: dict[str, dict[str, Any]] = {}
