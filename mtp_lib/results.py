@@ -227,7 +227,7 @@ def cached(name: str, config: Mapping[str, Any], compute: Callable[[], Any], *, 
         stored = json.loads(found[0].read_text())
         if stored.get("config") != cfg or stored.get("version") != version:
             raise RuntimeError(f"{file} does not hold the configuration it is named after; delete it")
-        announce(name, stored["provenance"], key=str(found[0]))
+        announce(name, stored["provenance"])
         return CachedResult(name, cfg, stored["result"], stored["provenance"], found[0], loaded=True)
     path = results_dir(profile) / file
     _refuse_if_no_compute(name, cfg, profile, file, recompute)

@@ -162,14 +162,13 @@ def source_note(results: Iterable[tuple[str, Mapping[str, Any]]], *, root: Path 
             "padding:2px 8px;margin:4px 0'>" + "<br>".join(parts) + "</div>")
 
 
-_CELL_NOTES: dict[str, Any] = {"cell": None, "handle": None, "items": [], "keys": set()}
+_CELL_NOTES: dict[str, Any] = {"cell": None, "handle": None, "items": []}
 
 
-def announce(name: str, provenance: Mapping[str, Any], *, key: str | None = None) -> None:
+def announce(name: str, provenance: Mapping[str, Any]) -> None:
     """In a notebook kernel, add this result to the cell's note if its source is not current.
 
-    One note per cell, updated in place as the cell loads more results; nothing outside a kernel. A
-    result loaded again in the same cell (the same ``key``, e.g. its file) is counted once.
+    One note per cell, updated in place as the cell loads more results; nothing outside a kernel.
     """
     shell = _kernel_shell()
     if shell is None or source_status(provenance).current:
@@ -177,11 +176,7 @@ def announce(name: str, provenance: Mapping[str, Any], *, key: str | None = None
     from IPython.display import HTML, display
 
     if _CELL_NOTES["cell"] != shell.execution_count or _CELL_NOTES["handle"] is None:
-        _CELL_NOTES.update(cell=shell.execution_count, handle=None, items=[], keys=set())
-    if key is not None:
-        if key in _CELL_NOTES["keys"]:
-            return
-        _CELL_NOTES["keys"].add(key)
+        _CELL_NOTES.update(cell=shell.execution_count, handle=None, items=[])
     _CELL_NOTES["items"].append((name, dict(provenance)))
     note = HTML(source_note(_CELL_NOTES["items"]) or "")
     if _CELL_NOTES["handle"] is None:

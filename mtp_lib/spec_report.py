@@ -327,7 +327,7 @@ def invariance_table(profile: str) -> pd.DataFrame:
     rows = []
     for path in stored_files(profile, "benchmark-invariance-*.json"):
         r, name = json.loads(path.read_text()), path.name
-        announce(name, r["provenance"], key=str(path))
+        announce(name, r["provenance"])
         for key, s in r["summary"].items():
             verifier, shape = key.split("/")
             rows.append({"model": r["settings"]["model"], "device": r["provenance"].get("device", "?"),

@@ -157,7 +157,7 @@ def _stored_runs(setup: SpecSetup, notes: list[str]) -> dict[str, dict[str, Any]
             continue
         runs[name] = {"result": result, "source": path.name, "loaded": True,
                       "key": config_key({"file": path.name, "text": text}, 1)}
-        announce(path.name, result["provenance"], key=str(path))  # the cell's note, where the code that ran has changed since
+        announce(path.name, result["provenance"])  # the cell's note, where the code that ran has changed since
     for name in setup.models:
         if not any(run["result"]["model"]["name"] == name for run in runs.values()):
             notes.append(

@@ -210,28 +210,3 @@ def test_committed_results_hold_no_machine_paths() -> None:
         if found:
             offenders[str(path.relative_to(R.repo_root()))] = sorted(set(found))
     assert offenders == {}, f"absolute machine paths in committed results (redact them, say so in the file): {offenders}"
-
-
-def test_a_result_loaded_twice_in_a_cell_is_named_once_in_its_note(monkeypatch) -> None:
-    """The cell's note counts results, not loads: the same file loaded again adds nothing; another
-    result of the same name does (shown as "x2")."""
-    import types
-
-    import IPython.display
-
-    from mtp_lib import sources
-
-    shown = []
-
-    class Handle:
-        def update(self, note: object) -> None:
-            shown.append(note)
-
-    monkeypatch.setattr(sources, "_kernel_shell", lambda: types.SimpleNamespace(execution_count=7))
-    monkeypatch.setattr(IPython.display, "display", lambda note, display_id=False: shown.append(note) or Handle())
-    monkeypatch.setattr(sources, "_CELL_NOTES", {"cell": None, "handle": None, "items": [], "keys": set()})
-    old = {"git_commit": "abc"}  # no source digest: "not recorded", so it is announced
-    for key in ("a.json", "a.json", "b.json"):
-        sources.announce("ch00-x", old, key=key)
-    assert len(sources._CELL_NOTES["items"]) == 2
-    assert "ch00-x (commit abc) &times;2" in shown[-1].data
