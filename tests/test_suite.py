@@ -442,3 +442,19 @@ def test_missing_weights_name_the_retrain_command(tmp_path: Path, monkeypatch: p
     assert not again.loaded and again.value["history"] == first.value["history"]
     assert run.train_size(settings, "micro-32", retrain=True).loaded  # weights here: nothing to redo
     assert run.tuned_size(settings, "micro-32", device="cpu").value["tuned_layers"]
+
+
+def test_the_suite_loads_each_stored_result_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chapter 5's cell notes count loads: the stream and each training are read once, not again by
+    every analysis and lens that depends on them."""
+    from collections import Counter
+
+    from mtp_lib import results
+    from mtp_lib.suite.run import load_suite
+
+    loads: Counter[str] = Counter()
+    monkeypatch.setattr(results, "announce", lambda name, provenance: loads.update([name]))
+    suite = load_suite(SuiteSettings.from_profile("cpu", compute=False))
+    assert suite.sizes and not suite.missing  # the committed micro-suite
+    assert loads["ch05-stream"] == 1 and set(loads.values()) == {1}, loads
+    assert all(loads[f"ch05-{what}-{s}"] == 1 for s in suite.sizes for what in ("train", "analysis", "tuned"))

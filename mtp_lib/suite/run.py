@@ -148,12 +148,12 @@ def run_folder(settings: SuiteSettings, size: str, fingerprint: str) -> Path:
     return suite_dir() / "runs" / f"{size}-{key}"
 
 
-def train_size(settings: SuiteSettings, size: str, *, fresh: bool = False, retrain: bool = False
-               ) -> results.CachedResult:
+def train_size(settings: SuiteSettings, size: str, *, fresh: bool = False, retrain: bool = False,
+               stream: results.CachedResult | None = None) -> results.CachedResult:
     """``size`` trained on the stream (resuming a killed run from its checkpoint). ``retrain``: train
     even where the result is stored (its record is replaced), to bring back the weights, which are not
-    committed, for an analysis or a lens."""
-    manifest = stream_result(settings).value
+    committed, for an analysis or a lens. ``stream``: the stream's result where the caller has it."""
+    manifest = (stream or stream_result(settings)).value
     fingerprint = manifest["fingerprint"]
 
     def train() -> dict[str, Any]:
@@ -218,12 +218,14 @@ def _part(folder: Path, name: str, weights: Path, compute: Callable[[], dict[str
     return value
 
 
-def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto") -> results.CachedResult:
+def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto",
+                 trained: results.CachedResult | None = None) -> results.CachedResult:
     """Chapter 1's and 2's analyses of ``size`` (final weights), and along its training (each snapshot's
-    analysis kept beside the weights, so that a killed analysis resumes)."""
+    analysis kept beside the weights, so that a killed analysis resumes). ``trained``: the size's
+    training result where the caller has it."""
     from mtp_lib.models import resolve_device
 
-    trained = train_size(settings, size)
+    trained = trained or train_size(settings, size)
     fingerprint = trained.value["data_fingerprint"]
     dev = resolve_device(device)
 
@@ -266,11 +268,13 @@ def _tuned_config(settings: SuiteSettings, size: str, fingerprint: str) -> dict[
         "task": "translation", "window_length": settings.seq_len}
 
 
-def tuned_size(settings: SuiteSettings, size: str, *, device: str = "auto") -> results.CachedResult:
-    """Chapter 2's tuned lens beside the logit lens on ``size``'s final weights (translation positions)."""
+def tuned_size(settings: SuiteSettings, size: str, *, device: str = "auto",
+               trained: results.CachedResult | None = None) -> results.CachedResult:
+    """Chapter 2's tuned lens beside the logit lens on ``size``'s final weights (translation positions).
+    ``trained``: the size's training result where the caller has it."""
     from mtp_lib.models import resolve_device
 
-    trained = train_size(settings, size)
+    trained = trained or train_size(settings, size)
     fingerprint = trained.value["data_fingerprint"]
     dev = resolve_device(device)
 
@@ -320,12 +324,12 @@ def load_suite(settings: SuiteSettings, *, device: str = "auto") -> SuiteResults
     for size in settings.sizes:
         step = "train"
         try:
-            trains[size] = train_size(settings, size)
+            trains[size] = train_size(settings, size, stream=stream)  # each result loaded once (one note each)
             step = "analyze"
-            analyses[size] = analyze_size(settings, size, device=device)
+            analyses[size] = analyze_size(settings, size, device=device, trained=trains[size])
             step = "tuned"
             if settings.tuned_lens:
-                lenses[size] = tuned_size(settings, size, device=device)
+                lenses[size] = tuned_size(settings, size, device=device, trained=trains[size])
         except results.MissingResultError:
             what = {"train": "training", "analyze": "analysis", "tuned": "tuned lens"}[step]
             missing.append(f"`{size}`: its {what} is not stored; compute it{where} with "
