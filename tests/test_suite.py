@@ -458,3 +458,36 @@ def test_the_suite_loads_each_stored_result_once(monkeypatch: pytest.MonkeyPatch
     assert suite.sizes and not suite.missing  # the committed micro-suite
     assert loads["ch05-stream"] == 1 and set(loads.values()) == {1}, loads
     assert all(loads[f"ch05-{what}-{s}"] == 1 for s in suite.sizes for what in ("train", "analysis", "tuned"))
+
+
+def test_analysis_shards_in_parallel_processes_gather_into_the_same_result(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``analyze --shard i/n`` computes only its share of the snapshots' parts and stores no result;
+    the plain ``analyze`` then gathers the parts (computing nothing) into what one process computes."""
+    from mtp_lib.suite import run
+    from mtp_lib.suite.__main__ import main
+
+    monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("MTP_SUITE_DIR", str(tmp_path / "suite"))
+    settings = SuiteSettings.from_profile("tiny", sizes=("micro-32",), tuned_lens=False)
+    whole = run.analyze_size(settings, "micro-32", device="cpu")
+    whole.path.unlink()
+    folder = run.run_folder(settings, "micro-32", whole.config["data_fingerprint"])
+    parts = next(folder.glob("analysis-*"))
+    for f in parts.glob("*.json"):
+        f.unlink()
+    run.analyze_shard(settings, "micro-32", (1, 3), device="cpu")  # earlier snapshots only, no result
+    names = sorted(f.name for f in parts.glob("*.json"))
+    assert names and "final.json" not in names and not whole.path.exists()
+    main(["analyze", "--profile", "tiny", "--size", "micro-32", "--set", "tuned_lens=false", "--shard", "0/3",
+          "--device", "cpu"])
+    run.analyze_shard(settings, "micro-32", (2, 3), device="cpu")
+    assert len(list(parts.glob("*.json"))) == 1 + len(whole.value["along"])
+    monkeypatch.setattr(analysis, "marginal_hits", lambda *a, **k: pytest.fail("recomputed"))
+    assert run.analyze_size(settings, "micro-32", device="cpu").value == whole.value
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        run.analyze_shard(settings, "micro-32", (3, 3))
+    with pytest.raises(SystemExit, match="--shard takes I/N"):
+        main(["analyze", "--profile", "tiny", "--size", "micro-32", "--shard", "3"])
+    with pytest.raises(SystemExit):
+        main(["train", "--profile", "tiny", "--size", "micro-32", "--shard", "0/2"])

@@ -3,6 +3,8 @@
     python -m mtp_lib.suite stream  --profile gpu
     python -m mtp_lib.suite train   --profile gpu --size 14m 31m
     python -m mtp_lib.suite analyze --profile gpu --size 14m 31m
+    python -m mtp_lib.suite analyze --profile gpu --size 160m --shard 0/3   # and 1/3, 2/3 in parallel; then
+                                                                            # without --shard, to gather them
     python -m mtp_lib.suite tuned   --profile gpu --size 14m 31m   # the tuned lens beside the logit lens
     python -m mtp_lib.suite run     --profile gpu --size 160m      # train, analyze, tuned lens
     python -m mtp_lib.suite train   --profile gpu --size 14m --retrain   # the weights back (not committed)
@@ -20,7 +22,7 @@ import sys
 
 import yaml
 
-from mtp_lib.suite.run import SuiteSettings, analyze_size, stream_result, train_size, tuned_size
+from mtp_lib.suite.run import SuiteSettings, analyze_shard, analyze_size, stream_result, train_size, tuned_size
 from mtp_lib.suite.shapes import shape
 
 
@@ -34,6 +36,13 @@ def _settings(args: argparse.Namespace) -> SuiteSettings:
     return SuiteSettings.from_profile(args.profile, **overrides)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"--shard takes I/N with 0 <= I < N (for example 0/3), got {text!r}")
+    return int(index), int(count)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mtp_lib.suite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,9 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrain", action="store_true",
                         help="train even where the training result is stored (it is replaced): brings back the "
                              "weights, which are not committed, for an analysis or a tuned lens")
+    parser.add_argument("--shard", metavar="I/N", help="analyze: only shard I of N of the snapshots' parts, "
+                        "storing no result (run the N shards in parallel, then analyze without --shard)")
     parser.add_argument("--device", default="auto", help="device of the analyses: auto, cpu or cuda")
     args = parser.parse_args(argv)
+    if args.shard and args.command != "analyze":
+        parser.error("--shard goes with the analyze command only")
     try:
+        shard = _shard(args.shard) if args.shard else None
         settings = _settings(args)
         sizes = args.size or list(settings.sizes)
         for size in sizes:
@@ -59,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
                 r = train_size(settings, size, fresh=args.fresh, retrain=args.retrain)
                 print(json.dumps({k: r.value[k] for k in ("size", "non_embedding_params", "train_tokens",
                                                           "final_loss", "tokens_per_s", "mfu")}), r.path.name)
-            if args.command in ("analyze", "run"):
+            if shard:
+                analyze_shard(settings, size, shard, device=args.device)
+                print(f"analysis of {size}: shard {args.shard} done")
+            elif args.command in ("analyze", "run"):
                 a = analyze_size(settings, size, device=args.device)
                 print(f"analysis of {size}: {a.path.name}")
             if args.command == "tuned" or (args.command == "run" and settings.tuned_lens):

@@ -30,7 +30,7 @@ from mtp_lib.marginal_study import task_samples
 from mtp_lib.suite import analysis, pretrain, shapes, tuned
 from mtp_lib.suite.stream import Stream, StreamSpec, build_stream, load_stream
 
-__all__ = ["SuiteResults", "SuiteSettings", "analyze_size", "load_suite", "stream_result", "suite_dir", "train_size",
+__all__ = ["SuiteResults", "SuiteSettings", "analyze_shard", "analyze_size", "load_suite", "stream_result", "suite_dir", "train_size",
            "tuned_size"]
 
 VERSION = 1
@@ -218,6 +218,43 @@ def _part(folder: Path, name: str, weights: Path, compute: Callable[[], dict[str
     return value
 
 
+def _analysis_parts(settings: SuiteSettings, size: str, fingerprint: str, dev: Any,
+                    shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """The analysis of ``size``, one part per snapshot (the final weights' part, then one per earlier
+    snapshot), each kept beside the weights so that a killed analysis resumes. ``shard=(i, n)``: only
+    the parts of shard ``i`` of ``n`` (the final part is shard 0's, the earlier snapshots are dealt out
+    to the others), so that ``n`` processes share the card."""
+    stream, folder, config = _weights(settings, size, fingerprint)
+    samples = _samples(settings, stream)
+    key = results.config_key(results.to_jsonable(_analysis_config(settings, size, fingerprint)), VERSION)
+    parts = folder / f"analysis-{key}"
+    index, count = shard
+
+    def final() -> dict[str, Any]:
+        model = pretrain.load_snapshot(folder, settings.steps, config).to(dev)
+        return {"final": {t: analysis.marginal_hits(model, samples[t], last=settings.last_tokens, k=settings.top_k,
+                                                    top_p=settings.top_p, nucleus_top_p=settings.nucleus_top_p)
+                          for t in TASKS},
+                "lens": {t: analysis.lens_kl(model, samples[t], last=settings.last_tokens) for t in TASKS}}
+
+    def along(step: int) -> dict[str, Any]:
+        model = pretrain.load_snapshot(folder, step, config).to(dev)
+        return {t: analysis.marginal_hits(model, samples[t][:settings.along_samples], last=settings.last_tokens,
+                                          k=settings.top_k, top_p=settings.top_p, nucleus_top_p=())
+                for t in TASKS}
+
+    def part(name: str, step: int, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        return _part(parts, name, pretrain.snapshot_path(folder, step), compute, dev)
+
+    out: dict[str, Any] = {"size": size, "device": results.device_name(dev),
+                           **(part("final", settings.steps, final) if index == 0 else {}), "along": {}}
+    steps = pretrain.snapshot_steps(settings.steps)[:-1] if settings.along_training else []
+    for j, step in enumerate(steps):
+        if count == 1 or 1 + j % (count - 1) == index:
+            out["along"][str(step)] = part(f"along-{step:06d}", step, functools.partial(along, step))
+    return out
+
+
 def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto",
                  trained: results.CachedResult | None = None) -> results.CachedResult:
     """Chapter 1's and 2's analyses of ``size`` (final weights), and along its training (each snapshot's
@@ -228,38 +265,21 @@ def analyze_size(settings: SuiteSettings, size: str, *, device: str = "auto",
     trained = trained or train_size(settings, size)
     fingerprint = trained.value["data_fingerprint"]
     dev = resolve_device(device)
-
-    def analyze() -> dict[str, Any]:
-        stream, folder, config = _weights(settings, size, fingerprint)
-        samples = _samples(settings, stream)
-        key = results.config_key(results.to_jsonable(_analysis_config(settings, size, fingerprint)), VERSION)
-        parts = folder / f"analysis-{key}"  # one file per snapshot analysed: a killed analysis resumes
-
-        def final() -> dict[str, Any]:
-            model = pretrain.load_snapshot(folder, settings.steps, config).to(dev)
-            return {"final": {t: analysis.marginal_hits(model, samples[t], last=settings.last_tokens, k=settings.top_k,
-                                                        top_p=settings.top_p, nucleus_top_p=settings.nucleus_top_p)
-                              for t in TASKS},
-                    "lens": {t: analysis.lens_kl(model, samples[t], last=settings.last_tokens) for t in TASKS}}
-
-        def along(step: int) -> dict[str, Any]:
-            model = pretrain.load_snapshot(folder, step, config).to(dev)
-            return {t: analysis.marginal_hits(model, samples[t][:settings.along_samples], last=settings.last_tokens,
-                                              k=settings.top_k, top_p=settings.top_p, nucleus_top_p=())
-                    for t in TASKS}
-
-        def part(name: str, step: int, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-            return _part(parts, name, pretrain.snapshot_path(folder, step), compute, dev)
-
-        out: dict[str, Any] = {"size": size, "device": results.device_name(dev),
-                               **part("final", settings.steps, final), "along": {}}
-        if settings.along_training:
-            for step in pretrain.snapshot_steps(settings.steps)[:-1]:
-                out["along"][str(step)] = part(f"along-{step:06d}", step, functools.partial(along, step))
-        return out
-
-    return _cached(f"ch05-analysis-{size}", _analysis_config(settings, size, fingerprint), analyze, settings,
+    return _cached(f"ch05-analysis-{size}", _analysis_config(settings, size, fingerprint),
+                   lambda: _analysis_parts(settings, size, fingerprint, dev), settings,
                    f"python -m mtp_lib.suite analyze --profile {settings.profile} --size {size}", device=dev)
+
+
+def analyze_shard(settings: SuiteSettings, size: str, shard: tuple[int, int], *, device: str = "auto") -> None:
+    """Compute (or find) shard ``shard = (i, n)`` of ``size``'s analysis parts, storing no result: run
+    the ``n`` shards in parallel processes, then :func:`analyze_size`, which gathers the parts."""
+    from mtp_lib.models import resolve_device
+
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
+    fingerprint = train_size(settings, size).value["data_fingerprint"]
+    _analysis_parts(settings, size, fingerprint, resolve_device(device), shard)
 
 
 def _tuned_config(settings: SuiteSettings, size: str, fingerprint: str) -> dict[str, Any]:
