@@ -476,13 +476,13 @@ def test_analysis_shards_in_parallel_processes_gather_into_the_same_result(
     parts = next(folder.glob("analysis-*"))
     for f in parts.glob("*.json"):
         f.unlink()
-    run.analyze_shard(settings, "micro-32", (1, 3), device="cpu")  # earlier snapshots only, no result
+    run.analyze_shard(settings, "micro-32", (1, 3), device="cpu")  # its share of the parts, no result
     names = sorted(f.name for f in parts.glob("*.json"))
-    assert names and "final.json" not in names and not whole.path.exists()
+    assert names and len(names) < 1 + len(whole.value["along"]) and not whole.path.exists()
     main(["analyze", "--profile", "tiny", "--size", "micro-32", "--set", "tuned_lens=false", "--shard", "0/3",
           "--device", "cpu"])
     run.analyze_shard(settings, "micro-32", (2, 3), device="cpu")
-    assert len(list(parts.glob("*.json"))) == 1 + len(whole.value["along"])
+    assert len(list(parts.glob("*.json"))) == 2 + len(whole.value["along"])  # the final part per task
     monkeypatch.setattr(analysis, "marginal_hits", lambda *a, **k: pytest.fail("recomputed"))
     assert run.analyze_size(settings, "micro-32", device="cpu").value == whole.value
     with pytest.raises(ValueError, match="0 <= i < n"):
@@ -491,3 +491,13 @@ def test_analysis_shards_in_parallel_processes_gather_into_the_same_result(
         main(["analyze", "--profile", "tiny", "--size", "micro-32", "--shard", "3"])
     with pytest.raises(SystemExit):
         main(["train", "--profile", "tiny", "--size", "micro-32", "--shard", "0/2"])
+
+
+def test_analysis_parts_are_dealt_costliest_first_to_the_least_loaded_shard() -> None:
+    from mtp_lib.suite.run import _deal
+
+    costs = [150.0, 150.0] + [20.0] * 11  # the gpu profile's: two final parts, eleven snapshots
+    owner = _deal(costs, 4)
+    loads = [sum(c for c, o in zip(costs, owner) if o == i) for i in range(4)]
+    assert owner[:2] == [0, 1] and loads == [150, 150, 120, 100]  # the snapshots fill shards 2 and 3 in turn
+    assert _deal(costs, 1) == [0] * len(costs)

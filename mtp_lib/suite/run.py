@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,24 +218,30 @@ def _part(folder: Path, name: str, weights: Path, compute: Callable[[], dict[str
     return value
 
 
+def _deal(costs: Sequence[float], count: int) -> list[int]:
+    """Which of ``count`` shards gets each job: the costliest first, each to the least loaded shard."""
+    loads, owner = [0.0] * count, [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: -costs[j]):
+        owner[j] = min(range(count), key=lambda i: loads[i])
+        loads[owner[j]] += costs[j]
+    return owner
+
+
 def _analysis_parts(settings: SuiteSettings, size: str, fingerprint: str, dev: Any,
                     shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
-    """The analysis of ``size``, one part per snapshot (the final weights' part, then one per earlier
-    snapshot), each kept beside the weights so that a killed analysis resumes. ``shard=(i, n)``: only
-    the parts of shard ``i`` of ``n`` (the final part is shard 0's, the earlier snapshots are dealt out
-    to the others), so that ``n`` processes share the card."""
+    """The analysis of ``size`` in parts: the final weights' per task, then one per earlier snapshot,
+    each kept beside the weights so that a killed analysis resumes. ``shard=(i, n)``: only the parts
+    of shard ``i`` of ``n`` (dealt by their rough cost in samples), so that ``n`` processes share the card."""
     stream, folder, config = _weights(settings, size, fingerprint)
     samples = _samples(settings, stream)
     key = results.config_key(results.to_jsonable(_analysis_config(settings, size, fingerprint)), VERSION)
     parts = folder / f"analysis-{key}"
-    index, count = shard
 
-    def final() -> dict[str, Any]:
+    def final(task: str) -> dict[str, Any]:
         model = pretrain.load_snapshot(folder, settings.steps, config).to(dev)
-        return {"final": {t: analysis.marginal_hits(model, samples[t], last=settings.last_tokens, k=settings.top_k,
-                                                    top_p=settings.top_p, nucleus_top_p=settings.nucleus_top_p)
-                          for t in TASKS},
-                "lens": {t: analysis.lens_kl(model, samples[t], last=settings.last_tokens) for t in TASKS}}
+        return {"final": analysis.marginal_hits(model, samples[task], last=settings.last_tokens, k=settings.top_k,
+                                                top_p=settings.top_p, nucleus_top_p=settings.nucleus_top_p),
+                "lens": analysis.lens_kl(model, samples[task], last=settings.last_tokens)}
 
     def along(step: int) -> dict[str, Any]:
         model = pretrain.load_snapshot(folder, step, config).to(dev)
@@ -243,15 +249,18 @@ def _analysis_parts(settings: SuiteSettings, size: str, fingerprint: str, dev: A
                                           k=settings.top_k, top_p=settings.top_p, nucleus_top_p=())
                 for t in TASKS}
 
-    def part(name: str, step: int, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        return _part(parts, name, pretrain.snapshot_path(folder, step), compute, dev)
-
-    out: dict[str, Any] = {"size": size, "device": results.device_name(dev),
-                           **(part("final", settings.steps, final) if index == 0 else {}), "along": {}}
     steps = pretrain.snapshot_steps(settings.steps)[:-1] if settings.along_training else []
-    for j, step in enumerate(steps):
-        if count == 1 or 1 + j % (count - 1) == index:
-            out["along"][str(step)] = part(f"along-{step:06d}", step, functools.partial(along, step))
+    # (part name, snapshot step, compute, rough cost: samples x passes, the final's nucleus and lens included)
+    jobs = [(f"final-{t}", settings.steps, functools.partial(final, t), 3.0 * settings.n_samples) for t in TASKS]
+    jobs += [(f"along-{s:06d}", s, functools.partial(along, s), 2.0 * settings.along_samples) for s in steps]
+    mine = [j for j, owner in enumerate(_deal([job[3] for job in jobs], shard[1])) if owner == shard[0]]
+    done = {jobs[j][0]: _part(parts, jobs[j][0], pretrain.snapshot_path(folder, jobs[j][1]), jobs[j][2], dev)
+            for j in mine}
+    finals = {t: done[f"final-{t}"] for t in TASKS if f"final-{t}" in done}
+    out: dict[str, Any] = {"size": size, "device": results.device_name(dev)}
+    if len(finals) == len(TASKS):  # (a shard may hold only some parts; the whole analysis holds them all)
+        out |= {"final": {t: f["final"] for t, f in finals.items()}, "lens": {t: f["lens"] for t, f in finals.items()}}
+    out["along"] = {str(s): done[f"along-{s:06d}"] for s in steps if f"along-{s:06d}" in done}
     return out
 
 
