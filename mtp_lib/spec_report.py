@@ -19,7 +19,7 @@ import pandas as pd
 from .plots.decode import method_heads, pass_costs
 
 __all__ = ["INVARIANCE_COMMAND", "Benchmark", "acceptance_note", "collect", "cost_frame", "cost_note", "goal_table",
-           "goals_note", "invariance_table",
+           "goals_note", "invariance_table", "oracle_pairs",
            "identity_note", "identity_shares", "rank_table", "speed_note", "speed_table"]
 
 TASKS = ("translation", "open-ended")
@@ -163,22 +163,64 @@ def rank_table(runs: Runs) -> Any:
     return pd.DataFrame(out).set_index(["model", "heads", "head"]).style.format("{:.3f}") if out else None
 
 
-def acceptance_note(acceptance: pd.DataFrame, runs: Runs) -> str:
-    """Per model and task: the best acceptance of head 2's draft, against the marginal oracle's."""
+def oracle_pairs(records: Any, *, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Head 2's top-1 draft against the marginal oracle's top-1 draft of x_{t+2}, on the same prompts.
+
+    Per model, task and chain row (``specN_chain``: top-1 drafts), on the prompts the oracle ran: the
+    share of verification steps that accepted the token two ahead, ``sum_i k_i / sum_i n_i`` over
+    prompts i (k_i steps with accepted length >= 2 of n_i), for the row and for the oracle, their
+    difference, and a 95% bootstrap interval of the difference that resamples prompts (paired: each
+    resampled prompt brings both methods' steps)."""
+    df = pd.DataFrame(list(records))
+    cols = ["model", "task", "row", "prompts", "row_share", "oracle_share", "difference", "low", "high"]
+    if df.empty or "oracle2" not in set(df["method"]):
+        return pd.DataFrame(columns=cols)
+    if "model" not in df.columns:
+        df["model"] = ""
+
+    def counts(part: pd.DataFrame, prompts: list[Any]) -> np.ndarray:  # [prompt, (k, n)]
+        by = {r["prompt"]: list(r["accepted_lengths"])[1:] for _, r in part.iterrows()}  # the prompt's pass left out
+        return np.array([[sum(a >= 2 for a in by[p]), len(by[p])] for p in prompts], dtype=float)
+
+    rng, rows = np.random.default_rng(seed), []
+    for (model, task), part in df.groupby(["model", "task"], sort=False):
+        oracle = part[part["method"] == "oracle2"]
+        prompts = sorted(set(oracle["prompt"]))
+        for row in sorted(m for m in set(part["method"]) if str(m).endswith("_chain")):
+            mine = part[(part["method"] == row) & part["prompt"].isin(prompts)]
+            if set(mine["prompt"]) != set(prompts):
+                continue
+            a, b = counts(mine, prompts), counts(oracle, prompts)
+            pick = rng.integers(0, len(prompts), size=(n_boot, len(prompts)))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                boot = a[pick, 0].sum(1) / a[pick, 1].sum(1) - b[pick, 0].sum(1) / b[pick, 1].sum(1)
+            share_a, share_b = a[:, 0].sum() / a[:, 1].sum(), b[:, 0].sum() / b[:, 1].sum()
+            low, high = np.nanquantile(boot, [0.025, 0.975])
+            rows.append({"model": model, "task": task, "row": row, "prompts": len(prompts), "row_share": share_a,
+                         "oracle_share": share_b, "difference": share_a - share_b, "low": low, "high": high})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def acceptance_note(acceptance: pd.DataFrame, runs: Runs, records: Any = ()) -> str:
+    """Per model and task: the best acceptance of head 2's draft, and (given the benchmark's
+    ``records``) head 2's top-1 draft against the marginal oracle's on the same prompts (:func:`oracle_pairs`)."""
+    pairs = oracle_pairs(records)
     lines = []
     for name in runs:
         for task in sorted(set(acceptance["task"]) if not acceptance.empty else [], key=lambda t: t != "translation"):
             part = acceptance[(acceptance["model"] == name) & (acceptance["task"] == task) & (acceptance["head"] == 2)]
-            share = dict(zip(part["method"], part["share"]))
-            oracle = share.pop("oracle2", None)
+            share = {m: v for m, v in zip(part["method"], part["share"]) if m != "oracle2"}
             if not share:
                 continue
             best = max(share, key=lambda m: share[m])
             text = (f"- **{name}, {task}**: head 2's draft is accepted in {share[best]:.0%} of the steps at best "
-                    f"(`{best}`)")
-            if oracle is not None and np.isfinite(oracle):
-                text += (f"; the marginal oracle's in {oracle:.0%} (the heads reach {share[best] / oracle:.2f}x the "
-                         "oracle's acceptance)" if oracle > 0 else "; the marginal oracle's in none")
+                    f"(`{best}`, over all prompts)")
+            for _, p in pairs[(pairs["model"] == name) & (pairs["task"] == task)].iterrows():
+                spread = (f"95% interval over prompts [{p['low']:+.2f}, {p['high']:+.2f}]" if p["prompts"] >= 5
+                          else "too few prompts for an interval")
+                text += (f"; on the {p['prompts']} prompt(s) the oracle ran, `{p['row']}`'s top-1 draft is accepted in "
+                         f"{p['row_share']:.0%} of the steps, the oracle's top-1 in {p['oracle_share']:.0%} "
+                         f"(difference {p['difference']:+.2f}, {spread})")
             lines.append(text + ".")
     return "\n".join(lines)
 

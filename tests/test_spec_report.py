@@ -169,3 +169,31 @@ def test_invariance_table_reads_the_stored_runs(tmp_path, monkeypatch) -> None:
     assert list(table.index) == [("m", "plain", "chain of 4"), ("m", "invariant", "tree 2x2 (7 nodes)")]
     assert table["bit-identical"].tolist() == [0.5, 1.0]
     assert spec.invariance_table("q").empty
+
+
+def test_oracle_pairs_compare_top1_drafts_on_the_oracle_prompts_only() -> None:
+    """Fresh random accepted lengths: the shares equal a brute-force count over the oracle's prompts
+    (a row's other prompts and its tree rows left out), and the note says when prompts are too few."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    records = []
+    for method, prompts in (("oracle2", range(6)), ("spec2_chain", range(9)), ("spec2_tree", range(9))):
+        for p in prompts:
+            records.append({"model": "m", "task": "translation", "method": method, "prompt": p,
+                            "accepted_lengths": [1, *rng.integers(1, 3, size=rng.integers(1, 12)).tolist()]})
+    pairs = S.oracle_pairs(records, n_boot=500, seed=seed)
+    assert list(pairs["row"]) == ["spec2_chain"], seed  # top-1 rows only
+
+    def share(method: str) -> float:
+        steps = [a for r in records if r["method"] == method and r["prompt"] < 6 for a in r["accepted_lengths"][1:]]
+        return sum(a >= 2 for a in steps) / len(steps)
+
+    row = pairs.iloc[0]
+    assert row["prompts"] == 6 and np.isclose(row["row_share"], share("spec2_chain")), seed
+    assert np.isclose(row["oracle_share"], share("oracle2")) and row["low"] <= row["difference"] <= row["high"], seed
+    acceptance = pd.DataFrame([{"model": "m", "task": "translation", "method": "spec2_tree", "head": 2, "share": 0.9},
+                               {"model": "m", "task": "translation", "method": "oracle2", "head": 2, "share": 0.8}])
+    assert "95% interval over prompts" in S.acceptance_note(acceptance, {"m": {}}, records)
+    few = [r for r in records if r["prompt"] < 2]
+    assert "too few prompts for an interval" in S.acceptance_note(acceptance, {"m": {}}, few)
+    assert S.oracle_pairs([r for r in records if r["method"] != "oracle2"]).empty
