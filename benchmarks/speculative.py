@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tree-nodes", type=int, nargs=2, metavar=("N2", "N4"),
                    help="draft nodes of the 2-head and N-head trees (default 10 64; quick 3 10)")
     p.add_argument("--calib-prompts", type=int, help="training prompts to calibrate trees on (default 32; quick 4)")
-    p.add_argument("--oracle-prompts", type=int, help="prompts per task for oracle2 (default 4; quick 1)")
+    p.add_argument("--oracle-prompts", type=int, help="prompts per task for oracle2 (default 6: enough for an interval of its difference to the heads; quick 1)")
     p.add_argument("--oracle-top-p", type=float, help="nucleus of the oracle's marginal (default 0.99; quick 0.9)")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's; quick 1, robust on a busy machine)")
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     defaults = dict(n_prompts=(2, 10), max_new_tokens=(24, 128), epochs=(1, 2), train_prompts=(16, 8192),
-                    distill_tokens=(24, 96), calib_prompts=(4, 32), oracle_prompts=(1, 4), lr=(1e-3, 1e-3),
+                    distill_tokens=(24, 96), calib_prompts=(4, 32), oracle_prompts=(1, 6), lr=(1e-3, 1e-3),
                     oracle_top_p=(0.9, 0.99), threads=(1, None),
                     tree_nodes=([3, 10], [10, 64]))
     for name, (q, full) in defaults.items():
