@@ -104,7 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tree-nodes", type=int, nargs=2, metavar=("N2", "N4"),
                    help="draft nodes of the 2-head and N-head trees (default 10 64; quick 3 10)")
     p.add_argument("--calib-prompts", type=int, help="training prompts to calibrate trees on (default 32; quick 4)")
-    p.add_argument("--oracle-prompts", type=int, help="prompts per task for oracle2 (default 6: enough for an interval of its difference to the heads; quick 1)")
+    p.add_argument("--oracle-prompts", type=int,
+                   help="prompts per task for oracle2 (default 6: enough for an interval of its paired difference "
+                        "to the heads; quick 1)")
     p.add_argument("--oracle-top-p", type=float, help="nucleus of the oracle's marginal (default 0.99; quick 0.9)")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's; quick 1, robust on a busy machine)")
