@@ -30,8 +30,8 @@ from mtp_lib.marginal_study import task_samples
 from mtp_lib.suite import analysis, pretrain, shapes, tuned
 from mtp_lib.suite.stream import Stream, StreamSpec, build_stream, load_stream
 
-__all__ = ["SuiteResults", "SuiteSettings", "analyze_shard", "analyze_size", "load_suite", "stream_result", "suite_dir", "train_size",
-           "tuned_size"]
+__all__ = ["SuiteResults", "SuiteSettings", "analyze_shard", "analyze_size", "load_suite", "stream_result", "suite_dir",
+           "train_size", "tuned_size"]
 
 VERSION = 1
 TASKS = ("translation", "open-ended")
