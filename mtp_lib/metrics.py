@@ -129,15 +129,18 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> Interval:
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
 
 
-def _group_sums(values: torch.Tensor, groups: Sequence[Hashable] | torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group sums and counts (each value its own group when ``groups`` is None)."""
+def _group_sums(values: torch.Tensor, groups: Sequence[Hashable] | torch.Tensor | None,
+                order: Sequence[Hashable] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group sums and counts (each value its own group when ``groups`` is None), the groups in
+    the order they first appear, or in ``order`` (which must name every group)."""
     if groups is None:
         return values, torch.ones_like(values)
     keys = groups.tolist() if isinstance(groups, torch.Tensor) else list(groups)
     if len(keys) != len(values):
         raise ValueError(f"groups must give one group per value: {len(keys)} groups for {len(values)} values")
-    index: dict[Hashable, int] = {}
+    index: dict[Hashable, int] = {key: i for i, key in enumerate(order or [])}
+    if order is not None and not set(keys) <= index.keys():
+        raise ValueError(f"groups {sorted(set(keys) - index.keys(), key=str)[:5]} are not in the given order")
     ids = torch.tensor([index.setdefault(key, len(index)) for key in keys], dtype=torch.long)
     sums = torch.zeros(len(index), dtype=torch.float64).index_add_(0, ids, values)
     counts = torch.zeros(len(index), dtype=torch.float64).index_add_(0, ids, torch.ones_like(values))

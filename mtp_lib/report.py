@@ -16,7 +16,8 @@ Intervals, like everywhere in the book, are cluster bootstraps over samples (:mo
   ``a_i - b_i`` is averaged and samples are resampled, which keeps each sample's pairs together;
 - :func:`difference_with_ci` when they come from different samples (translation against
   open-ended text): each side's samples are resampled on their own, and the interval is that of
-  ``mean(a) - mean(b)``.
+  ``mean(a) - mean(b)``; with ``paired=True`` when both sides measure the same samples at positions
+  of their own (two decoders' steps on one prompt): one draw of samples serves both sides.
 
 A value read off one of the paper's plots, on another dataset and tokenizer, is no test of ours:
 :func:`paper_context` words it as context, with its reading error beside our interval, and draws
@@ -118,24 +119,33 @@ def paired_difference(a: Any, b: Any, *, groups: Groups = None, level: float = 0
     return mean_with_ci(x - y, groups=groups, level=level, n_boot=n_boot, seed=seed)
 
 
-def difference_with_ci(a: Any, b: Any, *, groups_a: Groups = None, groups_b: Groups = None, level: float = 0.95,
-                       n_boot: int = 2000, seed: int = 0) -> Interval:
+def difference_with_ci(a: Any, b: Any, *, groups_a: Groups = None, groups_b: Groups = None, paired: bool = False,
+                       level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> Interval:
     """``mean(a) - mean(b)`` for values from different samples, with a bootstrap interval.
 
     Each side's groups (samples; values one by one when None) are resampled independently and the
     difference of the pooled means recomputed; percentile interval. NaN bounds when either side has
-    fewer than two groups.
+    fewer than two groups. ``paired``: both sides' groups name the same samples, each side with its
+    own values in each (two decoders' steps on the same prompts), and one draw of samples serves
+    both sides.
     """
     level = _check_level(level)
     x, y = _as_values(a, "a"), _as_values(b, "b")
     mean = float(x.mean() - y.mean())
-    sums_a, counts_a = _group_sums(x, groups_a)
-    sums_b, counts_b = _group_sums(y, groups_b)
+    order = None
+    if paired:
+        keys_a, keys_b = (list(dict.fromkeys([] if g is None else g.tolist() if isinstance(g, torch.Tensor) else g))
+                          for g in (groups_a, groups_b))
+        if not keys_a or set(keys_a) != set(keys_b):
+            raise ValueError("a paired difference needs groups on both sides that name the same samples")
+        order = keys_a
+    sums_a, counts_a = _group_sums(x, groups_a, order)
+    sums_b, counts_b = _group_sums(y, groups_b, order)
     if len(sums_a) < 2 or len(sums_b) < 2:
         return Interval(mean, math.nan, math.nan)
     gen = torch.Generator().manual_seed(seed)
     ia = torch.randint(len(sums_a), (n_boot, len(sums_a)), generator=gen)
-    ib = torch.randint(len(sums_b), (n_boot, len(sums_b)), generator=gen)
+    ib = ia if paired else torch.randint(len(sums_b), (n_boot, len(sums_b)), generator=gen)
     boot = sums_a[ia].sum(1) / counts_a[ia].sum(1) - sums_b[ib].sum(1) / counts_b[ib].sum(1)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     lo, hi = torch.quantile(boot, q).tolist()

@@ -111,6 +111,31 @@ def test_difference_with_ci_resamples_each_side_on_its_own() -> None:
     assert math.isnan(one.lo) and math.isnan(one.hi), f"seed {seed}"
 
 
+def test_a_paired_difference_of_pooled_means_draws_the_same_samples_for_both_sides() -> None:
+    """Two sides with their own values in each sample (two decoders' steps on one prompt): the
+    interval is a plain loop's that draws one set of samples for both."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 10))
+    level = rng.normal(scale=2.0, size=n)  # a per-sample offset that both sides share
+    ga = [g for g in range(n) for _ in range(int(rng.integers(1, 6)))]
+    gb = [g for g in reversed(range(n)) for _ in range(int(rng.integers(1, 6)))]  # another order, other sizes
+    a, b = rng.normal(size=len(ga)) + level[ga] + 0.3, rng.normal(size=len(gb)) + level[gb]
+    got = R.difference_with_ci(a, b, groups_a=ga, groups_b=gb, paired=True, n_boot=4000, seed=seed % 1000)
+    assert math.isclose(got.mean, float(a.mean() - b.mean()), rel_tol=1e-9, abs_tol=1e-12), f"seed {seed}"
+    ref = []
+    for _ in range(4000):
+        pick = rng.choice(n, size=n)
+        ref.append(np.concatenate([a[np.array(ga) == g] for g in pick]).mean()
+                   - np.concatenate([b[np.array(gb) == g] for g in pick]).mean())
+    lo, hi = np.quantile(ref, [0.025, 0.975])
+    spread = hi - lo
+    assert abs(got.lo - lo) < 0.2 * spread and abs(got.hi - hi) < 0.2 * spread, (
+        f"seed {seed}: {got} against a plain loop's [{lo}, {hi}]")
+    with pytest.raises(ValueError, match="name the same samples"):
+        R.difference_with_ci(a, b, groups_a=ga, groups_b=[g + 1 for g in gb], paired=True)
+
+
 def test_paper_context_draws_no_verdict() -> None:
     text = R.paper_context((0.45, 0.40, 0.50), 0.523)
     assert text == "0.45 [0.40, 0.50] (the paper: 0.52 ± 0.01)"
