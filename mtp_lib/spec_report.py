@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .plots.decode import method_heads, pass_costs
+from .report import difference_with_ci
 
 __all__ = ["INVARIANCE_COMMAND", "Benchmark", "acceptance_note", "collect", "cost_frame", "cost_note", "goal_table",
            "goals_note", "invariance_table", "oracle_pairs",
@@ -170,7 +171,7 @@ def oracle_pairs(records: Any, *, n_boot: int = 2000, seed: int = 0) -> pd.DataF
     share of verification steps that accepted the token two ahead, ``sum_i k_i / sum_i n_i`` over
     prompts i (k_i steps with accepted length >= 2 of n_i), for the row and for the oracle, their
     difference, and a 95% bootstrap interval of the difference that resamples prompts (paired: each
-    resampled prompt brings both methods' steps)."""
+    resampled prompt brings both methods' steps; :func:`mtp_lib.report.difference_with_ci`)."""
     df = pd.DataFrame(list(records))
     cols = ["model", "task", "row", "prompts", "row_share", "oracle_share", "difference", "low", "high"]
     if df.empty or "oracle2" not in set(df["method"]):
@@ -178,26 +179,29 @@ def oracle_pairs(records: Any, *, n_boot: int = 2000, seed: int = 0) -> pd.DataF
     if "model" not in df.columns:
         df["model"] = ""
 
-    def counts(part: pd.DataFrame, prompts: list[Any]) -> np.ndarray:  # [prompt, (k, n)]
-        by = {r["prompt"]: list(r["accepted_lengths"])[1:] for _, r in part.iterrows()}  # the prompt's pass left out
-        return np.array([[sum(a >= 2 for a in by[p]), len(by[p])] for p in prompts], dtype=float)
+    def steps(part: pd.DataFrame, keep: set[Any]) -> tuple[list[float], list[Any]]:
+        # one (hit, prompt) per verification step (the prompt's pass left out): hit = the token two ahead accepted
+        pairs = [(float(a >= 2), r.prompt) for r in part.itertuples() if r.prompt in keep
+                 for a in list(r.accepted_lengths)[1:]]
+        return [h for h, _ in pairs], [p for _, p in pairs]
 
-    rng, rows = np.random.default_rng(seed), []
+    rows = []
     for (model, task), part in df.groupby(["model", "task"], sort=False):
         oracle = part[part["method"] == "oracle2"]
-        prompts = sorted(set(oracle["prompt"]))
+        prompts = set(oracle["prompt"])
         for row in sorted(m for m in set(part["method"]) if str(m).endswith("_chain")):
-            mine = part[(part["method"] == row) & part["prompt"].isin(prompts)]
-            if set(mine["prompt"]) != set(prompts):
+            mine = part[part["method"] == row]
+            if not prompts <= set(mine["prompt"]):
                 continue
-            a, b = counts(mine, prompts), counts(oracle, prompts)
-            pick = rng.integers(0, len(prompts), size=(n_boot, len(prompts)))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                boot = a[pick, 0].sum(1) / a[pick, 1].sum(1) - b[pick, 0].sum(1) / b[pick, 1].sum(1)
-            share_a, share_b = a[:, 0].sum() / a[:, 1].sum(), b[:, 0].sum() / b[:, 1].sum()
-            low, high = np.nanquantile(boot, [0.025, 0.975])
-            rows.append({"model": model, "task": task, "row": row, "prompts": len(prompts), "row_share": share_a,
-                         "oracle_share": share_b, "difference": share_a - share_b, "low": low, "high": high})
+            (ha, pa), (hb, pb) = steps(mine, prompts), steps(oracle, prompts)
+            if set(pa) != set(pb):  # a prompt that ended in its own pass on one side: no step to pair
+                both = set(pa) & set(pb)
+                (ha, pa), (hb, pb) = steps(mine, both), steps(oracle, both)
+            if not ha:
+                continue
+            diff = difference_with_ci(ha, hb, groups_a=pa, groups_b=pb, paired=True, n_boot=n_boot, seed=seed)
+            rows.append({"model": model, "task": task, "row": row, "prompts": len(prompts), "row_share": np.mean(ha),
+                         "oracle_share": np.mean(hb), "difference": diff.mean, "low": diff.lo, "high": diff.hi})
     return pd.DataFrame(rows, columns=cols)
 
 
