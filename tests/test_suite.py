@@ -501,3 +501,21 @@ def test_analysis_parts_are_dealt_costliest_first_to_the_least_loaded_shard() ->
     loads = [sum(c for c, o in zip(costs, owner) if o == i) for i in range(4)]
     assert owner[:2] == [0, 1] and loads == [150, 150, 120, 100]  # the snapshots fill shards 2 and 3 in turn
     assert _deal(costs, 1) == [0] * len(costs)
+
+
+def test_an_analysis_loads_each_snapshot_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final weights serve both tasks' parts: one load per snapshot."""
+    from collections import Counter
+
+    from mtp_lib.suite import run
+
+    monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setenv("MTP_SUITE_DIR", str(tmp_path / "suite"))
+    settings = SuiteSettings.from_profile("tiny", sizes=("micro-32",), tuned_lens=False)
+    run.train_size(settings, "micro-32")
+    loads: Counter[int] = Counter()
+    real = pretrain.load_snapshot
+    monkeypatch.setattr(pretrain, "load_snapshot", lambda folder, step, config: loads.update([step]) or real(
+        folder, step, config))
+    run.analyze_size(settings, "micro-32", device="cpu")
+    assert loads[settings.steps] == 1 and set(loads.values()) == {1}, loads

@@ -237,14 +237,18 @@ def _analysis_parts(settings: SuiteSettings, size: str, fingerprint: str, dev: A
     key = results.config_key(results.to_jsonable(_analysis_config(settings, size, fingerprint)), VERSION)
     parts = folder / f"analysis-{key}"
 
+    @functools.lru_cache(maxsize=1)  # the final weights serve both tasks' parts: loaded once
+    def load(step: int) -> Any:
+        return pretrain.load_snapshot(folder, step, config).to(dev)
+
     def final(task: str) -> dict[str, Any]:
-        model = pretrain.load_snapshot(folder, settings.steps, config).to(dev)
+        model = load(settings.steps)
         return {"final": analysis.marginal_hits(model, samples[task], last=settings.last_tokens, k=settings.top_k,
                                                 top_p=settings.top_p, nucleus_top_p=settings.nucleus_top_p),
                 "lens": analysis.lens_kl(model, samples[task], last=settings.last_tokens)}
 
     def along(step: int) -> dict[str, Any]:
-        model = pretrain.load_snapshot(folder, step, config).to(dev)
+        model = load(step)
         return {t: analysis.marginal_hits(model, samples[t][:settings.along_samples], last=settings.last_tokens,
                                           k=settings.top_k, top_p=settings.top_p, nucleus_top_p=())
                 for t in TASKS}
