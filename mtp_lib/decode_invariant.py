@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from mtp_lib.decode_tree import Tree
-from mtp_lib.decode_verify import _StaticVerifier
+from mtp_lib.decode_verify import _predict, _Prediction, _StaticVerifier
 from mtp_lib.decode_graph import MaskLayout
 from mtp_lib.heads import MTPModel, shallow_module_copy
 
@@ -174,15 +174,6 @@ def slot_table(start: torch.Tensor, depth: torch.Tensor, paths: torch.Tensor | N
     return {"full_attention": table(allowed), "sliding_attention": sliding} if layout.per_type else sliding
 
 
-def _predict_invariant(mtp: MTPModel, states: torch.Tensor, k: int) -> torch.Tensor:
-    """As ``decode._predict``, with head 1's logits from a matmul of their own (the other heads' rows
-    would change its shape)."""
-    greedy = mtp.unembed_states(states[:1])[0].argmax(dim=-1)
-    if mtp.n_heads == 1 or k == 0:
-        return greedy
-    return torch.cat([greedy, mtp.unembed_states(states[1:]).topk(k, dim=-1).indices.reshape(-1)])
-
-
 class InvariantVerifier(_StaticVerifier):
     """The static verifier with fixed-width passes and :func:`invariant_attention` (see the module doc).
 
@@ -201,30 +192,19 @@ class InvariantVerifier(_StaticVerifier):
         self.paths = tree_paths(tree, width).to(device)
         super().__init__(invariant_view(view), tree, max_length, cuda_graphs, pad_prompts, width=width)
 
-    def _forward(self, start: torch.Tensor, tokens: torch.Tensor, depth: torch.Tensor, paths: torch.Tensor | None,
-                 rows: torch.Tensor | None) -> torch.Tensor:
-        self.cache.set_slots(start + torch.arange(tokens.shape[0], device=tokens.device))
-        states = self.states(start, tokens, depth, paths)
-        return _predict_invariant(self.view, states if rows is None else states.index_select(1, rows), self.k)
-
     def states(self, start: torch.Tensor, tokens: torch.Tensor, depth: torch.Tensor,
-               paths: torch.Tensor | None) -> torch.Tensor:
-        """The heads' normed outputs ``[n_heads, S, H]`` of ``tokens`` (the caller sets the cache's write slots)."""
-        table = slot_table(start, depth, paths, self.buffer_len, self.layout)
+               structure: torch.Tensor | None) -> torch.Tensor:
+        """The heads' normed outputs ``[n_heads, S, H]`` of ``tokens``; ``structure``: the tokens' paths
+        (:func:`tree_paths`, None for a plain sequence). The caller sets the cache's write slots."""
+        table = slot_table(start, depth, structure, self.buffer_len, self.layout)
         out = self.view(tokens[None], attention_mask=table, position_ids=(start + depth)[None], cache=self.cache,
                         use_cache=True, return_logits=False)
         return out.states[:, 0]
 
-    def _step(self, packed: torch.Tensor) -> torch.Tensor:
-        return self._forward(packed[:1], packed[1:], self.pass_depth, self.paths, None)
+    def step_structure(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pass_depth, self.paths
 
-    def _prompt(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        depth = torch.arange(tokens.shape[0], device=tokens.device)
-        return self._forward(torch.zeros_like(last), tokens, depth, None, last)
-
-    def step(self, start: int, tokens: list[int]) -> Any:
-        from mtp_lib.decode_verify import _Prediction
-
+    def step(self, start: int, tokens: list[int]) -> _Prediction:
         padded = [*tokens, *[0] * (self.width - len(tokens))]
         packed = self.step_runner(torch.tensor([start, *padded], dtype=torch.long))
         return _Prediction.parse(packed, self.width, self.tree.depth, self.k)

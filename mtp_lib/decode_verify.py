@@ -24,35 +24,83 @@ def _first_heads(mtp: MTPModel, n: int) -> MTPModel:
     return view.eval()
 
 
-def _predict(mtp: MTPModel, states: torch.Tensor, k: int) -> torch.Tensor:
-    """Head 1's greedy token at each row and the top-``k`` tokens of the other heads, packed in one
-    long tensor: ``[R]`` then ``[n_heads - 1, R, k]`` flattened. ``states``: ``[n_heads, R, H]``."""
-    logits = mtp.unembed_states(states)
-    greedy = logits[0].argmax(dim=-1)
+@dataclasses.dataclass
+class _TreeTensors:
+    """A tree's structure on the device, for :func:`_accepted_node` (the root's parent is 0 here)."""
+
+    parents: torch.Tensor
+    ancestors: torch.Tensor
+    depths: torch.Tensor
+
+    @classmethod
+    def of(cls, tree: Tree, device: torch.device) -> _TreeTensors:
+        parents = torch.tensor([max(p, 0) for p in tree.parents], device=device)
+        return cls(parents, tree.ancestors().to(device), torch.tensor(tree.depths, device=device))
+
+
+def _accepted_node(tokens: torch.Tensor, greedy: torch.Tensor, tree: _TreeTensors) -> torch.Tensor:
+    """The device twin of :meth:`Tree.accept`: the index ``[1]`` of the deepest node that greedy decoding
+    agrees with, the first one on ties (fixed shapes, no host sync: capturable).
+
+    ``tokens``, ``greedy``: the ``n`` nodes' tokens and head 1's choice after each. Node i matches
+    when ``tokens_i == greedy_{parent(i)}`` (the root always does); it is right when every node on its
+    path matches: ``right_i = not any_j (ancestors_ij and not match_j)``. The accepted node maximizes
+    ``depth_i * n + (n - 1 - i)`` over the right ones.
+    """
+    n = tokens.shape[0]
+    index = torch.arange(n, device=tokens.device)
+    match = (tokens == greedy.index_select(0, tree.parents)) | (index == 0)
+    right = ~(tree.ancestors & ~match[None, :]).any(dim=1)
+    score = torch.where(right, tree.depths * n + (n - 1 - index), -1)
+    return score.argmax().reshape(1)
+
+
+def _predict(mtp: MTPModel, states: torch.Tensor, k: int, tokens: torch.Tensor | None = None,
+             tree: _TreeTensors | None = None) -> torch.Tensor:
+    """Head 1's greedy token at each of the ``R`` rows of ``states`` ``[n_heads, R, H]``, the row the next
+    step drafts from, and the top-``k`` tokens of heads 2.. there, packed in one long tensor: ``[R]``,
+    ``[1]``, ``[n_heads - 1, k]`` flattened.
+
+    The row is 0 for a prompt's pass (one row), and after verifying ``tokens`` (``tree``'s nodes are the
+    first rows; more are padding) the node it accepts (:func:`_accepted_node`). So the other heads are
+    unembedded at one row, not at every node of the tree: ``n_heads - 1`` rows of ``V`` logits instead
+    of ``(n_heads - 1) * R``. Head 1's logits are a matmul of their own, so their rounding does not
+    depend on how many heads run.
+    """
+    greedy = mtp.unembed_states(states[:1])[0].argmax(dim=-1)
+    if tokens is None or tree is None:
+        row = torch.zeros(1, dtype=torch.long, device=states.device)
+    else:
+        n = tree.depths.shape[0]
+        row = _accepted_node(tokens[:n], greedy[:n], tree)
     if mtp.n_heads == 1 or k == 0:
-        return greedy
-    return torch.cat([greedy, logits[1:].topk(k, dim=-1).indices.reshape(-1)])
+        return torch.cat([greedy, row])
+    drafts = mtp.unembed_states(states[1:].index_select(1, row)).topk(k, dim=-1).indices
+    return torch.cat([greedy, row, drafts.reshape(-1)])
 
 
 @dataclasses.dataclass
 class _Prediction:
-    """Host copy of :func:`_predict`'s output for ``rows`` rows."""
+    """Host copy of :func:`_predict`'s output: head 1's greedy tokens at the pass's rows, the row the
+    heads drafted at, and their top-k tokens there."""
 
     greedy: list[int]
+    row: int
     flat: list[int]
-    rows: int
     depth: int
     k: int
 
     @classmethod
     def parse(cls, packed: torch.Tensor, rows: int, depth: int, k: int) -> _Prediction:
         values = packed.tolist()  # the one device->host copy of a step
-        return cls(values[:rows], values[rows:], rows, depth, k)
+        return cls(values[:rows], values[rows], values[rows + 1:], depth, k)
 
     def candidates(self, row: int) -> list[list[int]]:
-        """``[depth][k]``: heads 2..depth+1's top-k tokens at ``row``."""
-        r, k = self.rows, self.k
-        return [self.flat[(d * r + row) * k:(d * r + row + 1) * k] for d in range(self.depth)]
+        """``[depth][k]``: heads 2..depth+1's top-k tokens at ``row``, the row they were computed at."""
+        if row != self.row:
+            raise RuntimeError(f"the heads drafted at node {self.row} of the step, but node {row} was accepted: "
+                               "the device's acceptance disagrees with Tree.accept (a bug: please report it)")
+        return [self.flat[d * self.k:(d + 1) * self.k] for d in range(self.depth)]
 
 
 def _position_limit(mtp: MTPModel) -> int | None:
@@ -88,8 +136,7 @@ class _StaticVerifier:
         self.buffer_len = -(-max_length // 64) * 64
         n_backbone = len(getattr(view.backbone, view.adapter.layers_attr))
         self.cache = StaticMTPCache(n_backbone, view.n_heads, view.head_type == "layer", self.buffer_len)
-        self.depth = torch.tensor(tree.depths, device=self.device)
-        self.ancestors = tree.ancestors().to(self.device)
+        self.nodes = _TreeTensors.of(tree, self.device)
         graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = graphs
         def zeros(n: int) -> torch.Tensor:
@@ -105,20 +152,36 @@ class _StaticVerifier:
                 for n in sorted({*(64 * 2**i for i in range(20) if 64 * 2**i < limit), limit}):
                     self.prompt_runners[n] = GraphRunner(self._padded_prompt, [zeros(1 + n)], cuda_graph=graphs)
 
-    def _forward(self, start: torch.Tensor, tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor,
-                 rows: torch.Tensor | None) -> torch.Tensor:
-        """Write ``tokens`` ``[S]`` at slots ``start`` .. (``start`` ``[1]``, on the device) and predict at
-        ``rows`` (an index tensor; None: every token)."""
-        self.cache.set_slots(start + torch.arange(tokens.shape[0], device=tokens.device))
-        mask = tree_masks(start, depth, ancestors, self.buffer_len, self.layout, self.dtype)
+    def states(self, start: torch.Tensor, tokens: torch.Tensor, depth: torch.Tensor,
+               structure: torch.Tensor | None) -> torch.Tensor:
+        """The heads' normed outputs ``[n_heads, S, H]`` of ``tokens`` ``[S]`` at positions ``start + depth``
+        (``start`` ``[1]``, on the device), each seeing the step tokens of ``structure`` ``[S, S]`` (the
+        ancestors matrix of :meth:`Tree.ancestors`; None: a plain sequence); the caller sets the cache's
+        write slots."""
+        if structure is None:
+            structure = torch.ones(len(tokens), len(tokens), dtype=torch.bool, device=tokens.device).tril()
+        mask = tree_masks(start, depth, structure, self.buffer_len, self.layout, self.dtype)
         out = self.view(tokens[None], attention_mask=mask, position_ids=(start + depth)[None], cache=self.cache,
                         use_cache=True, return_logits=False)
-        states = out.states[:, 0] if rows is None else out.states[:, 0].index_select(1, rows)
-        return _predict(self.view, states, self.k)
+        return out.states[:, 0]
+
+    def step_structure(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The depths and structure that :meth:`states` takes for a step's tokens."""
+        return self.nodes.depths, self.nodes.ancestors
+
+    def _forward(self, start: torch.Tensor, tokens: torch.Tensor, depth: torch.Tensor, structure: torch.Tensor | None,
+                 rows: torch.Tensor | None) -> torch.Tensor:
+        """Write ``tokens`` ``[S]`` at slots ``start`` .. and predict at ``rows`` (an index tensor: a
+        prompt's last token), or (None) verify the tree's tokens."""
+        self.cache.set_slots(start + torch.arange(tokens.shape[0], device=tokens.device))
+        states = self.states(start, tokens, depth, structure)
+        if rows is not None:
+            return _predict(self.view, states.index_select(1, rows), self.k)
+        return _predict(self.view, states, self.k, tokens, self.nodes)
 
     def _step(self, packed: torch.Tensor) -> torch.Tensor:
         """``packed = [start, token_0 .. token_{S-1}]``: the tree's tokens after ``start`` cached ones."""
-        return self._forward(packed[:1], packed[1:], self.depth, self.ancestors, None)
+        return self._forward(packed[:1], packed[1:], *self.step_structure(), None)
 
     def _commit(self, packed: torch.Tensor) -> torch.Tensor:
         """``packed = [start, o_0 .. o_D]``: slot ``start + o_j`` -> slot ``start + j``."""
@@ -127,10 +190,8 @@ class _StaticVerifier:
         return offsets
 
     def _prompt(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        n = tokens.shape[0]
-        depth = torch.arange(n, device=tokens.device)
-        causal = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
-        return self._forward(torch.zeros_like(last), tokens, depth, causal, last)
+        depth = torch.arange(tokens.shape[0], device=tokens.device)
+        return self._forward(torch.zeros_like(last), tokens, depth, None, last)
 
     def _padded_prompt(self, packed: torch.Tensor) -> torch.Tensor:
         """``packed = [T - 1, prompt tokens, padding]``: the prompt from slot 0, predictions at its last token."""
@@ -170,6 +231,7 @@ class _DynamicVerifier:
         self.view, self.tree = view, tree
         self.k = max(tree.widths, default=0)
         self.device = next(view.parameters()).device
+        self.nodes = _TreeTensors.of(tree, self.device)
         self.cache: Any = None
 
     def prefill(self, input_ids: torch.Tensor) -> _Prediction:
@@ -182,7 +244,8 @@ class _DynamicVerifier:
             raise RuntimeError(f"cache holds {self.cache.get_seq_length()} tokens, the step starts at {start}")
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         out = self.view(ids, cache=self.cache, use_cache=True, return_logits=False)
-        return _Prediction.parse(_predict(self.view, out.states[:, 0], self.k), len(tokens), self.tree.depth, self.k)
+        packed = _predict(self.view, out.states[:, 0], self.k, ids[0], self.nodes)
+        return _Prediction.parse(packed, len(tokens), self.tree.depth, self.k)
 
     def commit(self, start: int, path: list[int]) -> None:
         self.cache.crop(start + len(path))

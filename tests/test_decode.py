@@ -32,7 +32,7 @@ from mtp_lib.decode import (
     rank_acceptance,
     speculative_generate,
 )
-from mtp_lib.decode_verify import _StaticVerifier
+from mtp_lib.decode_verify import _accepted_node, _StaticVerifier, _TreeTensors
 from mtp_lib.decode_graph import GraphRunner, MaskLayout, StaticKVCache, tree_masks
 from mtp_lib.heads import MTPModel
 from mtp_lib.models import build_tiny_model
@@ -157,6 +157,26 @@ def test_tree_accept_matches_brute_force() -> None:
         assert path == expected[::-1], f"seed {seed}"
 
 
+def test_device_acceptance_matches_tree_accept() -> None:
+    """``_accepted_node`` (inside the captured step) picks the node ``Tree.accept`` ends at, on random
+    trees (chains, cartesian and calibrated shapes) and random tokens."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    for _ in range(300):
+        shape = rng.randrange(3)
+        if shape == 0:
+            tree = Tree.chain(rng.randint(0, 4))
+        elif shape == 1:
+            tree = Tree.cartesian([rng.randint(1, 3) for _ in range(rng.randint(1, 3))])
+        else:
+            probs = [[rng.random() for _ in range(4)] for _ in range(3)]
+            tree = Tree.from_rank_probs(probs, rng.randint(1, 20))
+        tokens = [rng.randrange(3) for _ in range(tree.size)]
+        greedy = [rng.randrange(3) for _ in range(tree.size)]
+        node = _accepted_node(torch.tensor(tokens), torch.tensor(greedy), _TreeTensors.of(tree, torch.device("cpu")))
+        assert node.shape == (1,) and node.item() == tree.accept(tokens, greedy)[-1], f"seed {seed}"
+
+
 def test_tree_from_rank_probs_is_the_most_probable_set() -> None:
     seed = fresh_seed()
     rng = random.Random(seed)
@@ -270,8 +290,9 @@ def test_step_is_capturable(family: str, n_layers: int, options: dict) -> None:
             verifier._commit(buffers[1])
             first = verifier._padded_prompt(buffers[2])
     assert spy.hits == [], f"host tensors in the step: {sorted(set(spy.hits))}"
-    assert out.device.type == "meta" and out.shape == (tree.size + 2 * tree.size * 2,)
-    assert first.device.type == "meta" and first.shape == (1 + 2 * 2,)
+    # head 1's greedy token per node, the accepted node, heads 2-3's top-2 there (not at every node)
+    assert out.device.type == "meta" and out.shape == (tree.size + 1 + 2 * 2,)
+    assert first.device.type == "meta" and first.shape == (1 + 1 + 2 * 2,)
     assert not decoder.uses_cuda_graphs
 
 
