@@ -134,3 +134,22 @@ def test_invariance_benchmark_runs_on_a_model_with_a_small_vocabulary() -> None:
     assert all(s["nodes"] > 0 for s in summary.values())
     assert summary["invariant/chain"]["exact"] == summary["invariant/tree"]["exact"] == 1.0
     assert summary["invariant/tree"]["max_abs_diff"] == 0.0 and summary["plain/tree"]["max_abs_diff"] < 1e-3
+
+
+def test_pass_cost_times_every_part_of_every_step() -> None:
+    """A smoke run on the CPU (eager, clock-timed): one row per dtype, tree and verifier with every part,
+    the cache compaction for trees only, the heads at one node and at all, and the matmuls by rows."""
+    bench = _load("pass_cost")
+    out = bench.main(["--shape", "tiny-llama", "--device", "cpu", "--dtypes", "float32,bf16", "--trees",
+                      "chain1,top10", "--repeats", "1", "--trials", "1", "--gemm-rows", "1,3"])
+    rows = {(r["dtype"], r["tree"], r["verifier"]): r for r in out["rows"]}
+    assert set(rows) == {(d, t, v) for d in ("float32", "bf16") for t in ("chain1", "top10")
+                         for v in ("plain", "invariant")}
+    for (_, tree, verifier), r in rows.items():
+        parts = ["step_ms", "step_host_ms", "forward_ms", "head1_ms", "heads_all_ms", "heads_row_ms"]
+        assert all(r[p] > 0 for p in parts), r
+        assert ("commit_ms" in r) == (tree == "top10"), r
+        assert r["width"] == (11 if verifier == "invariant" else r["nodes"]), r
+    assert {(g["dtype"], g["weight"], g["rows"]) for g in out["gemm"]} == {
+        (d, w, n) for d in ("float32", "bf16") for w in ("mlp_up", "unembed") for n in (1, 3)}
+    assert out["provenance"]["device"].startswith("CPU") and out["settings"]["shape"] == "tiny-llama"

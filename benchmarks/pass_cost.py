@@ -1,0 +1,286 @@
+"""Where a verification step's time goes: one step by dtype, tree and part, on the device's captured graphs.
+
+Chapter 4's float32 runs found tree rows slower than chains (SmolLM2, H200: a 10-node tree step
+8.1 ms against 4.8 ms for a 2-token chain, where bfloat16 gives 3.8 and 3.5 ms). This times, for a
+model with ``--heads`` layer heads, each dtype and tree, and the plain and the invariant verifier:
+
+  step        the decoder's captured verification step (masks, backbone, heads, head 1's greedy
+              tokens, the acceptance, heads 2..'s top-k at the accepted node)
+  step+host   the same called as the decoder calls it (the step's tensor built on the host, copied in,
+              its predictions copied back): the whole step but for the host's drafting and acceptance
+  forward     the model and heads' forward alone (their states at every token)
+  head1       head 1's greedy token at every token
+  heads@all   heads 2..'s logits and top-k at every node (what the decoder computed before e55cdb7)
+  heads@row   the same at one node (what it computes now)
+  commit      the cache compaction after a tree step that accepted an off-chain node
+
+and, by rows S, one matmul of an MLP weight and of the unembedding alone: in float32 (no TF32)
+matmuls run on CUDA cores, so their cost grows with the rows of a pass much sooner than in
+bfloat16. ``--profile`` adds the top kernels of five eager steps per dtype and tree (torch.profiler).
+
+Timings need no trained weights: ``--shape smollm2-135m`` (or gemma3-270m, a config.json, a tiny
+model's name) builds the model from its config with random weights, so no model files are needed on
+the GPU machine; ``--model`` loads real weights instead. On CUDA every part is a captured graph
+timed by CUDA events (the median of ``--trials`` trials of ``--repeats`` replays); on the CPU the
+same parts run eagerly, timed by the wall clock (a smoke run, not a measurement).
+
+    python benchmarks/pass_cost.py --shape smollm2-135m --profile --out pass-cost-smollm2.json
+    python benchmarks/pass_cost.py --shape tiny-llama --device cpu --repeats 2 --trials 1   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The configs of the offline models (their config.json files, shapes only): timings need no weights.
+SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    "gemma3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                        max_position_embeddings=32768, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
+                        sliding_window=512, tie_word_embeddings=True,
+                        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3),
+}
+TREES = ("chain1", "chain3", "top10", "tree64")  # spec2_chain, spec4_chain, spec2_tree's and spec4_tree's shapes
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--shape", default="smollm2-135m",
+                     help=f"random weights in a known shape ({', '.join(SHAPES)}, tiny-<family>) or a config.json")
+    src.add_argument("--model", help="real weights: an alias, hub id or folder (mtp_lib.models.load_model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtypes", default="float32,bf16", help="comma separated")
+    p.add_argument("--trees", default=",".join(TREES), help=f"comma separated, of {', '.join(TREES)}")
+    p.add_argument("--verifiers", default="plain,invariant", help="comma separated: plain, invariant")
+    p.add_argument("--heads", type=int, default=4, help="MTP heads (layer heads)")
+    p.add_argument("--context", type=int, default=160, help="tokens in the cache before the step")
+    p.add_argument("--gemm-rows", default="1,2,4,11,16,32,65", help="rows of the matmuls timed alone")
+    p.add_argument("--repeats", type=int, default=50, help="replays per trial")
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="top kernels of eager steps (torch.profiler)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    bad = [t for t in args.trees.split(",") if t not in TREES]
+    if bad:
+        p.error(f"unknown trees {bad}: choose from {', '.join(TREES)}")
+    if any(v not in ("plain", "invariant") for v in args.verifiers.split(",")):
+        p.error(f"--verifiers {args.verifiers!r}: choose from plain, invariant")
+    return args
+
+
+def make_tree(name: str) -> Any:
+    from mtp_lib.decode import Tree
+
+    if name.startswith("chain"):
+        return Tree.chain(int(name[5:]))
+    if name == "top10":  # head 2's ten best drafts side by side
+        return Tree(tuple((r,) for r in range(10)))
+    ranks = [[0.6, 0.15, 0.08, 0.05, 0.04, 0.03, 0.02, 0.02, 0.01, 0.01]] * 3  # a calibrated-looking tree
+    return Tree.from_rank_probs(ranks, 64)
+
+
+def build_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> Any:
+    """The backbone (random weights in ``--shape``, or ``--model``'s) with ``--heads`` layer heads."""
+    from mtp_lib.heads import MTPModel
+
+    if args.model:
+        from mtp_lib.models import load_model
+
+        backbone = load_model(args.model, device=str(device), dtype=dtype).model
+    elif args.shape.startswith("tiny-"):
+        from mtp_lib.tiny_models import TINY_MODELS, build_tiny_model
+
+        if args.shape not in TINY_MODELS:
+            raise SystemExit(f"--shape {args.shape}: tiny models are {', '.join(TINY_MODELS)}")
+        backbone = build_tiny_model(TINY_MODELS[args.shape])
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if args.shape in SHAPES:
+            fields = dict(SHAPES[args.shape])
+            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        elif Path(args.shape).is_file():
+            config = AutoConfig.from_pretrained(args.shape)
+        else:
+            raise SystemExit(f"--shape {args.shape!r} is neither a known shape ({', '.join(SHAPES)}), a tiny "
+                             "model nor a config.json file")
+        torch.manual_seed(0)
+        backbone = AutoModelForCausalLM.from_config(config)
+    return MTPModel(backbone, n_heads=args.heads).to(device=device, dtype=dtype).eval()
+
+
+class Timer:
+    """Times ``fn`` on fixed inputs: a replayed CUDA graph timed by events, or eager calls by the clock."""
+
+    def __init__(self, device: torch.device, repeats: int, trials: int) -> None:
+        self.cuda, self.repeats, self.trials = device.type == "cuda", repeats, trials
+
+    def __call__(self, fn: Callable[..., Any], *inputs: torch.Tensor, capture: bool = True) -> float:
+        """Milliseconds per call: the median over trials of the mean over ``repeats`` calls."""
+        from mtp_lib.decode_graph import GraphRunner
+
+        if capture:
+            runner = GraphRunner(fn, inputs, cuda_graph=self.cuda)
+            call: Callable[[], Any] = runner.graph.replay if runner.graph is not None else lambda: runner.fn(*runner.inputs)
+        else:
+            call = lambda: fn(*inputs)  # noqa: E731
+        call()
+        per_trial = []
+        for _ in range(self.trials):
+            if self.cuda:
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(self.repeats):
+                    call()
+                stop.record()
+                torch.cuda.synchronize()
+                per_trial.append(start.elapsed_time(stop) / self.repeats)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(self.repeats):
+                    call()
+                per_trial.append((time.perf_counter() - t0) * 1e3 / self.repeats)
+        return round(statistics.median(per_trial), 4)
+
+
+@torch.no_grad()
+def time_parts(mtp: Any, tree: Any, invariant: bool, width: int, args: argparse.Namespace, timer: Timer
+               ) -> dict[str, Any]:
+    """One row: every part of one step of ``tree`` (passes of ``width`` tokens when ``invariant``)."""
+    from mtp_lib.decode import SpeculativeDecoder
+
+    device = next(mtp.parameters()).device
+    dec = SpeculativeDecoder(mtp, tree=tree, max_length=args.context + 2 * width + 64, cuda_graphs=True,
+                             invariant=invariant, width=width if invariant else None)
+    v: Any = dec._verifier
+    gen = torch.Generator().manual_seed(0)
+    vocab = mtp.vocab_size
+    v.prefill(torch.randint(vocab, (1, args.context), generator=gen).to(device))
+    tokens = torch.randint(vocab, (v.width,), generator=gen).tolist()
+    packed = torch.tensor([args.context, *tokens], device=device)
+    depths, structure = v.step_structure()
+    slots = packed[:1] + torch.arange(v.width, device=device)
+
+    def forward(p: torch.Tensor) -> torch.Tensor:
+        v.cache.set_slots(slots)
+        return v.states(p[:1], p[1:], depths, structure)
+
+    states = forward(packed).clone()
+    row = torch.tensor([tree.size - 1], device=device)  # the deepest node: off the chain in a tree
+    k = max(v.k, 1)
+    out: dict[str, Any] = {"tree": getattr(tree, "name", None), "nodes": tree.size, "width": v.width,
+                           "verifier": "invariant" if invariant else "plain"}
+    out["step_ms"] = timer(v._step, packed)
+    out["step_host_ms"] = timer(lambda: v.step(args.context, tokens[:tree.size]), capture=False)
+    out["forward_ms"] = timer(forward, packed)
+    out["head1_ms"] = timer(lambda s: mtp.unembed_states(s[:1])[0].argmax(dim=-1), states)
+    if mtp.n_heads > 1:
+        out["heads_all_ms"] = timer(lambda s: mtp.unembed_states(s[1:tree.depth + 1]).topk(k, dim=-1).indices, states)
+        out["heads_row_ms"] = timer(lambda s, r: mtp.unembed_states(s[1:tree.depth + 1].index_select(1, r))
+                                    .topk(k, dim=-1).indices, states, row)
+    if v.commit_runner is not None:
+        path = [0, *[i for i in range(tree.size) if tree.depths[i] >= 1][-1:]]
+        offsets = path + list(range(len(path), tree.depth + 1))
+        out["commit_ms"] = timer(v._commit, torch.tensor([args.context, *offsets], device=device))
+    return out
+
+
+@torch.no_grad()
+def time_gemms(mtp: Any, rows: list[int], timer: Timer) -> list[dict[str, Any]]:
+    """One matmul alone per weight and rows: the first MLP's up projection and the unembedding."""
+    weights = {"mlp_up": next(w for n, w in mtp.backbone.named_parameters() if n.endswith(("up_proj.weight",
+                                                                                         "dense_h_to_4h.weight",
+                                                                                         "c_fc.weight"))),
+               "unembed": mtp.unembed.weight}
+    out = []
+    for name, w in weights.items():
+        for r in rows:
+            x = torch.randn(r, w.shape[-1], device=w.device, dtype=w.dtype)
+            out.append({"weight": name, "shape": list(w.shape), "rows": r,
+                        "ms": timer(lambda a: a @ w.T, x)})
+    return out
+
+
+@torch.no_grad()
+def kernel_profile(mtp: Any, tree: Any, args: argparse.Namespace) -> list[str]:
+    """The top kernels of five eager steps (plain verifier) under torch.profiler."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from marginal import kernel_totals  # benchmarks/marginal.py: the kernels of a chrome trace
+    from torch.profiler import ProfilerActivity, profile
+
+    from mtp_lib.decode import SpeculativeDecoder
+
+    device = next(mtp.parameters()).device
+    dec = SpeculativeDecoder(mtp, tree=tree, max_length=args.context + 2 * tree.size + 64, cuda_graphs=False)
+    v: Any = dec._verifier
+    v.prefill(torch.randint(mtp.vocab_size, (1, args.context)).to(device))
+    packed = torch.tensor([args.context, *torch.randint(mtp.vocab_size, (tree.size,)).tolist()], device=device)
+    v._step(packed)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            v._step(packed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        return kernel_totals(json.loads(trace.read_text()), top=12)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    from mtp_lib.models import resolve_device
+    from mtp_lib.results import provenance
+
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    timer = Timer(device, args.repeats, args.trials)
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    trees = {name: make_tree(name) for name in args.trees.split(",")}
+    width = max(t.size for t in trees.values())  # of every invariant pass, as benchmarks/speculative.py
+    rows, gemms, profiles = [], [], {}
+    for dname in args.dtypes.split(","):
+        if dname not in dtypes:
+            raise SystemExit(f"--dtypes: unknown {dname!r}; choose from {', '.join(dtypes)}")
+        mtp = build_model(args, dtypes[dname], device)
+        for name, tree in trees.items():
+            for kind in args.verifiers.split(","):
+                row = time_parts(mtp, tree, kind == "invariant", width, args, timer)
+                rows.append({"dtype": dname, **row, "tree": name})
+                print(json.dumps(rows[-1]), flush=True)
+            if args.profile:
+                profiles[f"{dname}/{name}"] = kernel_profile(mtp, tree, args)
+                print("\n".join([f"{dname} {name}", *profiles[f"{dname}/{name}"]]), flush=True)
+        gemms += [{"dtype": dname, **g} for g in time_gemms(mtp, [int(r) for r in args.gemm_rows.split(",")], timer)]
+        del mtp
+    for g in gemms:
+        print(f"{g['dtype']:8} {g['weight']:8} rows {g['rows']:3d}: {g['ms']:.4f} ms")
+    settings = {k: (Path(v).name if isinstance(v, str) and Path(v).is_file() else v)  # no machine path
+                for k, v in vars(args).items() if k != "out"}
+    result = {"benchmark": "pass_cost", "settings": settings, "rows": rows, "gemm": gemms, "profiles": profiles,
+              "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t0, source=__file__)}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
