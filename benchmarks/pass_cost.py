@@ -6,6 +6,8 @@ model with ``--heads`` layer heads, each dtype and tree, and the plain and the i
 
   step        the decoder's captured verification step (masks, backbone, heads, head 1's greedy
               tokens, the acceptance, heads 2..'s top-k at the accepted node)
+  compiled    with ``--compile``: the same step compiled by torch.compile, then captured
+              (``SpeculativeDecoder(compile_step=True)``: Inductor fuses each layer's small kernels)
   step+host   the same called as the decoder calls it (the step's tensor built on the host, copied in,
               its predictions copied back): the whole step but for the host's drafting and acceptance
   forward     the model and heads' forward alone (their states at every token)
@@ -54,7 +56,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                         sliding_window=512, tie_word_embeddings=True,
                         layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3),
 }
-TREES = ("chain1", "chain3", "top10", "tree64")  # spec2_chain, spec4_chain, spec2_tree's and spec4_tree's shapes
+TREES = ("chain0", "chain1", "chain3", "top10", "tree64")  # greedy, spec2_chain, spec4_chain, spec2/4_tree's shapes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--model", help="real weights: an alias, hub id or folder (mtp_lib.models.load_model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtypes", default="float32,bf16", help="comma separated")
-    p.add_argument("--trees", default=",".join(TREES), help=f"comma separated, of {', '.join(TREES)}")
+    p.add_argument("--trees", default=",".join(TREES[1:]), help=f"comma separated, of {', '.join(TREES)}")
     p.add_argument("--verifiers", default="plain,invariant", help="comma separated: plain, invariant")
     p.add_argument("--heads", type=int, default=4, help="MTP heads (layer heads)")
     p.add_argument("--context", type=int, default=160, help="tokens in the cache before the step")
@@ -73,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=50, help="replays per trial")
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="top kernels of eager steps (torch.profiler)")
+    p.add_argument("--compile", action="store_true", help="also time each step compiled (torch.compile)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     bad = [t for t in args.trees.split(",") if t not in TREES]
@@ -165,9 +168,13 @@ def time_parts(mtp: Any, tree: Any, invariant: bool, width: int, args: argparse.
     from mtp_lib.decode import SpeculativeDecoder
 
     device = next(mtp.parameters()).device
-    dec = SpeculativeDecoder(mtp, tree=tree, max_length=args.context + 2 * width + 64, cuda_graphs=True,
-                             invariant=invariant, width=width if invariant else None)
-    v: Any = dec._verifier
+
+    def verifier(compile_step: bool) -> Any:
+        dec = SpeculativeDecoder(mtp, tree=tree, max_length=args.context + 2 * width + 64, cuda_graphs=True,
+                                 invariant=invariant, width=width if invariant else None, compile_step=compile_step)
+        return dec._verifier
+
+    v = verifier(False)
     gen = torch.Generator().manual_seed(0)
     vocab = mtp.vocab_size
     v.prefill(torch.randint(vocab, (1, args.context), generator=gen).to(device))
@@ -186,10 +193,18 @@ def time_parts(mtp: Any, tree: Any, invariant: bool, width: int, args: argparse.
     out: dict[str, Any] = {"tree": getattr(tree, "name", None), "nodes": tree.size, "width": v.width,
                            "verifier": "invariant" if invariant else "plain"}
     out["step_ms"] = timer(v._step, packed)
+    if args.compile:
+        t0 = time.perf_counter()
+        fused = verifier(True)  # compiles and captures (on the CPU: compiles at its first step)
+        fused.prefill(torch.randint(vocab, (1, args.context), generator=gen).to(device))
+        runner = fused.step_runner
+        runner(packed)
+        out["compile_s"] = round(time.perf_counter() - t0, 1)
+        out["compiled_ms"] = timer(lambda p: runner(p), packed, capture=False)
     out["step_host_ms"] = timer(lambda: v.step(args.context, tokens[:tree.size]), capture=False)
     out["forward_ms"] = timer(forward, packed)
     out["head1_ms"] = timer(lambda s: mtp.unembed_states(s[:1])[0].argmax(dim=-1), states)
-    if mtp.n_heads > 1:
+    if tree.depth > 0:
         out["heads_all_ms"] = timer(lambda s: mtp.unembed_states(s[1:tree.depth + 1]).topk(k, dim=-1).indices, states)
         out["heads_row_ms"] = timer(lambda s, r: mtp.unembed_states(s[1:tree.depth + 1].index_select(1, r))
                                     .topk(k, dim=-1).indices, states, row)

@@ -31,7 +31,10 @@ read in logical order): in bf16 its outputs must equal ``greedy_invariant``'s on
 (``identical_to_greedy``; without ``--invariant`` the reference is ``greedy_graph``). Speedups are
 reported over every greedy row and over the fastest one on the same prompts
 (``speedup_vs_fastest_greedy``); the decoders' host time per verification step is split into
-drafting, verification and acceptance (``draft_ms``, ``verify_ms``, ``accept_ms``).
+drafting, verification and acceptance (``draft_ms``, ``verify_ms``, ``accept_ms``). With ``--compile``
+each of our decoders (greedy_graph, greedy_invariant, specN_*) compiles its step with torch.compile
+before capturing it (``SpeculativeDecoder(compile_step=True)``: Inductor fuses each layer's small
+kernels); ``benchmarks/pass_cost.py`` times one step with and without.
 
 Heads: trained here with mtp_lib.train (the ``heads_only`` recipe by default) on the model's own
 greedy continuations of training prompts (self-distillation: acceptance is agreement with greedy
@@ -81,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-graphs", action="store_true", help="static-cache rows without CUDA graphs")
     p.add_argument("--invariant", action="store_true",
                    help="position-invariant verification (bit-exact against greedy_invariant in any dtype)")
+    p.add_argument("--compile", action="store_true",
+                   help="our decoders' steps compiled by torch.compile before capture (SpeculativeDecoder's compile_step)")
     p.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method (mean)")
     # heads
@@ -424,10 +429,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def decoder(mtp: Any, tree: Any, invariant: bool = False, drafter: Any = None) -> Runner:
         if invariant:  # one width and one cache length for all, so that their outputs can be identical
             dec = SpeculativeDecoder(mtp, tree=tree, max_length=max_prompt + budget + width + 1, cuda_graphs=graphs,
-                                     invariant=True, width=width)
+                                     invariant=True, width=width, compile_step=args.compile)
         else:
             dec = SpeculativeDecoder(mtp, tree=tree, max_length=max_prompt + budget + tree.size + 1,
-                                     cuda_graphs=graphs)
+                                     cuda_graphs=graphs, compile_step=args.compile)
         return lambda ids: dec.generate(ids, budget, eos_token_id=eos, drafter=drafter)
 
     methods: dict[str, tuple[Runner, bool]] = {}  # name -> (run(ids) -> GenerateOutput, timed)
@@ -461,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.invariant:
         methods["greedy_invariant"] = (decoder(verifier_mtp, Tree.chain(0), True), True)
     for name, (mtp, tree) in specs.items():
-        drafter = PromptLookupDrafter() if name.endswith("_pld") else None
+        drafter: Any = PromptLookupDrafter() if name.endswith("_pld") else None
         methods[name] = (decoder(mtp, tree, args.invariant, drafter), True)
     if want("oracle2"):
         oracle_mtp = MTPModel(model, n_heads=2, head_type="medusa")  # head 1 is the model itself

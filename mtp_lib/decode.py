@@ -92,7 +92,9 @@ class SpeculativeDecoder:
     (:mod:`mtp_lib.decode_invariant`): every pass feeds ``width`` tokens (default the tree's size)
     and attention reads keys in logical order, so that in any dtype a token's logits are bit-identical
     whatever is verified beside it; decoders with the same ``width`` and ``max_length`` (greedy ones,
-    ``Tree.chain(0)``, included) then give identical outputs.
+    ``Tree.chain(0)``, included) then give identical outputs. ``compile_step``: compile the step with
+    ``torch.compile`` (Inductor fuses the many small kernels of each layer) before it is captured; the
+    first decoder of a shape compiles for seconds to minutes.
 
     The decoder shares ``mtp``'s weights: changing them in place is seen by later calls, moving the
     model to another device or dtype is not (build a new decoder).
@@ -100,7 +102,7 @@ class SpeculativeDecoder:
 
     def __init__(self, mtp: MTPModel, *, tree: Tree | None = None, max_length: int = 1024,
                  static_cache: bool = True, cuda_graphs: bool = True, pad_prompts: bool | None = None,
-                 invariant: bool = False, width: int | None = None) -> None:
+                 invariant: bool = False, width: int | None = None, compile_step: bool = False) -> None:
         if not isinstance(mtp, MTPModel):
             raise ValueError(f"mtp must be an mtp_lib.heads.MTPModel (a model with its MTP heads), got "
                              f"{type(mtp).__name__}: build one with MTPModel(model, n_heads=...) (a model or the "
@@ -115,6 +117,8 @@ class SpeculativeDecoder:
             raise ValueError("width is the pass width of invariant decoding: pass invariant=True with it")
         if invariant and not static_cache:
             raise ValueError("invariant=True needs the static cache (static_cache=True)")
+        if compile_step and not static_cache:
+            raise ValueError("compile_step=True needs the static cache (static_cache=True)")
         self.width = tree.size if width is None else width
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < self.width + 1:
             raise ValueError(f"max_length={max_length!r} must be an integer > the tokens of a pass ({self.width})")
@@ -127,9 +131,11 @@ class SpeculativeDecoder:
         self._verifier: _StaticVerifier | _DynamicVerifier
         if invariant:  # position-invariant verification: mtp_lib.decode_invariant
             from mtp_lib.decode_invariant import InvariantVerifier
-            self._verifier = InvariantVerifier(self.view, tree, max_length, cuda_graphs, pad_prompts, width)
+            self._verifier = InvariantVerifier(self.view, tree, max_length, cuda_graphs, pad_prompts, width,
+                                               compile_step)
         else:
-            self._verifier = (_StaticVerifier(self.view, tree, max_length, cuda_graphs, pad_prompts) if static_cache
+            self._verifier = (_StaticVerifier(self.view, tree, max_length, cuda_graphs, pad_prompts,
+                                              compile_step=compile_step) if static_cache
                               else _DynamicVerifier(self.view, tree))
 
     @property

@@ -182,7 +182,7 @@ class InvariantVerifier(_StaticVerifier):
     """
 
     def __init__(self, view: MTPModel, tree: Tree, max_length: int, cuda_graphs: bool,
-                 pad_prompts: bool | None = None, width: int | None = None) -> None:
+                 pad_prompts: bool | None = None, width: int | None = None, compile_step: bool = False) -> None:
         width = tree.size if width is None else width
         if isinstance(width, bool) or not isinstance(width, int) or width < tree.size:
             raise ValueError(f"width={width!r} must be an integer >= the tree size {tree.size}")
@@ -190,7 +190,8 @@ class InvariantVerifier(_StaticVerifier):
         # set before the runners of the base class capture _step: the tree's tokens, then padding at depth 0
         self.pass_depth = torch.tensor([*tree.depths, *[0] * (width - tree.size)], device=device)
         self.paths = tree_paths(tree, width).to(device)
-        super().__init__(invariant_view(view), tree, max_length, cuda_graphs, pad_prompts, width=width)
+        super().__init__(invariant_view(view), tree, max_length, cuda_graphs, pad_prompts, width=width,
+                         compile_step=compile_step)
 
     def states(self, start: torch.Tensor, tokens: torch.Tensor, depth: torch.Tensor,
                structure: torch.Tensor | None) -> torch.Tensor:

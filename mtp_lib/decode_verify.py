@@ -124,7 +124,7 @@ class _StaticVerifier:
     """
 
     def __init__(self, view: MTPModel, tree: Tree, max_length: int, cuda_graphs: bool,
-                 pad_prompts: bool | None = None, width: int | None = None) -> None:
+                 pad_prompts: bool | None = None, width: int | None = None, compile_step: bool = False) -> None:
         param = next(view.parameters())
         self.view, self.tree, self.max_length = view, tree, max_length
         self.width = tree.size if width is None else width  # tokens per step pass (padded: decode_invariant)
@@ -143,7 +143,12 @@ class _StaticVerifier:
             return torch.zeros(n, dtype=torch.long, device=self.device)
 
         with torch.no_grad():
-            self.step_runner = GraphRunner(self._step, [zeros(1 + self.width)], cuda_graph=graphs)
+            step: Any = self._step
+            if compile_step:  # fused by Inductor, then captured like the eager step
+                self._step(zeros(1 + self.width))  # allocates the caches first, so one compilation serves
+                step = torch.compile(self._step, fullgraph=True, dynamic=False)
+            self.compiled = compile_step
+            self.step_runner = GraphRunner(step, [zeros(1 + self.width)], cuda_graph=graphs)
             self.commit_runner = None if tree.is_chain else GraphRunner(
                 self._commit, [zeros(1 + tree.depth + 1)], cuda_graph=graphs)
             self.prompt_runners: dict[int, GraphRunner] = {}

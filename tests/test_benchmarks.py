@@ -142,6 +142,10 @@ def test_pass_cost_times_every_part_of_every_step() -> None:
     bench = _load("pass_cost")
     out = bench.main(["--shape", "tiny-llama", "--device", "cpu", "--dtypes", "float32,bf16", "--trees",
                       "chain1,top10", "--repeats", "1", "--trials", "1", "--gemm-rows", "1,3"])
+    greedy = bench.main(["--shape", "tiny-llama", "--device", "cpu", "--dtypes", "float32", "--trees", "chain0",
+                         "--verifiers", "plain", "--compile", "--repeats", "1", "--trials", "1", "--gemm-rows", "1"])
+    (row,) = greedy["rows"]
+    assert row["compiled_ms"] > 0 and row["compile_s"] >= 0 and "heads_all_ms" not in row, row
     rows = {(r["dtype"], r["tree"], r["verifier"]): r for r in out["rows"]}
     assert set(rows) == {(d, t, v) for d in ("float32", "bf16") for t in ("chain1", "top10")
                          for v in ("plain", "invariant")}

@@ -352,3 +352,35 @@ def test_captured_invariant_decoding_on_cuda_equals_greedy_in_bfloat16(family: s
         for d, t in enumerate(tokens):
             alone = greedy._verifier.head1_logits(ids.shape[1] + d, [t])  # type: ignore[union-attr]
             assert torch.equal(together[d], alone[0]), f"{family}, position {d}, seed {seed}"
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_compiled_steps_keep_speculation_equal_to_greedy_in_bfloat16(family: str, device: str) -> None:
+    """``compile_step=True`` (Inductor's fused kernels; captured as CUDA graphs on the GPU): a compiled
+    invariant tree decoder still gives the compiled invariant greedy decoder's output token for token,
+    and a compiled plain decoder the eager one's tokens (Gemma in float64, where rounding cannot flip
+    them)."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    mtp = mtp_of(tiny(family, seed, torch.bfloat16, 6 if family == "gemma" else 4), 3, seed).to(device)
+    ids = prompt(seed, rng.randint(10, 40)).to(device)
+    greedy = SpeculativeDecoder(mtp, tree=Tree.chain(0), max_length=120, invariant=True, width=10, compile_step=True)
+    assert greedy.uses_cuda_graphs == (device == "cuda")
+    ref = greedy.generate(ids, 32)
+    tree = Tree.cartesian([3, 2])
+    dec = SpeculativeDecoder(mtp, tree=tree, max_length=120, invariant=True, width=10, compile_step=True)
+    out = dec.generate(ids, 32, drafter=NoisyDrafter(ref.tokens[0].tolist(), 0.8, rng))
+    msg = f"{family}, {device}, prompt {ids.shape[1]}, seed {seed}"
+    assert dec._verifier.compiled and out.tokens.tolist() == ref.tokens.tolist(), msg  # type: ignore[union-attr]
+    assert max(out.accepted_lengths) > 1, msg
+    if family != "gemma":  # one family is enough here: each compilation takes seconds on the CPU
+        return
+    wide = mtp_of(tiny(family, seed, torch.float64, 6), 3, seed).to(device)
+    eager = SpeculativeDecoder(wide, tree=tree, max_length=120).generate(ids, 32)
+    fused = SpeculativeDecoder(wide, tree=tree, max_length=120, compile_step=True).generate(ids, 32)
+    assert fused.tokens.tolist() == eager.tokens.tolist(), msg
+    assert fused.accepted_lengths == eager.accepted_lengths, msg
