@@ -10,7 +10,8 @@ gives; only the number of forward passes changes.
 With ``tree`` (a :class:`Tree`) the step verifies several candidates per head at once (Medusa's
 tree attention): every path of the tree is one draft continuation, and the deepest path that
 greedy decoding agrees with is accepted. ``Tree.chain(n)`` is the plain sequence of the top-1
-drafts of heads 2..n+1 (the default, with every head).
+drafts of heads 2..n+1 (the default, with every head). A :class:`DynamicTree` is chosen anew at every
+step from the heads' own probabilities there (EAGLE-2's dynamic tree), with the same number of nodes.
 
 Counting: :attr:`GenerateOutput.accepted_lengths` lists the tokens gained by each forward pass:
 1 for the prompt's pass (the first new token), then 1 + the accepted drafts for each verification
@@ -52,13 +53,14 @@ import torch
 
 from mtp_lib.decode_baselines import hf_generate, next_token_model
 from mtp_lib.decode_output import GenerateOutput, _check_max_new, _eos_set, acceptance_summary
-from mtp_lib.decode_tree import Drafter, MarginalOracleDrafter, PromptLookupDrafter, ReferenceDrafter, Tree, rank_acceptance
+from mtp_lib.decode_tree import Drafter, DynamicTree, MarginalOracleDrafter, PromptLookupDrafter, ReferenceDrafter, Tree, rank_acceptance
 from mtp_lib.decode_verify import _DynamicVerifier, _first_heads, _position_limit, _StaticVerifier
 from mtp_lib.heads import MTPModel
 from mtp_lib.inputs import as_ids
 
 __all__ = [
     "Drafter",
+    "DynamicTree",
     "GenerateOutput",
     "MarginalOracleDrafter",
     "PromptLookupDrafter",
@@ -82,7 +84,7 @@ class SpeculativeDecoder:
     """Speculative decoding with ``mtp``'s heads over ``tree``, reusable across prompts.
 
     ``tree``: the draft tree (default ``Tree.chain(mtp.n_heads - 1)``: every head's top-1 draft;
-    ``Tree.chain(0)``: plain greedy decoding). ``static_cache``: the fixed-buffer cache (needed for
+    ``Tree.chain(0)``: plain greedy decoding; a :class:`DynamicTree`: each step's own). ``static_cache``: the fixed-buffer cache (needed for
     trees and CUDA graphs) or Hugging Face's dynamic one. ``max_length``: room of the static cache;
     a prompt of T tokens may generate up to ``max_length - T - tree.size + 1`` tokens.
     ``cuda_graphs``: capture the step as a CUDA graph when the model is on CUDA (ignored elsewhere);
@@ -100,7 +102,7 @@ class SpeculativeDecoder:
     model to another device or dtype is not (build a new decoder).
     """
 
-    def __init__(self, mtp: MTPModel, *, tree: Tree | None = None, max_length: int = 1024,
+    def __init__(self, mtp: MTPModel, *, tree: Tree | DynamicTree | None = None, max_length: int = 1024,
                  static_cache: bool = True, cuda_graphs: bool = True, pad_prompts: bool | None = None,
                  invariant: bool = False, width: int | None = None, compile_step: bool = False) -> None:
         if not isinstance(mtp, MTPModel):
@@ -108,8 +110,10 @@ class SpeculativeDecoder:
                              f"{type(mtp).__name__}: build one with MTPModel(model, n_heads=...) (a model or the "
                              "LoadedModel of load_model), or train heads with mtp_lib.train")
         tree = Tree.chain(mtp.n_heads - 1) if tree is None else tree
-        if not isinstance(tree, Tree):
-            raise ValueError(f"tree must be a mtp_lib.decode.Tree, got {type(tree).__name__}")
+        if not isinstance(tree, (Tree, DynamicTree)):
+            raise ValueError(f"tree must be a mtp_lib.decode.Tree or DynamicTree, got {type(tree).__name__}")
+        if isinstance(tree, DynamicTree) and not static_cache:
+            raise ValueError("a DynamicTree needs the static cache (static_cache=True)")
         if tree.depth > mtp.n_heads - 1:
             raise ValueError(f"the tree drafts {tree.depth} tokens ahead but the model has {mtp.n_heads} heads "
                              f"(at most {mtp.n_heads - 1} drafts): use a shallower tree or more heads")
@@ -195,12 +199,13 @@ class SpeculativeDecoder:
             t0 = time.perf_counter()
             candidates = pred.candidates(row)
             drafts = candidates if drafter is None else drafter(tokens, candidates)
-            step_tokens = self.tree.fill(tokens[-1], drafts)
+            tree = self.tree.build(pred.probabilities(row)) if isinstance(self.tree, DynamicTree) else self.tree
+            step_tokens = tree.fill(tokens[-1], drafts)
             start = len(tokens) - 1  # tokens in the cache: all but the root
             t1 = time.perf_counter()
-            pred = self._verifier.step(start, step_tokens)  # returns once its predictions are on the host
+            pred = self._verifier.step(start, step_tokens, tree)  # returns once its predictions are on the host
             t2 = time.perf_counter()
-            path = self.tree.accept(step_tokens, pred.greedy)
+            path = tree.accept(step_tokens, pred.greedy)
             self._verifier.commit(start, path)
             row = path[-1]
             gained = [step_tokens[i] for i in path[1:]] + [pred.greedy[row]]
@@ -219,7 +224,7 @@ class SpeculativeDecoder:
 
 
 def speculative_generate(mtp_model: MTPModel, input_ids: Any, max_new_tokens: int, *,
-                         tree: Tree | None = None, eos_token_id: int | Sequence[int] | None = None,
+                         tree: Tree | DynamicTree | None = None, eos_token_id: int | Sequence[int] | None = None,
                          drafter: Drafter | None = None, static_cache: bool = True, cuda_graphs: bool = True,
                          max_length: int | None = None, progress: bool = False) -> GenerateOutput:
     """Lossless self-speculative greedy decoding of one prompt with the heads of ``mtp_model``.
@@ -231,7 +236,7 @@ def speculative_generate(mtp_model: MTPModel, input_ids: Any, max_new_tokens: in
     decoder and call its ``generate``.
     """
     tree = Tree.chain(mtp_model.n_heads - 1) if tree is None and isinstance(mtp_model, MTPModel) else tree
-    size = tree.size if isinstance(tree, Tree) else 1
+    size = tree.size if isinstance(tree, (Tree, DynamicTree)) else 1
     if max_length is None:
         n = len(as_ids(input_ids))
         max_length = max(n + _check_max_new(max_new_tokens) + size - 1, size + 1)

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from mtp_lib.decode_tree import Tree
-from mtp_lib.decode_verify import _predict, _Prediction, _StaticVerifier
+from mtp_lib.decode_verify import _StaticVerifier, _TreeTensors
 from mtp_lib.decode_graph import MaskLayout
 from mtp_lib.heads import MTPModel, shallow_module_copy
 
@@ -132,17 +132,7 @@ def tree_paths(tree: Tree, width: int) -> torch.Tensor:
     at depth ``d``), then zeros. Rows past the tree are padding tokens: a path of themselves."""
     if width < tree.size:
         raise ValueError(f"width={width} is smaller than the tree ({tree.size} tokens)")
-    paths = torch.zeros(width, width, dtype=torch.long)
-    parents = tree.parents
-    for i in range(width):
-        if i >= tree.size:
-            paths[i, 0] = i
-            continue
-        node, depth = i, tree.depths[i]
-        while node >= 0:
-            paths[i, depth] = node
-            node, depth = parents[node], depth - 1
-    return paths
+    return _TreeTensors.of(tree, width, torch.device("cpu")).paths
 
 
 def slot_table(start: torch.Tensor, depth: torch.Tensor, paths: torch.Tensor | None, length: int,
@@ -186,10 +176,6 @@ class InvariantVerifier(_StaticVerifier):
         width = tree.size if width is None else width
         if isinstance(width, bool) or not isinstance(width, int) or width < tree.size:
             raise ValueError(f"width={width!r} must be an integer >= the tree size {tree.size}")
-        device = next(view.parameters()).device
-        # set before the runners of the base class capture _step: the tree's tokens, then padding at depth 0
-        self.pass_depth = torch.tensor([*tree.depths, *[0] * (width - tree.size)], device=device)
-        self.paths = tree_paths(tree, width).to(device)
         super().__init__(invariant_view(view), tree, max_length, cuda_graphs, pad_prompts, width=width,
                          compile_step=compile_step)
 
@@ -202,13 +188,9 @@ class InvariantVerifier(_StaticVerifier):
                         use_cache=True, return_logits=False)
         return out.states[:, 0]
 
-    def step_structure(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pass_depth, self.paths
-
-    def step(self, start: int, tokens: list[int]) -> _Prediction:
-        padded = [*tokens, *[0] * (self.width - len(tokens))]
-        packed = self.step_runner(torch.tensor([start, *padded], dtype=torch.long))
-        return _Prediction.parse(packed, self.width, self.tree.depth, self.k)
+    def step_structure(self, nodes: _TreeTensors | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        nodes = self.nodes if nodes is None else nodes
+        return nodes.depths, nodes.paths
 
     @torch.no_grad()
     def head1_logits(self, start: int, tokens: list[int]) -> torch.Tensor:
@@ -217,5 +199,5 @@ class InvariantVerifier(_StaticVerifier):
         padded = torch.tensor([*tokens, *[0] * (self.width - len(tokens))], device=self.device)
         start_t = torch.tensor([start], device=self.device)
         self.cache.set_slots(start_t + torch.arange(self.width, device=self.device))
-        states = self.states(start_t, padded, self.pass_depth, self.paths)
+        states = self.states(start_t, padded, *self.step_structure())
         return self.view.unembed_states(states[:1])[0, :len(tokens)]

@@ -22,7 +22,8 @@ from mtp_lib.decode_output import GenerateOutput
 from mtp_lib.heads import MTPModel
 from mtp_lib.models import eval_mode
 
-__all__ = ["Drafter", "MarginalOracleDrafter", "PromptLookupDrafter", "ReferenceDrafter", "Tree", "rank_acceptance"]
+__all__ = ["Drafter", "DynamicTree", "MarginalOracleDrafter", "PromptLookupDrafter", "ReferenceDrafter", "Tree",
+           "rank_acceptance"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,52 @@ class Tree:
             path.append(best)
             best = parents[best]
         return path[::-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicTree:
+    """A draft tree chosen anew at every step from the heads' own confidence (EAGLE-2's dynamic tree,
+    with the heads in place of a draft model).
+
+    At each step head ``d + 1``'s ``r``-th draft is taken to be right with the probability the head
+    itself gives it there, independently across depths, and the tree is the ``n_nodes`` most probable
+    paths (:meth:`Tree.from_rank_probs` on that step's probabilities instead of rates calibrated over
+    many steps): where head 2 is sure, the tree goes deep along its draft; where it hesitates, wide.
+    Every step verifies ``n_nodes + 1`` tokens, so the decoder's pass keeps one shape.
+    """
+
+    n_nodes: int
+    depth: int
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("n_nodes", "depth", "k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DynamicTree {name}={value!r} must be an integer >= 1")
+        if self.n_nodes < self.depth:
+            raise ValueError(f"n_nodes={self.n_nodes} cannot reach depth={self.depth}: use n_nodes >= depth")
+        if self.n_nodes > sum(self.k ** d for d in range(1, self.depth + 1)):
+            raise ValueError(f"n_nodes={self.n_nodes} exceeds the {self.k} drafts per head over {self.depth} "
+                             "depths: raise k or depth, or lower n_nodes")
+
+    @property
+    def size(self) -> int:
+        return 1 + self.n_nodes
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return (self.k,) * self.depth
+
+    @property
+    def template(self) -> Tree:
+        """A tree of this size and depth (the shapes a decoder's captured step is built for)."""
+        return Tree.from_rank_probs([[1.0] + [0.5 / r for r in range(1, self.k)]] * self.depth,  # top-1 chain,
+                                    self.n_nodes)  # then wide
+
+    def build(self, probs: Sequence[Sequence[float]]) -> Tree:
+        """This step's tree from ``probs`` ``[depth][k]``: the heads' probabilities of their top-k drafts."""
+        return Tree.from_rank_probs(probs, self.n_nodes)
 
 
 # --------------------------------------------------------------------------------------------------

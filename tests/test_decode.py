@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from mtp_lib.decode import (
+    DynamicTree,
     GenerateOutput,
     MarginalOracleDrafter,
     PromptLookupDrafter,
@@ -173,8 +174,74 @@ def test_device_acceptance_matches_tree_accept() -> None:
             tree = Tree.from_rank_probs(probs, rng.randint(1, 20))
         tokens = [rng.randrange(3) for _ in range(tree.size)]
         greedy = [rng.randrange(3) for _ in range(tree.size)]
-        node = _accepted_node(torch.tensor(tokens), torch.tensor(greedy), _TreeTensors.of(tree, torch.device("cpu")))
+        node = _accepted_node(torch.tensor(tokens), torch.tensor(greedy), _TreeTensors.of(tree, tree.size, torch.device("cpu")))
         assert node.shape == (1,) and node.item() == tree.accept(tokens, greedy)[-1], f"seed {seed}"
+
+
+def test_tree_tensors_match_the_tree() -> None:
+    """The device structure of a step (built by walking parents, as inside a captured dynamic step):
+    ancestors as :meth:`Tree.ancestors`, paths as a walk to the root, padding rows on their own."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    for _ in range(50):
+        tree = Tree.from_rank_probs([[rng.random() for _ in range(3)] for _ in range(3)], rng.randint(0, 20))
+        width = tree.size + rng.randint(0, 3)
+        nodes = _TreeTensors.of(tree, width, torch.device("cpu"))
+        ancestors = torch.eye(width, dtype=torch.bool)
+        ancestors[:tree.size, :tree.size] = tree.ancestors()
+        paths = torch.zeros(width, width, dtype=torch.long)
+        for i in range(width):
+            node = i
+            while node >= 0:
+                paths[i, tree.depths[node] if node < tree.size else 0] = node
+                node = tree.parents[node] if node < tree.size else -1
+        msg = f"{tree.choices}, width {width}, seed {seed}"
+        assert torch.equal(nodes.ancestors, ancestors) and torch.equal(nodes.paths, paths), msg
+        assert nodes.depths.tolist() == [*tree.depths, *[0] * (width - tree.size)], msg
+        assert nodes.parents.tolist() == [0, *tree.parents[1:], *range(tree.size, width)], msg
+
+
+def test_dynamic_tree_is_built_from_the_heads_probabilities_at_each_step() -> None:
+    """Each step's tree is ``Tree.from_rank_probs`` of the heads' own top-k probabilities at the context
+    end it drafts from (checked against a full forward pass there), and trees change from step to step."""
+    seed = fresh_seed()
+    mtp = MTPModel(tiny("llama", seed), n_heads=3, seed=seed)
+    ids = prompt(seed, 20)
+    spec = DynamicTree(5, 2, k=3)
+    seen: list[tuple[list[list[float]], Tree]] = []
+
+    class Recording(DynamicTree):
+        def build(self, probs: Any) -> Tree:
+            tree = super().build(probs)
+            seen.append((probs, tree))
+            return tree
+
+    out = speculative_generate(mtp, ids, 24, tree=Recording(spec.n_nodes, spec.depth, spec.k))
+    assert out.tokens[0].tolist() == brute_greedy(mtp, ids, 24), f"seed {seed}"
+    context = out.tokens[0].tolist()
+    end = ids.shape[1]  # context end of the first step: the prompt's last token
+    with torch.no_grad():
+        for step, (probs, tree) in enumerate(seen):
+            logits = mtp(torch.tensor([context[:end]])).logits[1:, 0, -1]  # heads 2, 3 at that end
+            want = logits.softmax(dim=-1).topk(spec.k, dim=-1).values
+            torch.testing.assert_close(torch.tensor(probs, dtype=want.dtype), want, atol=1e-9, rtol=0,
+                                       msg=f"step {step}, seed {seed}")
+            assert tree == Tree.from_rank_probs(probs, spec.n_nodes), f"step {step}, seed {seed}"
+            end += out.accepted_lengths[step + 1]
+    assert len({tree for _, tree in seen}) > 1, f"the tree never changed, seed {seed}"
+
+
+def test_dynamic_tree_validation() -> None:
+    for bad in [dict(n_nodes=0, depth=1), dict(n_nodes=2, depth=3), dict(n_nodes=13, depth=2, k=3),
+                dict(n_nodes=3, depth=1, k=True)]:
+        with pytest.raises(ValueError):
+            DynamicTree(**bad)
+    mtp = MTPModel(tiny("llama", 1), n_heads=3)
+    with pytest.raises(ValueError, match="static cache"):
+        SpeculativeDecoder(mtp, tree=DynamicTree(4, 2), static_cache=False)
+    with pytest.raises(ValueError, match="heads"):
+        SpeculativeDecoder(mtp, tree=DynamicTree(4, 3))
+    assert DynamicTree(12, 2, k=3).template.size == 13 and DynamicTree(12, 2, k=3).template.depth == 2
 
 
 def test_tree_from_rank_probs_is_the_most_probable_set() -> None:
@@ -294,6 +361,11 @@ def test_step_is_capturable(family: str, n_layers: int, options: dict) -> None:
     assert out.device.type == "meta" and out.shape == (tree.size + 1 + 2 * 2,)
     assert first.device.type == "meta" and first.shape == (1 + 1 + 2 * 2,)
     assert not decoder.uses_cuda_graphs
+    dynamic = SpeculativeDecoder(mtp, tree=DynamicTree(5, 2, k=2), max_length=100, cuda_graphs=True)._verifier
+    with torch.no_grad(), spy:  # the tree's structure comes in with the tokens and is walked on the device
+        out = dynamic._step(dynamic.step_runner.inputs[0])
+    assert spy.hits == [], f"host tensors in the dynamic step: {sorted(set(spy.hits))}"
+    assert out.shape == (6 + 1 + 2 * 2 * 2,)  # and the heads' probabilities of their drafts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,7 +396,8 @@ def test_speculative_with_random_heads_equals_greedy(family: str, n_layers: int,
         static = speculative_generate(mtp, ids, 36)
         dynamic = speculative_generate(mtp, ids, 36, static_cache=False)
         tree = speculative_generate(mtp, ids, 36, tree=Tree.cartesian([3] + [2] * (n_heads - 2)))
-        for name, out in [("static", static), ("dynamic", dynamic), ("tree", tree)]:
+        chosen = speculative_generate(mtp, ids, 36, tree=DynamicTree(3 * (n_heads - 1), n_heads - 1, k=3))
+        for name, out in [("static", static), ("dynamic", dynamic), ("tree", tree), ("dynamic tree", chosen)]:
             assert out.tokens[0].tolist() == ref, f"{name}, {msg}"
             check_counts(out, 36, f"{name}, {msg}")
         assert static.accepted_lengths == dynamic.accepted_lengths, f"static vs dynamic cache, {msg}"

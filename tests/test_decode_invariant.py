@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from mtp_lib.decode import ReferenceDrafter, SpeculativeDecoder, Tree, greedy_generate
+from mtp_lib.decode import DynamicTree, ReferenceDrafter, SpeculativeDecoder, Tree, greedy_generate
 from mtp_lib.decode_graph import MaskLayout, tree_masks
 from mtp_lib.decode_invariant import invariant_attention, slot_table, tree_paths
 from mtp_lib.heads import MTPModel
@@ -193,10 +193,10 @@ def test_speculative_equals_greedy_in_bfloat16(family: str) -> None:
     for trial in range(2):
         ids = prompt(seed + trial, rng.randint(10, 70))
         ref = greedy.generate(ids, 48)
-        for tree in (Tree.chain(3), Tree.cartesian([3, 2, 1]), Tree.chain(1)):
+        for tree in (Tree.chain(3), Tree.cartesian([3, 2, 1]), Tree.chain(1), DynamicTree(8, 3, k=3)):
             dec = SpeculativeDecoder(mtp, tree=tree, max_length=200, invariant=True, width=width)
             out = dec.generate(ids, 48, drafter=NoisyDrafter(ref.tokens[0].tolist(), 0.8, rng))
-            msg = f"{family}, tree {tree.choices}, prompt {ids.shape[1]}, seed {seed}"
+            msg = f"{family}, tree {tree}, prompt {ids.shape[1]}, seed {seed}"
             assert out.tokens.tolist() == ref.tokens.tolist(), msg
             assert max(out.accepted_lengths) > 1, msg
 
@@ -339,10 +339,10 @@ def test_captured_invariant_decoding_on_cuda_equals_greedy_in_bfloat16(family: s
     assert greedy.uses_cuda_graphs
     ids = prompt(seed, rng.randint(10, 70)).cuda()
     ref = greedy.generate(ids, 48)
-    for tree in (Tree.chain(3), Tree.cartesian([3, 2, 1])):
+    for tree in (Tree.chain(3), Tree.cartesian([3, 2, 1]), DynamicTree(8, 3, k=3)):
         dec = SpeculativeDecoder(mtp, tree=tree, max_length=200, invariant=True, width=width)
         out = dec.generate(ids, 48, drafter=NoisyDrafter(ref.tokens[0].tolist(), 0.8, rng))
-        assert out.tokens.tolist() == ref.tokens.tolist(), f"{family}, tree {tree.choices}, seed {seed}"
+        assert out.tokens.tolist() == ref.tokens.tolist(), f"{family}, tree {tree}, seed {seed}"
     chain = SpeculativeDecoder(mtp, tree=Tree.chain(3), max_length=200, invariant=True, width=width)
     with torch.no_grad():
         for dec in (greedy, chain):
