@@ -137,10 +137,11 @@ class SpeculativeDecoder:
             from mtp_lib.decode_invariant import InvariantVerifier
             self._verifier = InvariantVerifier(self.view, tree, max_length, cuda_graphs, pad_prompts, width,
                                                compile_step)
+        elif isinstance(tree, Tree) and not static_cache:
+            self._verifier = _DynamicVerifier(self.view, tree)
         else:
-            self._verifier = (_StaticVerifier(self.view, tree, max_length, cuda_graphs, pad_prompts,
-                                              compile_step=compile_step) if static_cache
-                              else _DynamicVerifier(self.view, tree))
+            self._verifier = _StaticVerifier(self.view, tree, max_length, cuda_graphs, pad_prompts,
+                                             compile_step=compile_step)
 
     @property
     def uses_cuda_graphs(self) -> bool:

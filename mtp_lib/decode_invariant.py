@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtp_lib.decode_tree import Tree
+from mtp_lib.decode_tree import DynamicTree, Tree
 from mtp_lib.decode_verify import _StaticVerifier, _TreeTensors
 from mtp_lib.decode_graph import MaskLayout
 from mtp_lib.heads import MTPModel, shallow_module_copy
@@ -171,7 +171,7 @@ class InvariantVerifier(_StaticVerifier):
     compared token for token need the same ``width``, ``max_length`` and model.
     """
 
-    def __init__(self, view: MTPModel, tree: Tree, max_length: int, cuda_graphs: bool,
+    def __init__(self, view: MTPModel, tree: Tree | DynamicTree, max_length: int, cuda_graphs: bool,
                  pad_prompts: bool | None = None, width: int | None = None, compile_step: bool = False) -> None:
         width = tree.size if width is None else width
         if isinstance(width, bool) or not isinstance(width, int) or width < tree.size:
