@@ -20,6 +20,8 @@ Rows (all greedy, batch 1, same prompts, same EOS and token budget):
                   speculative row must equal token for token
   specN_chain     N heads, chain of top-1 drafts, static cache + CUDA graphs
   specN_tree      N heads, Medusa-style tree calibrated on greedy outputs of training prompts
+  specN_dyn       N heads, a tree of as many nodes chosen anew at every step from the heads' own
+                  probabilities there (mtp_lib.decode.DynamicTree: EAGLE-2's dynamic tree)
   specN_pld       N heads, chain, prompt lookup first (mtp_lib.decode.PromptLookupDrafter): where the
                   text so far repeats, what followed its latest match is drafted, the heads elsewhere;
                   the same verifier and CUDA graphs as specN_chain, so the drafters compare on equal terms
@@ -128,11 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, q if quick else full)
     if quick and args.device == "auto":
         args.device = "cpu"
-    rows = r"generate|generate_compiled|prompt_lookup|greedy_graph|greedy_invariant|oracle2|spec\d+_(chain|tree|pld)"
+    rows = r"generate|generate_compiled|prompt_lookup|greedy_graph|greedy_invariant|oracle2|spec\d+_(chain|tree|dyn|pld)"
     bad = [m for m in args.methods or [] if not re.fullmatch(rows, m)]
     if bad:
         p.error(f"--methods: unknown rows {bad} (generate, generate_compiled, prompt_lookup, greedy_graph, "
-                "greedy_invariant, oracle2, specN_chain, specN_tree, specN_pld)")
+                "greedy_invariant, oracle2, specN_chain, specN_tree, specN_dyn, specN_pld)")
     return args
 
 
@@ -365,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from mtp_lib.decode import (
+        DynamicTree,
         MarginalOracleDrafter,
         PromptLookupDrafter,
         SpeculativeDecoder,
@@ -415,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         verifier_mtp, hf_model = MTPModel(model, n_heads=1), model
     wanted = set(args.methods) if args.methods else None
     known = {"generate", "generate_compiled", "prompt_lookup", "greedy_graph", "greedy_invariant", "oracle2"} | {
-        f"spec{n}_{kind}" for n in heads for kind in ("chain", "tree", "pld")}
+        f"spec{n}_{kind}" for n in heads for kind in ("chain", "tree", "dyn", "pld")}
     if wanted is not None and wanted - known:
         raise SystemExit(f"--methods: unknown rows {sorted(wanted - known)}; available: {sorted(known)}")
     if wanted is not None and "greedy_invariant" in wanted and not args.invariant:
@@ -462,6 +465,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             tree = Tree.from_rank_probs(probs, args.tree_nodes[0] if n == 2 else args.tree_nodes[1])
             trees[f"spec{n}_tree"] = [list(c) for c in tree.choices]
             specs[f"spec{n}_tree"] = (mtp, tree)
+        if want(f"spec{n}_dyn"):
+            specs[f"spec{n}_dyn"] = (mtp, DynamicTree(args.tree_nodes[0] if n == 2 else args.tree_nodes[1], n - 1))
     width = max([tree.size for _, tree in specs.values()] + [1])  # of every invariant pass
     if args.invariant:
         methods["greedy_invariant"] = (decoder(verifier_mtp, Tree.chain(0), True), True)

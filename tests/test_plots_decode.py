@@ -60,7 +60,7 @@ def synthetic_records(rng: np.random.Generator) -> tuple[list[dict], list[str], 
 def test_method_heads_reads_the_head_count_from_the_name() -> None:
     assert P.method_heads("spec4_tree") == 4 and P.method_heads("spec2_chain") == 2
     assert P.method_heads("oracle2") == 2 and P.method_heads("spec12_chain") == 12
-    assert P.method_heads("spec4_pld") == 4
+    assert P.method_heads("spec4_pld") == 4 and P.method_heads("spec2_dyn") == 2
     assert P.method_heads("generate") is None and P.method_heads("prompt_lookup") is None
     assert P.method_heads("spec4_fancy") is None
 

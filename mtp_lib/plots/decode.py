@@ -37,7 +37,7 @@ from .common import model_colors, ordered_tasks as _tasks, require_columns as _r
 __all__ = ["BASELINES", "head_acceptance", "method_heads", "pass_costs", "speed_bars", "step_acceptance", "step_cost"]
 
 BASELINES = ("generate", "greedy_graph")
-_METHOD = re.compile(r"(?:spec|oracle)(\d+)(?:_(?:chain|tree|pld))?")
+_METHOD = re.compile(r"(?:spec|oracle)(\d+)(?:_(?:chain|tree|dyn|pld))?")
 _MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">")
 
 
