@@ -56,7 +56,8 @@ SHAPES: dict[str, dict[str, Any]] = {
                         sliding_window=512, tie_word_embeddings=True,
                         layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3),
 }
-TREES = ("chain0", "chain1", "chain3", "top10", "tree64")  # greedy, spec2_chain, spec4_chain, spec2/4_tree's shapes
+# greedy, spec2_chain, spec4_chain, spec2_tree's and spec4_tree's shapes, spec4_dyn's
+TREES = ("chain0", "chain1", "chain3", "top10", "tree64", "dyn64")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,8 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_tree(name: str) -> Any:
-    from mtp_lib.decode import Tree
+    from mtp_lib.decode import DynamicTree, Tree
 
+    if name == "dyn64":
+        return DynamicTree(64, 3)
     if name.startswith("chain"):
         return Tree.chain(int(name[5:]))
     if name == "top10":  # head 2's ten best drafts side by side
@@ -165,9 +168,10 @@ class Timer:
 def time_parts(mtp: Any, tree: Any, invariant: bool, width: int, args: argparse.Namespace, timer: Timer
                ) -> dict[str, Any]:
     """One row: every part of one step of ``tree`` (passes of ``width`` tokens when ``invariant``)."""
-    from mtp_lib.decode import SpeculativeDecoder
+    from mtp_lib.decode import DynamicTree, SpeculativeDecoder
 
     device = next(mtp.parameters()).device
+    shape = tree.template if isinstance(tree, DynamicTree) else tree
 
     def verifier(compile_step: bool) -> Any:
         dec = SpeculativeDecoder(mtp, tree=tree, max_length=args.context + 2 * width + 64, cuda_graphs=True,
@@ -178,20 +182,22 @@ def time_parts(mtp: Any, tree: Any, invariant: bool, width: int, args: argparse.
     gen = torch.Generator().manual_seed(0)
     vocab = mtp.vocab_size
     v.prefill(torch.randint(vocab, (1, args.context), generator=gen).to(device))
-    tokens = torch.randint(vocab, (v.width,), generator=gen).tolist()
-    packed = torch.tensor([args.context, *tokens], device=device)
+    tokens = torch.randint(vocab, (shape.size,), generator=gen).tolist()
+    packed = v.step_input(args.context, tokens, shape).to(device)
     depths, structure = v.step_structure()
     slots = packed[:1] + torch.arange(v.width, device=device)
 
     def forward(p: torch.Tensor) -> torch.Tensor:
         v.cache.set_slots(slots)
-        return v.states(p[:1], p[1:], depths, structure)
+        return v.states(p[:1], p[1:1 + v.width], depths, structure)
 
     states = forward(packed).clone()
-    row = torch.tensor([tree.size - 1], device=device)  # the deepest node: off the chain in a tree
+    row = torch.tensor([shape.size - 1], device=device)  # the deepest node: off the chain in a tree
     k = max(v.k, 1)
-    out: dict[str, Any] = {"tree": getattr(tree, "name", None), "nodes": tree.size, "width": v.width,
-                           "verifier": "invariant" if invariant else "plain"}
+    out: dict[str, Any] = {"nodes": shape.size, "width": v.width, "verifier": "invariant" if invariant else "plain"}
+    if isinstance(tree, DynamicTree):  # the host's part: this step's tree from the heads' probabilities
+        probs = torch.rand(tree.depth, tree.k, generator=gen).sort(descending=True).values.tolist()
+        out["build_ms"] = timer(lambda: tree.build(probs), capture=False)
     out["step_ms"] = timer(v._step, packed)
     if args.compile:
         t0 = time.perf_counter()
@@ -201,16 +207,17 @@ def time_parts(mtp: Any, tree: Any, invariant: bool, width: int, args: argparse.
         runner(packed)
         out["compile_s"] = round(time.perf_counter() - t0, 1)
         out["compiled_ms"] = timer(lambda p: runner(p), packed, capture=False)
-    out["step_host_ms"] = timer(lambda: v.step(args.context, tokens[:tree.size]), capture=False)
+    out["step_host_ms"] = timer(lambda: v.step(args.context, tokens, shape), capture=False)
     out["forward_ms"] = timer(forward, packed)
     out["head1_ms"] = timer(lambda s: mtp.unembed_states(s[:1])[0].argmax(dim=-1), states)
-    if tree.depth > 0:
-        out["heads_all_ms"] = timer(lambda s: mtp.unembed_states(s[1:tree.depth + 1]).topk(k, dim=-1).indices, states)
-        out["heads_row_ms"] = timer(lambda s, r: mtp.unembed_states(s[1:tree.depth + 1].index_select(1, r))
-                                    .topk(k, dim=-1).indices, states, row)
+    if shape.depth > 0:
+        d = shape.depth + 1
+        out["heads_all_ms"] = timer(lambda s: mtp.unembed_states(s[1:d]).topk(k, dim=-1).indices, states)
+        out["heads_row_ms"] = timer(lambda s, r: mtp.unembed_states(s[1:d].index_select(1, r)).topk(k, dim=-1).indices,
+                                    states, row)
     if v.commit_runner is not None:
-        path = [0, *[i for i in range(tree.size) if tree.depths[i] >= 1][-1:]]
-        offsets = path + list(range(len(path), tree.depth + 1))
+        path = [0, *[i for i in range(shape.size) if shape.depths[i] >= 1][-1:]]
+        offsets = path + list(range(len(path), shape.depth + 1))
         out["commit_ms"] = timer(v._commit, torch.tensor([args.context, *offsets], device=device))
     return out
 
@@ -238,13 +245,14 @@ def kernel_profile(mtp: Any, tree: Any, args: argparse.Namespace) -> list[str]:
     from marginal import kernel_totals  # benchmarks/marginal.py: the kernels of a chrome trace
     from torch.profiler import ProfilerActivity, profile
 
-    from mtp_lib.decode import SpeculativeDecoder
+    from mtp_lib.decode import DynamicTree, SpeculativeDecoder
 
     device = next(mtp.parameters()).device
+    shape = tree.template if isinstance(tree, DynamicTree) else tree
     dec = SpeculativeDecoder(mtp, tree=tree, max_length=args.context + 2 * tree.size + 64, cuda_graphs=False)
     v: Any = dec._verifier
     v.prefill(torch.randint(mtp.vocab_size, (1, args.context)).to(device))
-    packed = torch.tensor([args.context, *torch.randint(mtp.vocab_size, (tree.size,)).tolist()], device=device)
+    packed = v.step_input(args.context, torch.randint(mtp.vocab_size, (shape.size,)).tolist(), shape).to(device)
     v._step(packed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:

@@ -141,19 +141,19 @@ def test_pass_cost_times_every_part_of_every_step() -> None:
     the cache compaction for trees only, the heads at one node and at all, and the matmuls by rows."""
     bench = _load("pass_cost")
     out = bench.main(["--shape", "tiny-llama", "--device", "cpu", "--dtypes", "float32,bf16", "--trees",
-                      "chain1,top10", "--repeats", "1", "--trials", "1", "--gemm-rows", "1,3"])
+                      "chain1,top10,dyn64", "--repeats", "1", "--trials", "1", "--gemm-rows", "1,3"])
     greedy = bench.main(["--shape", "tiny-llama", "--device", "cpu", "--dtypes", "float32", "--trees", "chain0",
                          "--verifiers", "plain", "--compile", "--repeats", "1", "--trials", "1", "--gemm-rows", "1"])
     (row,) = greedy["rows"]
     assert row["compiled_ms"] > 0 and row["compile_s"] >= 0 and "heads_all_ms" not in row, row
     rows = {(r["dtype"], r["tree"], r["verifier"]): r for r in out["rows"]}
-    assert set(rows) == {(d, t, v) for d in ("float32", "bf16") for t in ("chain1", "top10")
+    assert set(rows) == {(d, t, v) for d in ("float32", "bf16") for t in ("chain1", "top10", "dyn64")
                          for v in ("plain", "invariant")}
     for (_, tree, verifier), r in rows.items():
         parts = ["step_ms", "step_host_ms", "forward_ms", "head1_ms", "heads_all_ms", "heads_row_ms"]
         assert all(r[p] > 0 for p in parts), r
-        assert ("commit_ms" in r) == (tree == "top10"), r
-        assert r["width"] == (11 if verifier == "invariant" else r["nodes"]), r
+        assert ("commit_ms" in r) == (tree != "chain1") and ("build_ms" in r) == (tree == "dyn64"), r
+        assert r["width"] == (65 if verifier == "invariant" else r["nodes"]), r
     assert {(g["dtype"], g["weight"], g["rows"]) for g in out["gemm"]} == {
         (d, w, n) for d in ("float32", "bf16") for w in ("mlp_up", "unembed") for n in (1, 3)}
     assert out["provenance"]["device"].startswith("CPU") and out["settings"]["shape"] == "tiny-llama"
