@@ -10,6 +10,7 @@ head's r-th draft is right, for :meth:`Tree.from_rank_probs`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
 from collections.abc import Sequence
@@ -84,6 +85,8 @@ class Tree:
             raise ValueError("rank_probs must be a non-empty [depth][rank] table of probabilities in [0, 1]")
         if isinstance(n_nodes, bool) or not isinstance(n_nodes, int) or n_nodes < 0:
             raise ValueError(f"n_nodes={n_nodes!r} must be an integer >= 0")
+        if all(a >= b for row in probs for a, b in zip(row, row[1:])):
+            return cls(_best_paths_sorted(probs, n_nodes))
         chosen: list[tuple[int, ...]] = []
         heap: list[tuple[float, tuple[int, ...]]] = [(-p, (r,)) for r, p in enumerate(probs[0])]
         heapq.heapify(heap)
@@ -95,35 +98,35 @@ class Tree:
                     heapq.heappush(heap, (neg * p, path + (r,)))
         return cls(tuple(chosen))
 
-    # -- structure -----------------------------------------------------------------------------
+    # -- structure (read at every decoding step: each computed once) --------------------------------
 
     @property
     def size(self) -> int:
         """Tokens fed per verification step: the root and one per choice."""
         return 1 + len(self.choices)
 
-    @property
+    @functools.cached_property
     def depth(self) -> int:
         """Drafted tokens on the longest path (the heads used beyond head 1)."""
         return max((len(c) for c in self.choices), default=0)
 
-    @property
+    @functools.cached_property
     def widths(self) -> tuple[int, ...]:
         """Candidates needed from head ``d + 1`` at each depth ``d`` (largest rank + 1)."""
         return tuple(max(c[-1] for c in self.choices if len(c) == d) + 1 for d in range(1, self.depth + 1))
 
-    @property
+    @functools.cached_property
     def is_chain(self) -> bool:
         """One node per depth: accepted tokens always sit in order right after the root."""
         return all(len(c) == i + 1 for i, c in enumerate(self.choices))
 
-    @property
+    @functools.cached_property
     def parents(self) -> tuple[int, ...]:
         """Parent node of every node (-1 for the root)."""
         index = {c: i + 1 for i, c in enumerate(self.choices)}
         return (-1, *(index.get(c[:-1], 0) for c in self.choices))
 
-    @property
+    @functools.cached_property
     def depths(self) -> tuple[int, ...]:
         return (0, *(len(c) for c in self.choices))
 
@@ -172,6 +175,25 @@ class Tree:
             path.append(best)
             best = parents[best]
         return path[::-1]
+
+
+def _best_paths_sorted(probs: list[list[float]], n_nodes: int) -> tuple[tuple[int, ...], ...]:
+    """:meth:`Tree.from_rank_probs`'s paths when every row of ``probs`` is sorted (best rank first), as
+    the heads' top-k probabilities are: a path enters the heap only once the path before it (its
+    previous sibling, or its parent for rank 0) has left it, which that path precedes in the heap's
+    order (a larger or equal product, then a smaller tuple). So the paths leave in the same order as
+    from the heap of every path, after about ``2 n`` pushes instead of ``n k``."""
+    chosen: list[tuple[int, ...]] = []
+    heap: list[tuple[float, tuple[int, ...], float]] = [(-1.0 * probs[0][0], (0,), -1.0)]  # (-p, path, parent's -p)
+    while heap and len(chosen) < n_nodes:
+        neg, path, above = heapq.heappop(heap)
+        chosen.append(path)
+        depth, rank = len(path), path[-1]
+        if rank + 1 < len(probs[depth - 1]):
+            heapq.heappush(heap, (above * probs[depth - 1][rank + 1], path[:-1] + (rank + 1,), above))
+        if depth < len(probs):
+            heapq.heappush(heap, (neg * probs[depth][0], path + (0,), neg))
+    return tuple(chosen)
 
 
 @dataclasses.dataclass(frozen=True)

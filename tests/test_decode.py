@@ -231,6 +231,28 @@ def test_dynamic_tree_is_built_from_the_heads_probabilities_at_each_step() -> No
     assert len({tree for _, tree in seen}) > 1, f"the tree never changed, seed {seed}"
 
 
+def test_tree_from_sorted_rank_probs_orders_ties_as_the_full_heap() -> None:
+    """Rows sorted best first (the heads' top-k probabilities) take a lazier path through the heap; with
+    ties (0, 1/2, 1) it must pick the same paths: the first ``n`` of every path ordered by product
+    (multiplied depth by depth, as the heap does), then by the path itself."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    for _ in range(300):
+        depth, k = rng.randint(1, 3), rng.randint(1, 4)
+        probs = [sorted((rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(k)), reverse=True)
+                 for _ in range(depth)]
+        paths = [p for d in range(1, depth + 1) for p in itertools.product(range(k), repeat=d)]
+
+        def key(path: tuple[int, ...]) -> tuple[float, tuple[int, ...]]:
+            neg = -1.0
+            for d, r in enumerate(path):
+                neg *= probs[d][r]
+            return neg, path
+
+        n = rng.randint(0, len(paths))
+        assert Tree.from_rank_probs(probs, n) == Tree(tuple(sorted(paths, key=key)[:n])), f"{probs}, {n}, seed {seed}"
+
+
 def test_dynamic_tree_validation() -> None:
     for bad in [dict(n_nodes=0, depth=1), dict(n_nodes=2, depth=3), dict(n_nodes=13, depth=2, k=3),
                 dict(n_nodes=3, depth=1, k=True)]:
