@@ -122,19 +122,38 @@ def test_identity_note_says_lossless_only_when_every_output_equals_greedy() -> N
     assert "lossless on these prompts" in line_b and "not lossless" not in line_b
 
 
-def test_goal_table_compares_the_best_eligible_row_with_each_threshold() -> None:
+def test_goal_table_compares_the_best_bit_exact_row_with_each_threshold() -> None:
+    """Each goal reads the best speculative row among those identical to greedy on every prompt of the
+    task (none: missed), over the fastest greedy row where the run names it, else over greedy_graph."""
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
-    runs = {"m": fake_run(rng)}
+    old, new = fake_run(rng), fake_run(rng)
+    for run in (old, new):
+        for row in run["result"]["rows"]:
+            row["identical_to_greedy"] = float(rng.choice([1.0, 1.0, 0.5]))
+    for row in new["result"]["rows"]:
+        row["fastest_greedy"], row["speedup_vs_fastest_greedy"] = "generate_compiled", float(rng.uniform(0.5, 3))
+    runs = {"old": old, "new": new}
     bench = S.collect(runs)
-    goals = S.goal_table(bench).set_index("goal")
-    s = bench.summary[(bench.summary["task"] == "translation")]
-    spec = s[s["method"].str.startswith("spec")]
-    best = spec["speedup_vs_greedy_graph"].max()
-    assert goals.loc["speculation >= 1.5x greedy_graph", "met"] == (best >= 1.5), seed
-    assert goals.loc["speculation >= 1.5x greedy_graph", "measured"] == f"{best:.2f}"
-    tau2 = s[s["method"] == "spec2_chain"]["tau"].iloc[0]
-    assert goals.loc["tau >= 1.6 with 2 heads", "met"] == (tau2 >= 1.6), seed
+    goals = S.goal_table(bench).set_index(["model", "goal"])
+    for name, column in (("old", "speedup_vs_greedy_graph"), ("new", "speedup_vs_fastest_greedy")):
+        for task, tau, speed in S.GOALS:
+            s = bench.summary
+            spec = s[(s["model"] == name) & (s["task"] == task) & s["method"].str.startswith("spec")]
+            exact = spec[spec["identical_to_greedy"] == 1]
+            for goal, key, threshold in ((f"{task}: tau >= {tau}", "tau", tau),
+                                         (f"{task}: >= {speed}x the fastest greedy row", column, speed)):
+                got = goals.loc[(name, goal)]
+                if exact.empty:
+                    assert got["row"] == "no bit-exact row" and got["met"] is False, f"seed {seed}"
+                    continue
+                best = exact[key].max()
+                assert got["measured"] == f"{best:.2f}" and got["met"] == (best >= threshold), f"{name} {goal} {seed}"
+        against = goals.loc[(name, f"translation: >= 2.0x the fastest greedy row"), "against"]
+        assert ("generate_compiled" in against) == (name == "new"), against
+        worst = bench.summary[(bench.summary["model"] == name) & bench.summary["method"].str.startswith("spec")
+                              & (bench.summary["task"] != "all")]["identical_to_greedy"].min()
+        assert goals.loc[(name, "every speculative output identical to greedy"), "met"] == (worst == 1), seed
     assert set(goals["verdict"]) <= {"met", "missed", "not measured"}
     assert re.search(r"meets \d of 5 goals", S.goals_note(goals.reset_index(), runs))
 
