@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="discard a checkpoint of another run and start over")
     parser.add_argument("--retrain", action="store_true",
                         help="train even where the training result is stored (it is replaced): brings back the "
-                             "weights, which are not committed, for an analysis or a tuned lens")
+                             "weights, which are not committed, for an analysis or a tuned lens. Same recipe, data "
+                             "and seed; on a GPU close to, not bit-identical with, the first run (nondeterministic "
+                             "kernels: on an H200 the logged losses of the four sizes moved by up to 0.014 nats)")
     parser.add_argument("--shard", metavar="I/N", help="analyze: only shard I of N of the snapshots' parts, "
                         "storing no result (run the N shards in parallel, then analyze without --shard)")
     parser.add_argument("--device", default="auto", help="device of the analyses: auto, cpu or cuda")
