@@ -37,10 +37,15 @@ class _TreeTensors:
     ancestors: torch.Tensor
     paths: torch.Tensor
 
+    @staticmethod
+    def padded(tree: Tree, width: int) -> tuple[list[int], list[int]]:
+        """``tree``'s parents and depths padded to ``width`` (as lists: the layout of :meth:`of`)."""
+        parents = [p if p >= 0 else 0 for p in tree.parents] + list(range(tree.size, width))
+        return parents, [*tree.depths, *[0] * (width - tree.size)]
+
     @classmethod
     def of(cls, tree: Tree, width: int, device: torch.device) -> _TreeTensors:
-        parents = [p if p >= 0 else 0 for p in tree.parents] + list(range(tree.size, width))
-        depths = [*tree.depths, *[0] * (width - tree.size)]
+        parents, depths = cls.padded(tree, width)
         return cls.from_parents(torch.tensor(parents, device=device), torch.tensor(depths, device=device), tree.depth)
 
     @classmethod
@@ -234,8 +239,8 @@ class _StaticVerifier:
         pad = self.width - len(tokens)
         values = [start, *tokens, *[0] * pad]
         if self.dynamic:
-            values += [*tree.depths, *[0] * pad, *[p if p >= 0 else 0 for p in tree.parents],
-                       *range(tree.size, self.width)]
+            parents, depths = _TreeTensors.padded(tree, self.width)
+            values += depths + parents
         return torch.tensor(values, dtype=torch.long)
 
     def _step(self, packed: torch.Tensor) -> torch.Tensor:
