@@ -129,13 +129,18 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> Interval:
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
 
 
+def _group_keys(groups: Sequence[Hashable] | torch.Tensor) -> list[Hashable]:
+    """One group key per value, as a list."""
+    return groups.tolist() if isinstance(groups, torch.Tensor) else list(groups)
+
+
 def _group_sums(values: torch.Tensor, groups: Sequence[Hashable] | torch.Tensor | None,
                 order: Sequence[Hashable] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group sums and counts (each value its own group when ``groups`` is None), the groups in
     the order they first appear, or in ``order`` (which must name every group)."""
     if groups is None:
         return values, torch.ones_like(values)
-    keys = groups.tolist() if isinstance(groups, torch.Tensor) else list(groups)
+    keys = _group_keys(groups)
     if len(keys) != len(values):
         raise ValueError(f"groups must give one group per value: {len(keys)} groups for {len(values)} values")
     index: dict[Hashable, int] = {key: i for i, key in enumerate(order or [])}

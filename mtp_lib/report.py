@@ -32,7 +32,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from mtp_lib.metrics import Interval, _as_values, _check_level, _group_sums, mean_with_ci
+from mtp_lib.metrics import Interval, _as_values, _check_level, _group_keys, _group_sums, mean_with_ci
 from mtp_lib.results import CachedResult
 
 __all__ = [
@@ -134,8 +134,7 @@ def difference_with_ci(a: Any, b: Any, *, groups_a: Groups = None, groups_b: Gro
     mean = float(x.mean() - y.mean())
     order = None
     if paired:
-        keys_a, keys_b = (list(dict.fromkeys([] if g is None else g.tolist() if isinstance(g, torch.Tensor) else g))
-                          for g in (groups_a, groups_b))
+        keys_a, keys_b = (list(dict.fromkeys([] if g is None else _group_keys(g))) for g in (groups_a, groups_b))
         if not keys_a or set(keys_a) != set(keys_b):
             raise ValueError("a paired difference needs groups on both sides that name the same samples")
         order = keys_a
