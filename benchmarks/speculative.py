@@ -50,6 +50,13 @@ heads 2..N independent of head 1, so this equals training heads 2..N alone.
     python benchmarks/speculative.py --device cuda --heads runs/h2 runs/h4 --out h100.json
     python benchmarks/speculative.py --device cuda --invariant --out h100-invariant.json
 
+A run too long for one sitting splits by task, with the heads trained once (``--save-heads``) and
+the slow eager rows timed fewer times (``--eager-repeats``), then merges:
+
+    python benchmarks/speculative.py --device cuda --invariant --save-heads runs/h --tasks translation --out t.json
+    python benchmarks/speculative.py --device cuda --invariant --save-heads runs/h --tasks open-ended --out o.json
+    python benchmarks/speculative.py --merge t.json o.json --out h100-invariant.json
+
 ``--quick`` is a smoke run (tiny training budget, few prompts and tokens): read its ratios only.
 """
 
@@ -90,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="our decoders' steps compiled by torch.compile before capture (SpeculativeDecoder's compile_step)")
     p.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method (mean)")
+    p.add_argument("--eager-repeats", type=int,
+                   help="timed runs of the eager transformers rows (generate, prompt_lookup), ten times slower "
+                        "than the others and never the fastest greedy row (default: --repeats)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="PART",
+                   help="merge runs of one setup that split the tasks (each made with --tasks T) into --out: "
+                        "their records pooled, the rows summarized anew; runs nothing")
     # heads
     p.add_argument("--heads", type=Path, nargs="+", help="load trained heads from these folders instead of training")
     p.add_argument("--train-heads", type=int, nargs="+", default=[2, 4], help="head counts to train")
@@ -120,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.merge and not args.out:
+        p.error("--merge needs --out")
     quick = args.quick
     defaults = dict(n_prompts=(2, 10), max_new_tokens=(24, 128), epochs=(1, 2), train_prompts=(16, 8192),
                     distill_tokens=(24, 96), calib_prompts=(4, 32), oracle_prompts=(1, 6), lr=(1e-3, 1e-3),
@@ -216,6 +231,9 @@ def reset_head1(mtp: Any, model: Any) -> None:
     head_layer.load_state_dict(last.state_dict())
 
 
+TRAINING_RECORD = "benchmark-training.json"  # beside heads saved by --save-heads
+
+
 def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None,
               training: dict[int, dict[str, Any]]) -> dict[int, Any]:
     """n_heads -> trained MTPModel (loaded from --heads / --save-heads, or trained now). What was trained
@@ -234,6 +252,8 @@ def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None,
         folder = args.save_heads / f"heads-{n}" if args.save_heads else None
         if folder is not None and (folder / "trained.safetensors").is_file():
             heads[n] = load_trained(model, folder)
+            if (folder / TRAINING_RECORD).is_file():  # how they were trained, by the run that trained them
+                training[n] = {**json.loads((folder / TRAINING_RECORD).read_text()), "loaded_from": folder.name}
             continue
         if data is None:
             data = train_prompts(tok, args, args.train_prompts)
@@ -257,6 +277,8 @@ def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None,
                        "distill_seconds": distill_seconds, "steps": len(steps),
                        "first_loss": steps[0]["loss"] if steps else None,
                        "last_loss": steps[-1]["loss"] if steps else None}
+        if folder is not None:
+            (folder / TRAINING_RECORD).write_text(json.dumps(training[n], indent=1))
         heads[n] = result.model
     for mtp in heads.values():
         mtp.eval()
@@ -294,6 +316,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 GREEDY_ROWS = ("generate", "generate_compiled", "greedy_graph", "greedy_invariant")  # one token per pass
+EAGER_ROWS = ("generate", "prompt_lookup")  # transformers without static cache or graphs
 
 
 def step_split(rs: list[dict[str, Any]]) -> dict[str, float]:
@@ -363,6 +386,37 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(cells))
 
 
+# settings that may differ between the parts of one merged run
+PART_SETTINGS = ("tasks", "out", "merge", "no_progress")
+
+
+def merge_runs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same setup on disjoint tasks (``--tasks`` each): the records pooled
+    and summarized anew, so each task's rows are its own run's and the ``all`` rows pool the parts.
+    Refuses parts of another model, dtype, device or setting, or two parts with the same task."""
+    first = parts[0]
+    same = {k: v for k, v in first["settings"].items() if k not in PART_SETTINGS}
+    seen: set[str] = set()
+    for i, part in enumerate(parts):
+        settings = {k: v for k, v in part["settings"].items() if k not in PART_SETTINGS}
+        diff = sorted(k for k in same.keys() | settings.keys() if same.get(k) != settings.get(k))
+        device = part["provenance"].get("device")
+        if diff or device != first["provenance"].get("device") or part["model"] != first["model"]:
+            raise ValueError(f"part {i} is not of the same setup as part 0 (settings {diff}, device {device!r} vs "
+                             f"{first['provenance'].get('device')!r}): merge only parts of one run split by --tasks")
+        tasks = {r["task"] for r in part["per_prompt"]}
+        if tasks & seen:
+            raise ValueError(f"part {i} repeats the task(s) {sorted(tasks & seen)}: each part must have its own tasks")
+        seen |= tasks
+    records = [r for part in parts for r in part["per_prompt"]]
+    methods = dict.fromkeys(r["method"] for r in records)
+    out = dict(first)
+    out.update(rows=summarize(records, [m for m in GREEDY_ROWS if m in methods]), per_prompt=records,
+               settings={**first["settings"], "tasks": sorted(seen), "merged_from": len(parts)},
+               provenance={**first["provenance"], "parts": [p["provenance"] for p in parts]})
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -382,6 +436,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from mtp_lib.results import provenance, to_jsonable
 
     args = parse_args(argv)
+    if args.merge:
+        merged = merge_runs([json.loads(path.read_text()) for path in args.merge])
+        print_table(merged["rows"])
+        args.out.write_text(json.dumps(merged, indent=1))
+        print(f"written {args.out} ({len(args.merge)} parts)")
+        return merged
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -480,6 +540,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         drafter = MarginalOracleDrafter(model, top_p=args.oracle_top_p)
         methods["oracle2"] = (lambda ids: oracle_dec.generate(ids, budget, eos_token_id=eos, drafter=drafter), False)
 
+    def repeats(name: str) -> int:
+        return args.eager_repeats if name in EAGER_ROWS and args.eager_repeats is not None else args.repeats
+
     # -- warm-up, then every prompt through every method, in turn ------------------------------
     warm = torch.tensor([calib[0].input_ids[:calib[0].target_start]], device=device)
     print(f"[{time.perf_counter() - t_start:.0f} s] warm-up, then {len(prompts)} prompts x {len(methods)} methods")
@@ -498,7 +561,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
                 n_oracle[prompt.task] = n_oracle.get(prompt.task, 0) + 1
             seconds = []
-            for _ in range(args.repeats if timed else 1):
+            for _ in range(repeats(name) if timed else 1):
                 sync(device)
                 t0 = time.perf_counter()
                 out = run(prompt.ids)
@@ -508,7 +571,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             secs = statistics.mean(seconds)
             records.append({"task": prompt.task, "prompt": prompt.id, "method": name, "timed": timed,
                             "prompt_tokens": int(prompt.ids.shape[1]), "new_tokens": out.new_tokens,
-                            "seconds": secs, "tokens_per_s": out.new_tokens / secs,
+                            "seconds": secs, "tokens_per_s": out.new_tokens / secs, "repeats": len(seconds),
                             "accepted_lengths": out.accepted_lengths, "n_forward": out.n_forward,
                             "stopped_by_eos": out.stopped_by_eos, "new_token_ids": out.new_token_ids,
                             "step_seconds": out.step_seconds})

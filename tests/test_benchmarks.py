@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 
 def _load(name: str) -> ModuleType:
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
@@ -111,6 +113,44 @@ def test_speculative_summary_reports_the_fastest_greedy_row_and_the_step_split()
                 want = 1e3 * sum(r["step_seconds"][part] for r in rs) / n_steps
                 assert abs(row[f"{part}_ms"] - want) < 1e-9, msg
             assert abs(row["prefill_ms"] - 1e3 * statistics.mean(r["step_seconds"]["prefill"] for r in rs)) < 1e-9
+
+
+def test_speculative_merge_pools_parts_split_by_task_and_refuses_unlike_parts() -> None:
+    """Each task's rows after a merge are those its own part summarized; ``all`` pools the parts' records
+    exactly as one run over both tasks would."""
+    import copy
+
+    from seeds import fresh_seed
+
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    bench = _load("speculative")
+    methods = ["generate", "greedy_graph", "spec2_chain"]
+    whole = _spec_records(rng, methods, ["translation", "open-ended"], 4)
+    parts = []
+    for task in ("translation", "open-ended"):
+        recs = [r for r in whole if r["task"] == task]
+        parts.append({"settings": {"model": "m", "repeats": 3, "tasks": [task], "out": f"{task}.json", "merge": None},
+                      "provenance": {"device": "NVIDIA H100"}, "model": {"name": "m"}, "per_prompt": recs,
+                      "rows": bench.summarize(recs, ["generate", "greedy_graph"])})
+    merged = bench.merge_runs(parts)
+    assert merged["rows"] == bench.summarize(whole, ["generate", "greedy_graph"]), seed
+    for part in parts:
+        task = part["settings"]["tasks"][0]
+        mine = [r for r in merged["rows"] if r["task"] == task]
+        assert mine == [r for r in part["rows"] if r["task"] == task], (task, seed)
+    assert merged["settings"]["tasks"] == ["open-ended", "translation"] and len(merged["provenance"]["parts"]) == 2
+
+    other = copy.deepcopy(parts[1])
+    other["settings"]["repeats"] = 1
+    with pytest.raises(ValueError, match="repeats"):
+        bench.merge_runs([parts[0], other])
+    other = copy.deepcopy(parts[1])
+    other["provenance"]["device"] = "NVIDIA H200"
+    with pytest.raises(ValueError, match="H200"):
+        bench.merge_runs([parts[0], other])
+    with pytest.raises(ValueError, match="translation"):
+        bench.merge_runs([parts[0], parts[0]])
 
 
 def test_speculative_settings_hold_no_machine_path() -> None:
