@@ -519,3 +519,24 @@ def test_an_analysis_loads_each_snapshot_once(tmp_path: Path, monkeypatch: pytes
         folder, step, config))
     run.analyze_size(settings, "micro-32", device="cpu")
     assert loads[settings.steps] == 1 and set(loads.values()) == {1}, loads
+
+
+def test_throughput_table_reads_the_pretrain_benchmarks_and_marks_the_goal(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from mtp_lib.suite import tables as T
+
+    rng = random.Random(fresh_seed())
+    mfus = [rng.uniform(0.2, 0.6) for _ in range(3)] + [None]
+    rows = [{"size": "160m", "micro_batch": m, "compile": True, "tokens_per_s": rng.uniform(1e5, 6e5), "mfu": f,
+             "timed_steps": 25} for m, f in zip((64, 16, 8, 4), mfus)]
+    folder = tmp_path / "bench-test"  # a profile with no committed folder: only these files are read
+    folder.mkdir()
+    (folder / "benchmark-pretrain-160m.json").write_text(json.dumps({"rows": rows, "provenance": {"device": "NVIDIA H100"}}))
+    (folder / "benchmark-speculative-x.json").write_text("{}")  # another benchmark: not read
+    monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path))
+    table = T.throughput_table(T.throughput_benchmarks("bench-test"))
+    goal = f"MFU >= {T.MFU_GOAL:.2f}"
+    assert list(table["micro batch"]) == [64, 16, 8, 4] and set(table["device"]) == {"NVIDIA H100"}
+    assert list(table[goal]) == [None if f is None else f >= T.MFU_GOAL for f in mfus]

@@ -21,7 +21,7 @@ from mtp_lib.tuned_lens_tables import lens_rows
 
 __all__ = ["accuracy_frame", "along_frame", "kl_at_depth", "kl_frame", "lens_agreement", "loss_frame", "nucleus_frame",
            "paired_trend", "pythia", "size_claims", "size_table", "source_table", "standin_text",
-           "tuned_kl_at_depth"]
+           "throughput_benchmarks", "throughput_table", "tuned_kl_at_depth"]
 
 TASKS = ("translation", "open-ended")
 OFFSETS = {1: "next", 2: "second"}
@@ -41,6 +41,33 @@ def size_table(trains: Mapping[str, Any]) -> pd.DataFrame:
                      "peak lr": v["recipe"]["peak_lr"], "final loss": v["final_loss"],
                      "tokens/s": v["tokens_per_s"], "MFU": v["mfu"], "device": v["throughput"]["device"]})
     return pd.DataFrame(rows).set_index("size")
+
+
+MFU_GOAL = 0.40  # issue 15's goal for the 160m size (PaLM's model FLOPs over the card's dense bf16 peak)
+
+
+def throughput_table(benchmarks: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """``benchmarks/pretrain.py``'s rows (a size at a micro batch, compiled or not: a few timed steps of
+    the suite's own training), one per row of every stored run, with the card that ran it and whether
+    its MFU reaches :data:`MFU_GOAL`."""
+    rows = []
+    for bench in benchmarks:
+        device = bench["provenance"].get("device", "?")
+        for r in bench["rows"]:
+            rows.append({"size": r["size"], "micro batch": r["micro_batch"], "compiled": r["compile"],
+                         "tokens/s": round(r["tokens_per_s"]), "MFU": r["mfu"],
+                         f"MFU >= {MFU_GOAL:.2f}": None if r["mfu"] is None else r["mfu"] >= MFU_GOAL,
+                         "timed steps": r["timed_steps"], "device": device})
+    return pd.DataFrame(rows)
+
+
+def throughput_benchmarks(profile: str) -> list[dict[str, Any]]:
+    """The stored runs of ``benchmarks/pretrain.py`` (``benchmark-pretrain-*.json``) of ``profile``."""
+    import json
+
+    from mtp_lib.results import stored_files
+
+    return [json.loads(path.read_text()) for path in stored_files(profile, "benchmark-pretrain-*.json")]
 
 
 def loss_frame(trains: Mapping[str, Any]) -> pd.DataFrame:
