@@ -50,7 +50,7 @@ class TrainSpec:
     grad_clip: float = 1.0
     seed: int = 1234
     micro_batch: int = 0
-    compile: bool = True
+    compile: bool | str = True  # torch.compile the forward and loss (a str: its mode, e.g. "max-autotune")
     log_every: int = 10
     checkpoint_every: int = 250
 
@@ -250,7 +250,8 @@ class _Run:
         self.model.train()
         self.ddp, self.opt = self.acc.prepare(self.model, self.opt)
         cuda = self.acc.device.type == "cuda"
-        self.loss_fn = torch.compile(_loss) if spec.compile and cuda else _loss
+        mode = spec.compile if isinstance(spec.compile, str) else None
+        self.loss_fn = torch.compile(_loss, mode=mode) if spec.compile and cuda else _loss
         self.autocast = torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=cuda)
 
     def save(self, snapshot: bool) -> float:
