@@ -540,3 +540,29 @@ def test_throughput_table_reads_the_pretrain_benchmarks_and_marks_the_goal(tmp_p
     goal = f"MFU >= {T.MFU_GOAL:.2f}"
     assert list(table["micro batch"]) == [64, 16, 8, 4] and set(table["device"]) == {"NVIDIA H100"}
     assert list(table[goal]) == [None if f is None else f >= T.MFU_GOAL for f in mfus]
+
+
+def test_kernel_shares_sum_the_profiled_kernels_by_family_and_the_note_states_the_gap() -> None:
+    from mtp_lib.suite import tables as T
+
+    rng = random.Random(fresh_seed())
+    names = {"attention": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_k{}", "matmul": "nvjet_sm90_tst_{}_NNN",
+             "fused (Triton)": "triton_poi_fused_gelu_{}", "other": "void at::native::elementwise_kernel<{}>(int, float)"}
+    kernels = [(family, rng.uniform(0.5, 50.0), i) for i in range(rng.randint(4, 20)) for family in [rng.choice(list(names))]]
+    span = sum(ms for _, ms, _ in kernels) / rng.uniform(0.5, 0.99)  # the kernels busy part of the span
+    lines = [f"5 steps: kernels busy 97.0% of {span:.1f} ms ({span / 5:.1f} ms per step)",
+             f"kernels by device time (top 20): {'ms':>8} {'calls':>6} {'us/call':>8}  name"]
+    lines += [f"{'':<30} {ms:>8.2f} {60:>6} {ms * 1e3 / 60:>8.1f}  {names[f].format(i)}" for f, ms, i in kernels]
+    k = T.kernel_shares(lines)
+    expect = {f: sum(round(ms, 2) for g, ms, _ in kernels if g == f) / round(span, 1) for f in names if f != "other"}
+    for family, share in expect.items():
+        assert k["shares"][family] == pytest.approx(share, abs=1e-9)
+    assert sum(k["shares"].values()) == pytest.approx(1.0) and k["steps"] == 5
+    with pytest.raises(ValueError, match="kernel lines"):
+        T.kernel_shares(["kernels by device time"])
+
+    mfu = rng.uniform(0.2, 0.39)
+    bench = {"settings": {"seq_len": 1024}, "provenance": {"device": "NVIDIA H100"}, "kernels": lines,
+             "rows": [{"size": "160m", "micro_batch": 64, "tokens_per_s": 4e5, "mfu": mfu, "flops_per_token": 7e8}]}
+    note = T.throughput_note([bench])
+    assert f"{T.MFU_GOAL - mfu:.3f} short of the goal" in note and "attention is 16% of the model FLOPs" in note

@@ -9,6 +9,7 @@ to :func:`mtp_lib.report.verdict`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from mtp_lib.tuned_lens_tables import lens_rows
 
 __all__ = ["accuracy_frame", "along_frame", "kl_at_depth", "kl_frame", "lens_agreement", "loss_frame", "nucleus_frame",
            "paired_trend", "pythia", "size_claims", "size_table", "source_table", "standin_text",
-           "throughput_benchmarks", "throughput_table", "tuned_kl_at_depth"]
+           "kernel_shares", "throughput_benchmarks", "throughput_note", "throughput_table", "tuned_kl_at_depth"]
 
 TASKS = ("translation", "open-ended")
 OFFSETS = {1: "next", 2: "second"}
@@ -59,6 +60,59 @@ def throughput_table(benchmarks: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
                          f"MFU >= {MFU_GOAL:.2f}": None if r["mfu"] is None else r["mfu"] >= MFU_GOAL,
                          "timed steps": r["timed_steps"], "device": device})
     return pd.DataFrame(rows)
+
+
+# a device kernel's family, by its name: cuDNN/flash attention, cuBLAS (nvjet) or CUTLASS matmuls,
+# Inductor's fused Triton kernels (elementwise, norms, the loss); the first pattern that matches wins
+KERNEL_FAMILIES = (("attention", re.compile(r"sdpa|flash|fmha|attention|dot_do_o")),
+                   ("matmul", re.compile(r"nvjet|gemm|cutlass|xmma")),
+                   ("fused (Triton)", re.compile(r"^triton_")))
+
+
+def kernel_shares(lines: Sequence[str]) -> dict[str, Any]:
+    """Where a benchmarked step's device time goes, from ``benchmarks/pretrain.py --kernels``' lines:
+    the profiled span (ms, steps) and each kernel family's share of it (the top kernels only: the
+    kernels outside them and the idle time make up ``"other"``)."""
+    head = re.match(r"(\d+) steps: kernels busy [\d.]+% of ([\d.]+) ms", lines[0]) if lines else None
+    if head is None:
+        raise ValueError("not the kernel lines of benchmarks/pretrain.py --kernels (their first line is "
+                         f"'N steps: kernels busy X% of T ms ...'): {lines[:1]}")
+    span = float(head.group(2))
+    ms = dict.fromkeys([name for name, _ in KERNEL_FAMILIES] + ["other"], 0.0)
+    for line in lines[2:]:  # "   ms  calls  us/call  name", after the table's header
+        total, _, _, name = line.split(None, 3)
+        family = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
+        ms[family] += float(total)
+    ms["other"] += span - sum(ms.values())
+    return {"steps": int(head.group(1)), "span_ms": span, "shares": {f: v / span for f, v in ms.items()}}
+
+
+def _attention_flops(row: Mapping[str, Any], bench: Mapping[str, Any]) -> float:
+    # PaLM's attention term 12 L d T over the FLOPs per token counted (mtp_lib.suite.shapes.flops_per_token)
+    from mtp_lib.suite.shapes import shape
+
+    s = shape(row["size"])
+    return 12.0 * s.n_layers * s.d_model * bench["settings"]["seq_len"] / row["flops_per_token"]
+
+
+def throughput_note(benchmarks: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: per stored run, its best MFU against :data:`MFU_GOAL` and, where the run profiled its
+    first setting's kernels, where that setting's step time goes."""
+    lines = []
+    for bench in benchmarks:
+        device, rows = bench["provenance"].get("device", "?"), [r for r in bench["rows"] if r["mfu"] is not None]
+        for size in dict.fromkeys(r["size"] for r in rows):
+            best = max((r for r in rows if r["size"] == size), key=lambda r: r["mfu"])
+            gap = "reaches the goal" if best["mfu"] >= MFU_GOAL else f"{MFU_GOAL - best['mfu']:.3f} short of the goal"
+            lines.append(f"- **{size}** on the {device}: best MFU {best['mfu']:.3f} (micro batch {best['micro_batch']}, "
+                         f"{best['tokens_per_s']:,.0f} tokens/s), {gap} of {MFU_GOAL:.2f}.")
+        if bench.get("kernels") and bench["rows"]:
+            k, first = kernel_shares(bench["kernels"]), bench["rows"][0]
+            parts = ", ".join(f"{family} {share:.0%}" for family, share in k["shares"].items())
+            lines.append(f"  Its step at micro batch {first['micro_batch']} takes {k['span_ms'] / k['steps']:.1f} ms "
+                         f"({k['steps']} profiled steps): {parts} (other: kernels outside the top 20 and idle time); "
+                         f"attention is {_attention_flops(first, bench):.0%} of the model FLOPs counted.")
+    return "\n".join(lines)
 
 
 def throughput_benchmarks(profile: str) -> list[dict[str, Any]]:
@@ -171,7 +225,9 @@ def lens_agreement(analyses: Mapping[str, Any], tuned: Mapping[str, Any]) -> pd.
         second = np.mean([kl_at_depth(p) for p in logit])
         rows.append({"size": size, "KL at half depth, analysis": round(float(first), 4),
                      "KL at half depth, tuned-lens run": round(float(second), 4),
-                     "difference": round(float(second - first), 4)})
+                     "difference": round(float(second - first), 4),
+                     "devices (analysis / lens)": f"{analyses[size].value.get('device', '?')} / "
+                                                  f"{tuned[size].value.get('device', '?')}"})
     return pd.DataFrame(rows).set_index("size") if rows else pd.DataFrame()
 
 
