@@ -97,6 +97,7 @@ class BudgetSetup:
     compute: bool = False
     checkpoint_every: int = 250
     save_dir: str = ""
+    progress: bool = False  # a unit's start line and progress bar (not in a unit's key)
 
     def __post_init__(self) -> None:
         from . import models as M

@@ -144,14 +144,20 @@ def run_unit(lazy: LazyData, unit: Unit) -> dict[str, Any]:
     from .strategy_runs import _marginal_hits
     from .train import accuracy, evaluate, train
 
-    setup, lm = lazy.setup, lazy()
+    setup, begin = lazy.setup, time.perf_counter()
+    if setup.progress:
+        print(f"{unit.model} {unit.recipe} seed {unit.seed} lr {unit.lr:g}: {setup.total_steps:,} steps of "
+              f"{setup.effective_batch} on {setup.device}", flush=True)
+    lm = lazy()
+    if setup.progress and time.perf_counter() - begin > 1:
+        print(f"  model and {len(lazy.train_set):,} training pairs loaded in {time.perf_counter() - begin:.0f} s", flush=True)
     acc = _accelerator(setup.device)
     config = setup.train_config(unit)
     folder = save_folder(setup, unit)
     clock = StepClock(config, [len(s.input_ids) for s in lazy.train_set], stop_at_deadline=folder is not None)
     start = time.perf_counter()
     result: Any = train(lm.model, lazy.train_set, config, eval_samples=lazy.eval_set,
-                        out_dir=folder, progress=False, accelerator=acc, callback=clock)
+                        out_dir=folder, progress=setup.progress, accelerator=acc, callback=clock)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     extra: dict[str, Any] = {}

@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-dir", default="runs/paper-budget", help="checkpoints (resume); '' for none")
     p.add_argument("--checkpoint-every", type=int, default=250, help="optimizer steps between checkpoints")
     p.add_argument("--stop-after", type=float, default=0, help="minutes; stop right after a checkpoint past it")
+    p.add_argument("--no-progress", action="store_true", help="no start line and progress bar per unit")
     p.add_argument("--allow-cpu", action="store_true", help="compute a GPU profile's units without a GPU (slow)")
     return p.parse_args(argv)
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(--allow-cpu computes anyway, slowly)")
     setup = chapter_setup(args.profile, compute=not args.list, save_dir=args.save_dir)
     setup.checkpoint_every = args.checkpoint_every  # (not in a unit's key: a checkpoint does not change results)
+    setup.progress = not args.no_progress
     bad = sorted(set(args.models or []) - set(setup.models)) + sorted(set(args.recipes or []) - set(setup.recipes))
     if bad:
         raise SystemExit(f"{bad} are not among the profile's budget_models {setup.models} / rows {setup.recipes}")

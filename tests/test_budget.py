@@ -214,7 +214,10 @@ def test_script_computes_the_chapter_units_of_a_profile_and_lists_them(tmp_path)
 
     setup = chapter_setup("tiny")
     assert setup.sweep_recipe != "heads_only" and len(setup.seeds["tiny-llama"]) == 2
-    run("--models", "tiny-llama", "--recipes", "heads_only", "--seeds", "0")  # the LR sweep first, then the row
+    first = run("--models", "tiny-llama", "--recipes", "heads_only", "--seeds", "0")  # the LR sweep first, then the row
+    started = [line.split(" seed")[0] for line in first.splitlines() if " steps of " in line]
+    assert started == [f"tiny-llama {setup.sweep_recipe}"] * len(setup.lr_sweep["tiny-llama"]) + [
+        "tiny-llama heads_only"], first  # each computed unit says what it trains (and shows a progress bar)
     listed = run("--list")
     stored = sorted(line.split()[2] for line in listed.splitlines() if line.strip().startswith("stored"))
     assert stored == sorted(["heads_only", setup.sweep_recipe]), listed  # the best sweep unit is its row's seed 0
