@@ -168,9 +168,10 @@ def missing_note(missing: Mapping[str, str], command: str, *, short: bool = Fals
     (``short``: one sentence pointing to the first note)."""
     if not missing:
         return ""
+    names = ", ".join(f"`{m}`" for m in missing)
     if short:
-        return f"(The tuned lens of {', '.join(f'`{m}`' for m in missing)} is not computed for this profile: see above.)"
-    return (f"**Not computed yet for this profile:** the tuned lens of {', '.join(f'`{m}`' for m in missing)}. "
+        return f"(The tuned lens of {names} is not computed for this profile: see above.)"
+    return (f"**Not computed yet for this profile:** the tuned lens of {names}. "
             f"On a machine with a GPU, from the checkout's root: `{command}` computes and stores it under "
-            "`data/results/`; commit the new files and rebuild. Until then the sections below show the logit lens "
-            "only and draw no calibrated verdict.")
+            f"`data/results/`; commit the new files and rebuild. Until then the sections below show only the logit "
+            f"lens of {names} and draw no calibrated verdict for {'it' if len(missing) == 1 else 'them'}.")

@@ -54,6 +54,7 @@ def test_a_profile_without_the_result_renders_a_note_with_the_command(tmp_path: 
     command = tuned_lens_study.COMMAND.format(profile="gpu")
     note = TL.missing_note(runs.missing, command)
     assert "`not-a-model`" in note and command in note and "--profile gpu" in note
+    assert "only the logit lens of `not-a-model` and draw no calibrated verdict for it" in note
     assert TL.missing_note({}, command) == ""
 
 
