@@ -148,9 +148,9 @@ def run_unit(lazy: LazyData, unit: Unit) -> dict[str, Any]:
     if setup.progress:
         print(f"{unit.model} {unit.recipe} seed {unit.seed} lr {unit.lr:g}: {setup.total_steps:,} steps of "
               f"{setup.effective_batch} on {setup.device}", flush=True)
-    lm = lazy()
-    if setup.progress and time.perf_counter() - begin > 1:
-        print(f"  model and {len(lazy.train_set):,} training pairs loaded in {time.perf_counter() - begin:.0f} s", flush=True)
+    lm, loaded = lazy(), time.perf_counter() - begin
+    if setup.progress and loaded > 1:  # the first unit of a model loads it and its pairs
+        print(f"  model and {len(lazy.train_set):,} training pairs loaded in {loaded:.0f} s", flush=True)
     acc = _accelerator(setup.device)
     config = setup.train_config(unit)
     folder = save_folder(setup, unit)

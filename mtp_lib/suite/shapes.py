@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["SHAPES", "Shape", "flops_per_token", "gpt_neox_config", "memory_estimate", "param_counts", "shape"]
+__all__ = ["SHAPES", "Shape", "attention_flops_per_token", "flops_per_token", "gpt_neox_config", "memory_estimate",
+           "param_counts", "shape"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +76,14 @@ def flops_per_token(counts: dict[str, int], size: str, seq_len: int) -> float:
     """Training FLOPs per token, PaLM's model-FLOPs convention (Chowdhery et al. 2022, appendix B):
     6 N (N = the parameters that multiply: non-embedding + unembedding) + 12 L d T (attention
     scores and values over a sequence of T, forward and backward). The embedding lookup counts 0."""
-    s = shape(size)
     n = counts["non_embedding_params"] + counts["unembedding_params"]
-    return 6.0 * n + 12.0 * s.n_layers * s.d_model * seq_len
+    return 6.0 * n + attention_flops_per_token(size, seq_len)
+
+
+def attention_flops_per_token(size: str, seq_len: int) -> float:
+    """PaLM's attention term of :func:`flops_per_token`: 12 L d T (scores and values, forward and backward)."""
+    s = shape(size)
+    return 12.0 * s.n_layers * s.d_model * seq_len
 
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 
 from mtp_lib.metrics import Interval, mean_with_ci
 from mtp_lib.report import Direction, verdict
+from mtp_lib.suite.shapes import attention_flops_per_token
 from mtp_lib.tuned_lens_tables import lens_rows
 
 __all__ = ["accuracy_frame", "along_frame", "kl_at_depth", "kl_frame", "lens_agreement", "loss_frame", "nucleus_frame",
@@ -87,14 +88,6 @@ def kernel_shares(lines: Sequence[str]) -> dict[str, Any]:
     return {"steps": int(head.group(1)), "span_ms": span, "shares": {f: v / span for f, v in ms.items()}}
 
 
-def _attention_flops(row: Mapping[str, Any], bench: Mapping[str, Any]) -> float:
-    # PaLM's attention term 12 L d T over the FLOPs per token counted (mtp_lib.suite.shapes.flops_per_token)
-    from mtp_lib.suite.shapes import shape
-
-    s = shape(row["size"])
-    return 12.0 * s.n_layers * s.d_model * bench["settings"]["seq_len"] / row["flops_per_token"]
-
-
 def throughput_note(benchmarks: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: per stored run, its best MFU against :data:`MFU_GOAL` and, where the run profiled its
     first setting's kernels, where that setting's step time goes."""
@@ -108,10 +101,11 @@ def throughput_note(benchmarks: Sequence[Mapping[str, Any]]) -> str:
                          f"{best['tokens_per_s']:,.0f} tokens/s), {gap} of {MFU_GOAL:.2f}.")
         if bench.get("kernels") and bench["rows"]:
             k, first = kernel_shares(bench["kernels"]), bench["rows"][0]
+            attention = attention_flops_per_token(first["size"], bench["settings"]["seq_len"]) / first["flops_per_token"]
             parts = ", ".join(f"{family} {share:.0%}" for family, share in k["shares"].items())
             lines.append(f"  Its step at micro batch {first['micro_batch']} takes {k['span_ms'] / k['steps']:.1f} ms "
                          f"({k['steps']} profiled steps): {parts} (other: kernels outside the top 20 and idle time); "
-                         f"attention is {_attention_flops(first, bench):.0%} of the model FLOPs counted.")
+                         f"attention is {attention:.0%} of the model FLOPs counted.")
     return "\n".join(lines)
 
 
