@@ -412,6 +412,7 @@ def merge_runs(parts: list[dict[str, Any]]) -> dict[str, Any]:
     methods = dict.fromkeys(r["method"] for r in records)
     out = dict(first)
     out.update(rows=summarize(records, [m for m in GREEDY_ROWS if m in methods]), per_prompt=records,
+               complete=all(p.get("complete", True) for p in parts),
                settings={**first["settings"], "tasks": sorted(seen), "merged_from": len(parts)},
                provenance={**first["provenance"], "parts": [p["provenance"] for p in parts]})
     return out
@@ -553,7 +554,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sync(device)
     records: list[dict[str, Any]] = []
     n_oracle: dict[str, int] = {}
-    for prompt in tqdm(prompts, desc="prompts", disable=args.no_progress):
+
+    def write(done: bool) -> dict[str, Any]:
+        """The result of the prompts so far, written to --out; ``complete`` False until the last."""
+        result = {
+            "benchmark": "speculative", "complete": done,
+            "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t_start),
+            "model": loaded.info(), "dtype": loaded.info()["dtype"],
+            "settings": {k: portable(v) for k, v in vars(args).items()},
+            "cuda_graphs": graphs and device.type == "cuda", "eos_token_id": eos,
+            "invariant": args.invariant, "invariant_width": width if args.invariant else None,
+            "greedy_reference": reference,
+            "heads": {str(n): mtp.options() for n, mtp in heads.items()},
+            "training": {str(n): t for n, t in training.items()}, "trees": trees,
+            "rank_acceptance": acceptance, "rows": summarize(records, [m for m in GREEDY_ROWS if m in methods]),
+            "per_prompt": records,
+            "note": ("quick smoke run: tiny budget on CPU, ratios only" if args.quick else
+                     "tokens_per_s = mean over prompts of new tokens / wall time; speedups are ratios of those means"),
+        }
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(to_jsonable(result), indent=1))
+            if done:
+                print(f"written {args.out}")
+        return result
+
+    for i_prompt, prompt in enumerate(tqdm(prompts, desc="prompts", disable=args.no_progress)):
         outs: dict[str, Any] = {}
         for name, (run, timed) in methods.items():
             if not timed:
@@ -580,26 +606,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r["identical_to_greedy"] = r["new_token_ids"] == greedy
             r["identical_to_generate"] = r["new_token_ids"] == generated
             r["first_difference_to_greedy"] = first_difference(r["new_token_ids"], greedy)
+        if args.out and i_prompt + 1 < len(prompts):  # a run cut short keeps the prompts it finished
+            write(done=False)
 
-    rows = summarize(records, [m for m in GREEDY_ROWS if m in methods])
-    print_table(rows)
-    result = {
-        "benchmark": "speculative", "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t_start),
-        "model": loaded.info(), "dtype": loaded.info()["dtype"],
-        "settings": {k: portable(v) for k, v in vars(args).items()},
-        "cuda_graphs": graphs and device.type == "cuda", "eos_token_id": eos,
-        "invariant": args.invariant, "invariant_width": width if args.invariant else None,
-        "greedy_reference": reference,
-        "heads": {str(n): mtp.options() for n, mtp in heads.items()},
-        "training": {str(n): t for n, t in training.items()}, "trees": trees,
-        "rank_acceptance": acceptance, "rows": rows, "per_prompt": records,
-        "note": ("quick smoke run: tiny budget on CPU, ratios only" if args.quick else
-                 "tokens_per_s = mean over prompts of new tokens / wall time; speedups are ratios of those means"),
-    }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(to_jsonable(result), indent=1))
-        print(f"written {args.out}")
+    result = write(done=True)
+    print_table(result["rows"])
     return result
 
 
