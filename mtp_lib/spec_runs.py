@@ -151,6 +151,10 @@ def _stored_runs(setup: SpecSetup, notes: list[str]) -> dict[str, dict[str, Any]
             notes.append(f"`{path.name}` is not a speculative-decoding benchmark: skipped.")
             continue
         name = f"{result['model']['name']} {result['dtype']}"
+        if result.get("complete") is False:  # written after each prompt by a run that did not finish
+            done = len({(r["task"], r["prompt"]) for r in result["per_prompt"]})
+            notes.append(f"`{path.name}` ({name}) is a run cut short ({done} prompts done): skipped.")
+            continue
         date = result["provenance"].get("date", "")
         if name in runs and runs[name]["result"]["provenance"].get("date", "") >= date:
             notes.append(f"`{path.name}` ({name}) is older than `{runs[name]['source']}`: skipped.")

@@ -7,6 +7,7 @@ against the committed benchmarks' own summary rows.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -188,6 +189,25 @@ def test_invariance_table_reads_the_stored_runs(tmp_path, monkeypatch) -> None:
     assert list(table.index) == [("m", "plain", "chain of 4"), ("m", "invariant", "tree 2x2 (7 nodes)")]
     assert table["bit-identical"].tolist() == [0.5, 1.0]
     assert spec.invariance_table("q").empty
+
+
+def test_stored_runs_skip_a_run_cut_short(tmp_path, monkeypatch) -> None:
+    """A benchmark file written by a run that did not finish (``complete`` false) is named in the notes
+    and not shown; the complete run of the same model is."""
+    import json
+
+    monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path))
+    (tmp_path / "p").mkdir()
+    setup = dataclasses.replace(chapter_setup("gpu"), profile="p", models=["m"])
+    for name, complete, date in (("a", None, "2026-01-01"), ("b", False, "2026-02-01")):
+        run = {"benchmark": "speculative", "model": {"name": "m"}, "dtype": "bfloat16",
+               "provenance": {"date": date}, "per_prompt": [{"task": "t", "prompt": "p1"}, {"task": "t", "prompt": "p1"}]}
+        if complete is not None:
+            run["complete"] = complete
+        (tmp_path / "p" / f"benchmark-speculative-{name}.json").write_text(json.dumps(run))
+    runs, notes = load_runs(setup)
+    assert [r["source"] for r in runs.values()] == ["benchmark-speculative-a.json"]
+    assert any("benchmark-speculative-b.json" in n and "1 prompts done" in n for n in notes), notes
 
 
 def test_oracle_pairs_compare_top1_drafts_on_the_oracle_prompts_only() -> None:
