@@ -44,18 +44,8 @@ from typing import Any
 
 import torch
 
-# The configs of the offline models (their config.json files, shapes only): timings need no weights.
-SHAPES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
-                         max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
-    "gemma3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-                        num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
-                        max_position_embeddings=32768, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
-                        sliding_window=512, tie_word_embeddings=True,
-                        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3),
-}
+from mtp_lib.tiny_models import SHAPES, TINY_MODELS, build_shaped_model
+
 # greedy, spec2_chain, spec4_chain, spec2_tree's and spec4_tree's shapes, spec4_dyn's
 TREES = ("chain0", "chain1", "chain3", "top10", "tree64", "dyn64")
 
@@ -64,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--shape", default="smollm2-135m",
-                     help=f"random weights in a known shape ({', '.join(SHAPES)}, tiny-<family>) or a config.json")
+                     help=f"random weights in a known shape ({', '.join(SHAPES)}, {', '.join(TINY_MODELS)}) or a config.json")
     src.add_argument("--model", help="real weights: an alias, hub id or folder (mtp_lib.models.load_model)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtypes", default="float32,bf16", help="comma separated")
@@ -108,25 +98,11 @@ def build_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.devi
         from mtp_lib.models import load_model
 
         backbone = load_model(args.model, device=str(device), dtype=dtype).model
-    elif args.shape.startswith("tiny-"):
-        from mtp_lib.tiny_models import TINY_MODELS, build_tiny_model
-
-        if args.shape not in TINY_MODELS:
-            raise SystemExit(f"--shape {args.shape}: tiny models are {', '.join(TINY_MODELS)}")
-        backbone = build_tiny_model(TINY_MODELS[args.shape])
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        if args.shape in SHAPES:
-            fields = dict(SHAPES[args.shape])
-            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        elif Path(args.shape).is_file():
-            config = AutoConfig.from_pretrained(args.shape)
-        else:
-            raise SystemExit(f"--shape {args.shape!r} is neither a known shape ({', '.join(SHAPES)}), a tiny "
-                             "model nor a config.json file")
-        torch.manual_seed(0)
-        backbone = AutoModelForCausalLM.from_config(config)
+        try:
+            backbone = build_shaped_model(args.shape)
+        except ValueError as err:
+            raise SystemExit(f"--shape: {err}") from None
     return MTPModel(backbone, n_heads=args.heads).to(device=device, dtype=dtype).eval()
 
 

@@ -1,4 +1,5 @@
-"""Tiny random causal LMs built from a config, with a byte-level tokenizer: for tests and the ``tiny`` profile."""
+"""Random causal LMs built from a config: tiny ones with a byte-level tokenizer (tests, the ``tiny``
+profile), and the offline models' shapes (benchmarks whose timings need no weights)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from mtp_lib.adapters import ADAPTERS
 
-__all__ = ["TINY_MODELS", "TINY_VOCAB", "build_tiny_model", "byte_tokenizer"]
+__all__ = ["SHAPES", "TINY_MODELS", "TINY_VOCAB", "build_shaped_model", "build_tiny_model", "byte_tokenizer"]
 
 TINY_MODELS: dict[str, str] = {"tiny-gpt-neox": "gpt_neox", "tiny-llama": "llama",
                                "tiny-gemma3": "gemma", "tiny-gpt2": "gpt2"}
@@ -77,3 +78,41 @@ def build_tiny_model(family: str, *, n_layers: int = 4, hidden: int = 64, seed: 
             tied = out_w is model.get_input_embeddings().weight
             out_w.normal_(0.0, (0.6 if tied else 3.0) / hidden**0.5)
     return model.eval()
+
+
+# The configs of the offline models (their config.json files, shapes only): timings need no weights.
+SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    "gemma3-270m": dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                        num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
+                        max_position_embeddings=32768, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
+                        sliding_window=512, tie_word_embeddings=True,
+                        layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3),
+}
+
+
+def build_shaped_model(shape: str, *, seed: int = 0) -> nn.Module:
+    """A randomly initialised causal LM: a tiny one (``tiny-<family>``), one of the offline models'
+    shapes (:data:`SHAPES`) or a config.json file's. For timings, which do not depend on the weights."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if shape.startswith("tiny-"):
+        if shape not in TINY_MODELS:
+            raise ValueError(f"shape {shape!r}: the tiny models are {', '.join(TINY_MODELS)}")
+        return build_tiny_model(TINY_MODELS[shape], seed=seed)
+    if shape in SHAPES:
+        fields = dict(SHAPES[shape])
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    elif Path(shape).is_file():
+        config = AutoConfig.from_pretrained(shape)
+    else:
+        raise ValueError(f"shape {shape!r} is neither a known shape ({', '.join(SHAPES)}), a tiny model "
+                         f"({', '.join(TINY_MODELS)}) nor a config.json file")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config).eval()
