@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward pass")
     p.add_argument("--steps", type=int, default=20, help="timed steps per recipe")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing")
+    p.add_argument("--variants", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                   help="compiled: each decoder layer compiled (train(compile=True)); its warm-up adds 3 steps "
+                        "(the compile and the recompile for a dynamic length)")
     p.add_argument("--profile", action="store_true", help="top kernels of 3 steps per recipe (torch.profiler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
@@ -113,13 +116,14 @@ class Clock:
 
 
 def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namespace, device: torch.device,
-                profile: bool) -> dict[str, Any]:
+                profile: bool, compiled: bool = False) -> dict[str, Any]:
     """Train ``name`` for warm-up + timed steps and read the step times off the callback."""
     from mtp_lib.budget_train import _accelerator  # the units' one accelerator per process
     from mtp_lib.results import device_name, peak_bf16_flops
     from mtp_lib.train import recipe, train
 
-    n_steps = args.warmup + (3 if profile else args.steps)
+    warmup = args.warmup + (3 if compiled else 0)
+    n_steps = warmup + (3 if profile else args.steps)
     config = recipe(name, seed=args.seed, effective_batch_size=args.batch, micro_batch_size=args.micro_batch,
                     max_steps=n_steps, eval_every=0, checkpoint_every=0, head_warmup_epochs=0)
     profiler = None
@@ -129,13 +133,13 @@ def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namesp
 
         profiler = make_profiler(activities=[ProfilerActivity.CPU] + (
             [ProfilerActivity.CUDA] if device.type == "cuda" else []))
-    clock = Clock(args.warmup, profiler)
+    clock = Clock(warmup, profiler)
     result = train(model, data[:n_steps * args.batch], config, progress=False, callback=clock,
-                   accelerator=_accelerator(device))
+                   accelerator=_accelerator(device), compile=compiled)
     if profiler is not None:
         return {"recipe": name, "profile": kernel_lines(profiler)}
-    secs = np.diff(clock.times)[args.warmup - 1:]  # step warmup+1 .. : each from the previous step's end
-    per_step = [data[i * args.batch:(i + 1) * args.batch] for i in range(args.warmup, n_steps)]
+    secs = np.diff(clock.times)[warmup - 1:]  # step warmup+1 .. : each from the previous step's end
+    per_step = [data[i * args.batch:(i + 1) * args.batch] for i in range(warmup, n_steps)]
     tokens = statistics.mean(sum(len(s.input_ids) for s in b) for b in per_step)
     padded = statistics.mean(len(b) * max(len(s.input_ids) for s in b) for b in per_step)
     step_s = float(np.median(secs))
@@ -143,7 +147,8 @@ def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namesp
     name_dev = device_name(device)
     peak = peak_bf16_flops(name_dev) if device.type == "cuda" else None
     rate = tokens / step_s
-    return {"recipe": name, "steps": len(secs), "step_s": round(step_s, 5),
+    return {"recipe": name, "variant": "compiled" if compiled else "eager", "steps": len(secs),
+            "step_s": round(step_s, 5),
             "step_s_iqr": [round(float(q), 5) for q in np.percentile(secs, [25, 75])],
             "tokens_per_step": round(tokens, 1), "padded_tokens_per_step": round(padded, 1),
             "tokens_per_s": round(rate, 1), "params": n_params,
@@ -186,19 +191,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except ValueError as err:
             raise SystemExit(f"--shape: {err}") from None
     vocab = model.get_input_embeddings().weight.shape[0]
-    n = (args.warmup + max(args.steps, 3)) * args.batch
+    n = (args.warmup + 3 + max(args.steps, 3)) * args.batch
     data = samples(n, vocab, args.lengths, args.seed)
     print(f"{args.model or args.shape} on {device_name(device)} ({dtype}): {args.batch} sequences a step "
           f"({args.micro_batch} a pass), lengths of {args.lengths}'s pairs", flush=True)
     rows, profiles = [], {}
     for name in args.recipes:
-        row = time_recipe(model, name, data, args, device, profile=False)
-        rows.append(row)
-        print(f"{name:<20} {row['step_s'] * 1e3:8.1f} ms/step  {row['tokens_per_s']:>10,.0f} tok/s  "
-              f"MFU {row['mfu']}  unit {row['unit_minutes']:.1f} min", flush=True)
-        if args.profile:
-            profiles[name] = time_recipe(model, name, data, args, device, profile=True)["profile"]
-            print("\n".join(profiles[name][:8]), flush=True)
+        for variant in args.variants:
+            compiled = variant == "compiled"
+            row = time_recipe(model, name, data, args, device, profile=False, compiled=compiled)
+            rows.append(row)
+            print(f"{name:<20} {variant:<9} {row['step_s'] * 1e3:8.1f} ms/step  {row['tokens_per_s']:>10,.0f} tok/s  "
+                  f"MFU {row['mfu']}  unit {row['unit_minutes']:.1f} min", flush=True)
+            if args.profile:
+                key = f"{name}/{variant}"
+                profiles[key] = time_recipe(model, name, data, args, device, profile=True, compiled=compiled)["profile"]
+                print("\n".join(profiles[key][:8]), flush=True)
     result = {"benchmark": "train_step", "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t0),
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
               "dtype": str(dtype).removeprefix("torch."), "unit_steps": UNIT_STEPS, "rows": rows, "profiles": profiles}

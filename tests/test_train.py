@@ -326,3 +326,25 @@ def test_evaluate_gives_every_part_back_its_mode() -> None:
     mtp.heads.train()  # mixed modes: heads training, backbone frozen in eval
     evaluate(mtp, samples, k=3, last=5, batch_size=2)
     assert all(m.training for m in mtp.heads.modules()) and not mtp.backbone.training, f"seed {seed}"
+
+
+def test_compiled_layers_train_as_eager_ones() -> None:
+    """``train(compile=True)`` compiles each decoder layer (backbone and layer heads), trains to the
+    eager run's losses and weights up to float32 rounding, and leaves every layer eager afterwards.
+    Lengths vary by batch, so the layers also meet a new sequence length (a recompile)."""
+    seed = fresh_seed()
+    model = build_tiny_model("llama", seed=seed % 1000)
+    samples = pattern_samples(seed, 16, min_len=20, max_len=40)
+    config = small("diff_lr", seed=seed % 1000, max_steps=2)
+    eager = train(model, samples, config, progress=False)
+    compiled = train(model, samples, config, progress=False, compile=True)
+    losses = [[e["loss"] for e in r.history if "loss" in e] for r in (eager, compiled)]
+    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-4), (losses, seed)
+    for (n, p), q in zip(eager.model.heads.named_parameters(), compiled.model.heads.parameters()):
+        assert torch.allclose(p, q, atol=1e-4), (n, seed)
+    layers = [m for m in compiled.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    assert len(layers) == len(model.model.layers) + 1  # backbone's and head 2's
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in layers)
+    from mtp_lib.train import compile_layers
+
+    assert compile_layers(compiled.model, get_adapter(model)) == len(layers)

@@ -55,7 +55,7 @@ Example (a short CPU run)::
 from mtp_lib.train.batches import IGNORE, Batch, TrainSample, collate
 from mtp_lib.train.config import PAPER_LR, RECIPES, TrainConfig, recipe
 from mtp_lib.train.lora import add_lora, merge_lora
-from mtp_lib.train.loop import TrainResult, train
+from mtp_lib.train.loop import TrainResult, compile_layers, train
 from mtp_lib.train.objective import Objective as _Objective
 from mtp_lib.train.objective import balance_losses
 from mtp_lib.train.scoring import accuracy, evaluate
@@ -73,6 +73,7 @@ __all__ = [
     "add_lora",
     "balance_losses",
     "collate",
+    "compile_layers",
     "evaluate",
     "load_trained",
     "merge_lora",
