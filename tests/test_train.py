@@ -334,7 +334,7 @@ def test_compiled_layers_train_as_eager_ones() -> None:
     Lengths vary by batch, so the layers also meet a new sequence length (a recompile)."""
     seed = fresh_seed()
     model = build_tiny_model("llama", seed=seed % 1000)
-    samples = pattern_samples(seed, 16, min_len=20, max_len=40)
+    samples = pattern_samples(seed, 16, min_len=24, max_len=40)
     config = small("diff_lr", seed=seed % 1000, max_steps=2)
     eager = train(model, samples, config, progress=False)
     compiled = train(model, samples, config, progress=False, compile=True)
