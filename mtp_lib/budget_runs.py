@@ -98,6 +98,7 @@ class BudgetSetup:
     checkpoint_every: int = 250
     save_dir: str = ""
     progress: bool = False  # a unit's start line and progress bar (not in a unit's key)
+    compile: bool = False  # decoder layers compiled (train(compile=True): how, not what; recorded in the speed)
 
     def __post_init__(self) -> None:
         from . import models as M

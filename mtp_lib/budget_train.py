@@ -157,7 +157,8 @@ def run_unit(lazy: LazyData, unit: Unit) -> dict[str, Any]:
     clock = StepClock(config, [len(s.input_ids) for s in lazy.train_set], stop_at_deadline=folder is not None)
     start = time.perf_counter()
     result: Any = train(lm.model, lazy.train_set, config, eval_samples=lazy.eval_set,
-                        out_dir=folder, progress=setup.progress, accelerator=acc, callback=clock)
+                        out_dir=folder, progress=setup.progress, accelerator=acc, callback=clock,
+                        compile=setup.compile)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     extra: dict[str, Any] = {}
@@ -176,5 +177,6 @@ def run_unit(lazy: LazyData, unit: Unit) -> dict[str, Any]:
     return {"info": info, "sample_ids": [s.id for s in lazy.eval_set], "hits": hits, "lr": unit.lr,
             "phase_steps": list(config.phase_steps), "first_losses": first, "loss_windows": windows,
             "loss_window": WINDOW, "curve": _curve(result.history, config.phase_steps, setup.effective_batch),
-            "speed": _speed(clock, result.model, setup.device), "train_seconds": round(train_s, 2),
+            "speed": {**_speed(clock, result.model, setup.device), "compiled": setup.compile},
+            "train_seconds": round(train_s, 2),
             "eval_seconds": round(time.perf_counter() - start, 2), **extra}

@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=250, help="optimizer steps between checkpoints")
     p.add_argument("--stop-after", type=float, default=0, help="minutes; stop right after a checkpoint past it")
     p.add_argument("--no-progress", action="store_true", help="no start line and progress bar per unit")
+    p.add_argument("--compile", action="store_true",
+                   help="train with each decoder layer compiled (torch.compile; benchmarks/train_step.py times it)")
     p.add_argument("--allow-cpu", action="store_true", help="compute a GPU profile's units without a GPU (slow)")
     return p.parse_args(argv)
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = chapter_setup(args.profile, compute=not args.list, save_dir=args.save_dir)
     setup.checkpoint_every = args.checkpoint_every  # (not in a unit's key: a checkpoint does not change results)
     setup.progress = not args.no_progress
+    setup.compile = args.compile  # (not in a unit's key either: it changes how the steps run, not what they compute)
     bad = sorted(set(args.models or []) - set(setup.models)) + sorted(set(args.recipes or []) - set(setup.recipes))
     if bad:
         raise SystemExit(f"{bad} are not among the profile's budget_models {setup.models} / rows {setup.recipes}")

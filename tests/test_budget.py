@@ -165,7 +165,7 @@ def test_tiny_units_end_to_end_with_sweep_resume_and_speed(tmp_path, monkeypatch
     warm = runs.rows["tiny-llama", "head_warmup", 1].value
     assert warm["phase_steps"] == [2, 1] and [p["step"] for p in warm["curve"]] == [1, 2, 3]
     assert [p["sequences"] for p in warm["curve"]] == [2, 4, 6] and len(warm["first_losses"][1]) == 3
-    assert warm["speed"]["tokens"] > 0 and warm["speed"]["mfu"] is None
+    assert warm["speed"]["tokens"] > 0 and warm["speed"]["mfu"] is None and warm["speed"]["compiled"] is False
     again = run_budget(tiny_setup(save_dir=str(tmp_path / "runs")))  # stored now: loaded, nothing trained
     assert not again.missing and all(r.loaded for r in again.rows.values())
     assert R.seed_accuracy_table(again).shape == (2, 2) and len(R.curve_frame(again)) == 4 * 3 * 2
