@@ -18,7 +18,7 @@ model with ``--heads`` layer heads, each dtype and tree, and the plain and the i
 
 and, by rows S, one matmul of an MLP weight and of the unembedding alone: in float32 (no TF32)
 matmuls run on CUDA cores, so their cost grows with the rows of a pass much sooner than in
-bfloat16. ``--profile`` adds the top kernels of five eager steps per dtype and tree (torch.profiler).
+bfloat16; ``tf32`` keeps float32 weights and runs the matmuls on the tensor cores in TF32. ``--profile`` adds the top kernels of five eager steps per dtype and tree (torch.profiler).
 
 Timings need no trained weights: ``--shape smollm2-135m`` (or gemma3-270m, a config.json, a tiny
 model's name) builds the model from its config with random weights, so no model files are needed on
@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help=f"random weights in a known shape ({', '.join(SHAPES)}, {', '.join(TINY_MODELS)}) or a config.json")
     src.add_argument("--model", help="real weights: an alias, hub id or folder (mtp_lib.models.load_model)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtypes", default="float32,bf16", help="comma separated")
+    p.add_argument("--dtypes", default="float32,tf32,bf16",
+                   help="comma separated: float32, tf32 (float32 weights, TF32 matmuls), bf16")
     p.add_argument("--trees", default=",".join(TREES[1:]), help=f"comma separated, of {', '.join(TREES)}")
     p.add_argument("--verifiers", default="plain,invariant", help="comma separated: plain, invariant")
     p.add_argument("--heads", type=int, default=4, help="MTP heads (layer heads)")
@@ -250,13 +251,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     timer = Timer(device, args.repeats, args.trials)
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
+              "bfloat16": torch.bfloat16}
     trees = {name: make_tree(name) for name in args.trees.split(",")}
     width = max(t.size for t in trees.values())  # of every invariant pass, as benchmarks/speculative.py
     rows, gemms, profiles = [], [], {}
     for dname in args.dtypes.split(","):
         if dname not in dtypes:
             raise SystemExit(f"--dtypes: unknown {dname!r}; choose from {', '.join(dtypes)}")
+        # tf32: float32 weights, matmuls on the tensor cores in TF32 (torch's "high" precision)
+        torch.set_float32_matmul_precision("high" if dname == "tf32" else "highest")
         mtp = build_model(args, dtypes[dname], device)
         for name, tree in trees.items():
             for kind in args.verifiers.split(","):
@@ -268,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print("\n".join([f"{dname} {name}", *profiles[f"{dname}/{name}"]]), flush=True)
         gemms += [{"dtype": dname, **g} for g in time_gemms(mtp, [int(r) for r in args.gemm_rows.split(",")], timer)]
         del mtp
+    torch.set_float32_matmul_precision("highest")
     for g in gemms:
         print(f"{g['dtype']:8} {g['weight']:8} rows {g['rows']:3d}: {g['ms']:.4f} ms")
     settings = {k: (Path(v).name if isinstance(v, str) and Path(v).is_file() else v)  # no machine path
