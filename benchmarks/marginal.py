@@ -205,6 +205,18 @@ def kernel_totals(trace: dict[str, Any], top: int = 30) -> list[str]:
     return lines
 
 
+def step_kernels(trace: dict[str, Any], steps: int, top: int = 20) -> list[str]:
+    """:func:`kernel_totals` of ``steps`` profiled steps, headed by the kernels' busy share of their
+    span (first kernel's start to last kernel's end): a low share means the device waited on the host."""
+    lines = kernel_totals(trace, top=top)
+    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
+    if kernels:
+        span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+        lines.insert(0, f"{steps} steps: kernels busy {sum(e['dur'] for e in kernels) / span:.1%} of "
+                        f"{span / 1e3:.1f} ms ({span / 1e3 / steps:.1f} ms per step; {len(kernels)} kernels)")
+    return lines
+
+
 def device_idle(trace: dict[str, Any], min_gap_us: float = 50.0) -> list[str]:
     """Where the device waited, from a chrome trace of torch.profiler: the kernels' busy time against
     their span, and each gap of at least ``min_gap_us`` charged to the ``marginal.*`` range that was

@@ -81,7 +81,7 @@ def profile_steps(stream: Any, spec: pretrain.TrainSpec, steps: int = 5) -> list
     from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from marginal import kernel_totals  # benchmarks/marginal.py: the kernels of a chrome trace
+    from marginal import step_kernels  # benchmarks/marginal.py: the kernels of a chrome trace
 
     with tempfile.TemporaryDirectory() as tmp:
         run = pretrain._Run(stream.tokens, stream.fingerprint, len(stream.tokenizer), stream.tokenizer.eos_token_id,
@@ -98,13 +98,7 @@ def profile_steps(stream: Any, spec: pretrain.TrainSpec, steps: int = 5) -> list
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())
-    lines = kernel_totals(events, top=20)
-    kernels = [e for e in events.get("traceEvents", []) if e.get("cat") == "kernel"]
-    if kernels:
-        span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
-        lines.insert(0, f"{steps} steps: kernels busy {sum(e['dur'] for e in kernels) / span:.1%} of "
-                        f"{span / 1e3:.1f} ms ({span / 1e3 / steps:.1f} ms per step)")
-    return lines
+    return step_kernels(events, steps, top=20)
 
 
 if __name__ == "__main__":

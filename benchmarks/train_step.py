@@ -159,19 +159,12 @@ def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namesp
 def kernel_lines(profiler: Any) -> list[str]:
     """The top device kernels of the profiled steps and their busy share of the kernels' span."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from marginal import kernel_totals  # benchmarks/marginal.py: the kernels of a chrome trace
+    from marginal import step_kernels  # benchmarks/marginal.py: the kernels of a chrome trace
 
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         profiler.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())
-    lines = kernel_totals(events, top=15)
-    kernels = [e for e in events.get("traceEvents", []) if e.get("cat") == "kernel"]
-    if kernels:
-        span = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
-        lines.insert(0, f"3 steps: {len(kernels)} kernels, busy {sum(e['dur'] for e in kernels) / span:.1%} of "
-                        f"{span / 1e3:.1f} ms ({span / 3e3:.1f} ms per step)")
-    return lines
+        return step_kernels(json.loads(trace.read_text()), 3, top=15)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
