@@ -176,9 +176,16 @@ def compile_layers(net: nn.Module, adapter: Any, *, undo: bool = False) -> int:
     or (``undo``) return them to eager; the number of layers.
 
     Regional compilation: the layers run the same code, so they share compiled graphs and compiling
-    costs about one layer's time; Inductor fuses each layer's small kernels (norms, rotary, activation,
-    LoRA's scaling), so a step launches fewer kernels. Sequence lengths vary by batch: after the first
-    new length the graphs are recompiled once with a dynamic length."""
+    costs a few layers' time; Inductor fuses each layer's small kernels (norms, rotary, activation,
+    LoRA's scaling), so a step launches fewer kernels. Sequence lengths vary by batch, so the graphs
+    take a dynamic length from the start. Each layer variant gets its own graph: the first layer's
+    input needs no gradient and the later ones' do (with LoRA), the heads' layers are called with
+    other keyword arguments than the backbone's, and evaluation runs without gradients; dynamo's
+    recompile limit (8 graphs per function, which these variants reach) is raised to 32."""
+    import torch._dynamo
+
+    if not undo:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     suffix = adapter.layers_attr.split(".")[-1]
     n = 0
     for name, module in net.named_modules():
@@ -187,7 +194,7 @@ def compile_layers(net: nn.Module, adapter: Any, *, undo: bool = False) -> int:
                 if undo:
                     layer._compiled_call_impl = None
                 else:
-                    layer.compile()
+                    layer.compile(dynamic=True)
                 n += 1
     return n
 
