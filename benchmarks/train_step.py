@@ -121,6 +121,7 @@ def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namesp
     from mtp_lib.budget_train import _accelerator  # the units' one accelerator per process
     from mtp_lib.results import device_name, peak_bf16_flops
     from mtp_lib.train import recipe, train
+    from mtp_lib.train.steps import batch_order
 
     warmup = args.warmup + (3 if compiled else 0)
     n_steps = warmup + (3 if profile else args.steps)
@@ -134,12 +135,14 @@ def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namesp
         profiler = make_profiler(activities=[ProfilerActivity.CPU] + (
             [ProfilerActivity.CUDA] if device.type == "cuda" else []))
     clock = Clock(warmup, profiler)
-    result = train(model, data[:n_steps * args.batch], config, progress=False, callback=clock,
-                   accelerator=_accelerator(device), compile=compiled)
+    used = data[:n_steps * args.batch]  # one epoch of n_steps steps
+    result = train(model, used, config, progress=False, callback=clock, accelerator=_accelerator(device),
+                   compile=compiled)
     if profiler is not None:
         return {"recipe": name, "profile": kernel_lines(profiler)}
     secs = np.diff(clock.times)[warmup - 1:]  # step warmup+1 .. : each from the previous step's end
-    per_step = [data[i * args.batch:(i + 1) * args.batch] for i in range(warmup, n_steps)]
+    order = batch_order(config.seed, 0, 0, len(used)).tolist()  # the loop's own batches (one phase, one epoch)
+    per_step = [[used[j] for j in order[i * args.batch:(i + 1) * args.batch]] for i in range(warmup, n_steps)]
     tokens = statistics.mean(sum(len(s.input_ids) for s in b) for b in per_step)
     padded = statistics.mean(len(b) * max(len(s.input_ids) for s in b) for b in per_step)
     step_s = float(np.median(secs))
@@ -168,10 +171,11 @@ def kernel_lines(profiler: Any) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from mtp_lib.models import resolve_device
     from mtp_lib.results import device_name, provenance, to_jsonable
 
     args = parse_args(argv)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
     if args.model:

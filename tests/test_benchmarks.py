@@ -197,3 +197,29 @@ def test_pass_cost_times_every_part_of_every_step() -> None:
     assert {(g["dtype"], g["weight"], g["rows"]) for g in out["gemm"]} == {
         (d, w, n) for d in ("float32", "bf16") for w in ("mlp_up", "unembed") for n in (1, 3)}
     assert out["provenance"]["device"].startswith("CPU") and out["settings"]["shape"] == "tiny-llama"
+
+
+# --------------------------------------------------------------------------------------------------
+# benchmarks/train_step.py: the tokens of the steps it times
+
+
+def test_train_step_counts_the_tokens_of_the_batches_the_loop_trained() -> None:
+    """The tokens per timed step are those of the batches mtp_lib.train drew (its shuffled order), as
+    the units' own StepClock counts them, not those of the sequences in list order."""
+    import numpy as np
+
+    from mtp_lib.budget_train import StepClock
+    from mtp_lib.train import recipe
+
+    bench = _load("train_step")
+    seed = random.SystemRandom().randrange(1000)
+    argv = ["--shape", "tiny-llama", "--device", "cpu", "--recipes", "heads_only", "--steps", "3", "--warmup", "2",
+            "--batch", "4", "--micro-batch", "4", "--seed", str(seed)]
+    row = bench.main(argv)["rows"][0]
+    args = bench.parse_args(argv)
+    data = bench.samples((args.warmup + 3 + args.steps) * args.batch, 257, args.lengths, seed)
+    n_steps = args.warmup + args.steps
+    config = recipe("heads_only", seed=seed, effective_batch_size=4, micro_batch_size=4)
+    clock = StepClock(config, [len(s.input_ids) for s in data[:n_steps * 4]])
+    want = np.mean([clock.tokens_of("heads", step) for step in range(args.warmup + 1, n_steps + 1)])
+    assert row["steps"] == args.steps and row["tokens_per_step"] == pytest.approx(want, abs=0.05), seed
