@@ -36,7 +36,10 @@ reported over every greedy row and over the fastest one on the same prompts
 drafting, verification and acceptance (``draft_ms``, ``verify_ms``, ``accept_ms``). With ``--compile``
 each of our decoders (greedy_graph, greedy_invariant, specN_*) compiles its step with torch.compile
 before capturing it (``SpeculativeDecoder(compile_step=True)``: Inductor fuses each layer's small
-kernels); ``benchmarks/pass_cost.py`` times one step with and without.
+kernels); ``benchmarks/pass_cost.py`` times one step with and without. With ``--tf32`` (float32 models)
+float32 matmuls run on the tensor cores in TF32: plain float32 kernels made tree rows slower than chains
+(``pass_cost.py``, H100: a 65-node step 6.77 ms in float32, 5.63 ms in TF32, against 5.18 / 4.75 ms for
+a 2-token chain); the run's dtype then reads ``float32-tf32``.
 
 Heads: trained here with mtp_lib.train (the ``heads_only`` recipe by default) on the model's own
 greedy continuations of training prompts (self-distillation: acceptance is agreement with greedy
@@ -93,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-graphs", action="store_true", help="static-cache rows without CUDA graphs")
     p.add_argument("--invariant", action="store_true",
                    help="position-invariant verification (bit-exact against greedy_invariant in any dtype)")
+    p.add_argument("--tf32", action="store_true",
+                   help="float32 models: matmuls on the tensor cores in TF32 (torch's 'high' precision; the result's "
+                        "dtype reads float32-tf32). benchmarks/pass_cost.py measured float32 trees slow without it")
     p.add_argument("--compile", action="store_true",
                    help="our decoders' steps compiled by torch.compile before capture (SpeculativeDecoder's compile_step)")
     p.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens")
@@ -294,6 +300,16 @@ def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None,
 # Timing
 
 
+def matmul_dtype(dtype: str, tf32: bool) -> str:
+    """The run's dtype label; with ``tf32`` (float32 models only) switch float32 matmuls to TF32 first."""
+    if not tf32:
+        return dtype
+    if dtype != "float32":
+        raise SystemExit(f"--tf32 is for float32 models; this one is {dtype} (pass --dtype fp32)")
+    torch.set_float32_matmul_precision("high")  # cuBLAS may use TF32 tensor cores for float32 matmuls
+    return "float32-tf32"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -449,9 +465,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     model, tok, device = loaded.model, loaded.tokenizer, loaded.device
+    dtype = matmul_dtype(loaded.info()["dtype"], args.tf32)
     eos = tok.eos_token_id
     prompts = eval_prompts(tok, args, device)
-    print(f"{loaded.name} on {device} ({loaded.info()['dtype']}): {len(prompts)} prompts, "
+    print(f"{loaded.name} on {device} ({dtype}): {len(prompts)} prompts, "
           f"max {args.max_new_tokens} new tokens, eos {eos}")
 
     training: dict[int, dict[str, Any]] = {}
@@ -560,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = {
             "benchmark": "speculative", "complete": done,
             "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t_start),
-            "model": loaded.info(), "dtype": loaded.info()["dtype"],
+            "model": loaded.info(), "dtype": dtype,
             "settings": {k: portable(v) for k, v in vars(args).items()},
             "cuda_graphs": graphs and device.type == "cuda", "eos_token_id": eos,
             "invariant": args.invariant, "invariant_width": width if args.invariant else None,

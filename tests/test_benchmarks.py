@@ -223,3 +223,19 @@ def test_train_step_counts_the_tokens_of_the_batches_the_loop_trained() -> None:
     clock = StepClock(config, [len(s.input_ids) for s in data[:n_steps * 4]])
     want = np.mean([clock.tokens_of("heads", step) for step in range(args.warmup + 1, n_steps + 1)])
     assert row["steps"] == args.steps and row["tokens_per_step"] == pytest.approx(want, abs=0.05), seed
+
+
+def test_speculative_tf32_switches_float32_matmuls_and_labels_the_run() -> None:
+    import torch
+
+    bench = _load("speculative")
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert bench.matmul_dtype("bfloat16", False) == "bfloat16"
+        assert torch.get_float32_matmul_precision() == before
+        with pytest.raises(SystemExit, match="float32 models"):
+            bench.matmul_dtype("bfloat16", True)
+        assert bench.matmul_dtype("float32", True) == "float32-tf32"
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
