@@ -56,7 +56,8 @@ def hf_generate(model: Any, input_ids: Any, max_new_tokens: int, *,
                 prompt_lookup_num_tokens: int | None = None) -> GenerateOutput:
     """Greedy ``model.generate`` of transformers (``prompt_lookup_num_tokens``: prompt lookup decoding).
 
-    Stops only at ``eos_token_id`` (None: never; the model's own generation config is not used).
+    Stops only at ``eos_token_id`` (None: never; the model's own generation config is not used). With
+    prompt lookup, transformers (5.x) returns no new token when the prompt's last token is that eos.
     Forward passes are counted with a hook on ``model.forward``; ``accepted_lengths`` come from the
     cache length at each pass (empty if the cache could not be read).
     """
