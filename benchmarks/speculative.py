@@ -60,6 +60,9 @@ the slow eager rows timed fewer times (``--eager-repeats``), then merges:
     python benchmarks/speculative.py --device cuda --invariant --save-heads runs/h --tasks open-ended --out o.json
     python benchmarks/speculative.py --merge t.json o.json --out h100-invariant.json
 
+The tasks' prompts take turns, so ``--time-limit MINUTES`` (stop after the first prompt that ends past
+it) leaves a complete result with as many prompts of each task; ``prompts_done`` says how many.
+
 ``--quick`` is a smoke run (tiny training budget, few prompts and tokens): read its ratios only.
 """
 
@@ -67,6 +70,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import re
 import statistics
@@ -102,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="our decoders' steps compiled by torch.compile before capture (SpeculativeDecoder's compile_step)")
     p.add_argument("--prompt-lookup", type=int, default=10, help="prompt_lookup_num_tokens")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="minutes: after the first prompt that ends past it, stop and write the prompts done "
+                        "(a complete result with fewer prompts; prompts_done says how many per task)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method (mean)")
     p.add_argument("--eager-repeats", type=int,
                    help="timed runs of the eager transformers rows (generate, prompt_lookup), ten times slower "
@@ -171,17 +178,18 @@ class Prompt:
 
 
 def eval_prompts(tokenizer: Any, args: argparse.Namespace, device: torch.device) -> list[Prompt]:
-    """Validation translation prompts (up to "Translated:") and open-ended passage openings."""
+    """Validation translation prompts (up to "Translated:") and open-ended passage openings, the tasks
+    taking turns (a run stopped early by ``--time-limit`` has as many prompts of each)."""
     from mtp_lib.data import open_ended_samples, translation_samples
 
-    out: list[Prompt] = []
+    per_task: list[list[Prompt]] = []
     if "translation" in args.tasks:
-        for s in translation_samples(tokenizer, args.n_prompts, split="validation"):
-            out.append(Prompt("translation", s.id, torch.tensor([s.input_ids[:s.target_start]], device=device)))
+        per_task.append([Prompt("translation", s.id, torch.tensor([s.input_ids[:s.target_start]], device=device))
+                         for s in translation_samples(tokenizer, args.n_prompts, split="validation")])
     if "open-ended" in args.tasks:
-        for s in open_ended_samples(tokenizer, args.n_prompts, n_tokens=args.open_prompt_tokens):
-            out.append(Prompt("open-ended", s.id, torch.tensor([s.input_ids], device=device)))
-    return out
+        per_task.append([Prompt("open-ended", s.id, torch.tensor([s.input_ids], device=device))
+                         for s in open_ended_samples(tokenizer, args.n_prompts, n_tokens=args.open_prompt_tokens)])
+    return [p for turn in itertools.zip_longest(*per_task) for p in turn if p is not None]
 
 
 def train_prompts(tokenizer: Any, args: argparse.Namespace, n: int) -> list[Any]:
@@ -298,6 +306,14 @@ def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None,
 
 # --------------------------------------------------------------------------------------------------
 # Timing
+
+
+def prompts_done(records: list[dict[str, Any]]) -> dict[str, int]:
+    """Prompts run per task (fewer than --n-prompts where --time-limit stopped the run)."""
+    done: dict[str, set[str]] = {}
+    for r in records:
+        done.setdefault(r["task"], set()).add(r["prompt"])
+    return {task: len(ids) for task, ids in done.items()}
 
 
 def matmul_dtype(dtype: str, tf32: bool) -> str:
@@ -581,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "settings": {k: portable(v) for k, v in vars(args).items()},
             "cuda_graphs": graphs and device.type == "cuda", "eos_token_id": eos,
             "invariant": args.invariant, "invariant_width": width if args.invariant else None,
-            "greedy_reference": reference,
+            "greedy_reference": reference, "prompts_done": prompts_done(records),
             "heads": {str(n): mtp.options() for n, mtp in heads.items()},
             "training": {str(n): t for n, t in training.items()}, "trees": trees,
             "rank_acceptance": acceptance, "rows": summarize(records, [m for m in GREEDY_ROWS if m in methods]),
@@ -623,6 +639,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r["identical_to_greedy"] = r["new_token_ids"] == greedy
             r["identical_to_generate"] = r["new_token_ids"] == generated
             r["first_difference_to_greedy"] = first_difference(r["new_token_ids"], greedy)
+        if args.time_limit and time.perf_counter() - t_start > 60 * args.time_limit and i_prompt + 1 < len(prompts):
+            print(f"--time-limit {args.time_limit:g} min passed: stopping after {i_prompt + 1} of {len(prompts)} prompts")
+            break
         if args.out and i_prompt + 1 < len(prompts):  # a run cut short keeps the prompts it finished
             write(done=False)
 

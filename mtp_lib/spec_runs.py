@@ -211,6 +211,15 @@ def _heads_text(r: dict[str, Any]) -> str:
     return heads
 
 
+def _prompts_text(r: dict[str, Any]) -> str:
+    # prompts per task: as asked, or as done where the run's --time-limit stopped it early
+    s, done = r["settings"], r.get("prompts_done") or {}
+    if not done or all(n == s["n_prompts"] for n in done.values()):
+        return f"{s['n_prompts']} per task ({', '.join(s['tasks'])})"
+    return (", ".join(f"{task} {n}" for task, n in done.items())
+            + f" of {s['n_prompts']} per task (stopped by its {s.get('time_limit', 0):g}-minute time limit)")
+
+
 def run_info_table(runs: dict[str, dict[str, Any]]) -> Any:
     """Table 4.1: per run (columns), where and with what it ran, its heads, prompts, trees and oracle."""
     import pandas as pd
@@ -223,7 +232,7 @@ def run_info_table(runs: dict[str, dict[str, Any]]) -> Any:
             "model": name, "device": prov.get("device"), "dtype": r["dtype"], "CUDA graphs": r["cuda_graphs"],
             "torch": versions.get("torch"), "transformers": versions.get("transformers"), "python": versions.get("python"),
             "code (git)": _short_commit(prov), "date": prov.get("date", "")[:10],
-            "prompts": f"{s['n_prompts']} per task ({', '.join(s['tasks'])}), at most {s['max_new_tokens']} new tokens, "
+            "prompts": f"{_prompts_text(r)}, at most {s['max_new_tokens']} new tokens, "
                        f"{s['repeats']} timed run(s) each",
             "heads": _heads_text(r), "trees (nodes)": ", ".join(f"{k}: {len(v)}" for k, v in r["trees"].items()) or "-",
             "oracle": f"{s['oracle_prompts']} prompt(s) per task, top-p {s['oracle_top_p']}",

@@ -239,3 +239,29 @@ def test_speculative_tf32_switches_float32_matmuls_and_labels_the_run() -> None:
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_speculative_prompts_take_turns_by_task_and_a_stopped_run_says_how_many_it_ran() -> None:
+    """--time-limit stops after a prompt: with the tasks taking turns, both keep as many prompts, and
+    the run's prompts_done (and Chapter 4's run table) say how many of --n-prompts ran."""
+    import argparse
+
+    import torch
+
+    from mtp_lib import models as M
+    from mtp_lib.spec_runs import _prompts_text
+
+    bench = _load("speculative")
+    args = argparse.Namespace(tasks=["translation", "open-ended"], n_prompts=3, open_prompt_tokens=16)
+    prompts = bench.eval_prompts(M.byte_tokenizer(), args, torch.device("cpu"))
+    assert [p.task for p in prompts] == ["translation", "open-ended"] * 3
+    assert len({p.id for p in prompts}) == 6
+    records = [{"task": p.task, "prompt": p.id, "method": m} for p in prompts[:4] for m in ("a", "b")]
+    done = bench.prompts_done(records)
+    assert done == {"translation": 2, "open-ended": 2}
+    settings = {"n_prompts": 3, "tasks": args.tasks, "time_limit": 12.0}
+    assert _prompts_text({"settings": settings, "prompts_done": done}) == (
+        "translation 2, open-ended 2 of 3 per task (stopped by its 12-minute time limit)")
+    full = {"translation": 3, "open-ended": 3}
+    assert _prompts_text({"settings": settings, "prompts_done": full}) == "3 per task (translation, open-ended)"
+    assert _prompts_text({"settings": settings}) == "3 per task (translation, open-ended)"
