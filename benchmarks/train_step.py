@@ -17,6 +17,12 @@ low share means the step waits on the host (kernel launches, Python), not on the
 
     python benchmarks/train_step.py --shape smollm2-135m --profile --out train-step-smollm2.json
     python benchmarks/train_step.py --shape tiny-llama --device cpu --steps 2 --warmup 1   # smoke run
+
+Since a step waits on the host, several units can share one GPU (``scripts/table1_paper_budget.py
+--shard K/N`` in N processes). ``--processes N`` measures what that gives: the recipes timed in one
+process, then in N processes at once, and the throughput of the N together over the one.
+
+    python benchmarks/train_step.py --shape smollm2-135m --recipes vanilla_joint --processes 3 --out p3.json
 """
 
 from __future__ import annotations
@@ -66,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="compiled: each decoder layer compiled (train(compile=True)); its warm-up adds 3 steps "
                         "(the compile and the recompile for a dynamic length)")
     p.add_argument("--profile", action="store_true", help="top kernels of 3 steps per recipe (torch.profiler)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="N > 1: run the recipes in one process, then in N processes at once on the same GPU "
+                        "(a step waits on the host, so units can share a GPU): each one's step time and the "
+                        "throughput of all N over one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -170,11 +180,67 @@ def kernel_lines(profiler: Any) -> list[str]:
         return step_kernels(json.loads(trace.read_text()), 3, top=15)
 
 
+def child_argv(argv: list[str], out: Path) -> list[str]:
+    """``argv`` for one of the concurrent processes: no --processes, --profile or --out of its own."""
+    keep, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+        elif a in ("--processes", "--out"):
+            skip = 1
+        elif a.split("=")[0] not in ("--processes", "--out", "--profile"):
+            keep.append(a)
+    return keep + ["--out", str(out)]
+
+
+def run_processes(argv: list[str], n: int) -> list[dict[str, Any]]:
+    """Run this script in ``n`` processes at once (the same arguments); each one's result."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [Path(tmp) / f"p{i}.json" for i in range(n)]
+        procs = [subprocess.Popen([sys.executable, __file__, *child_argv(argv, out)]) for out in outs]
+        if any(p.wait() != 0 for p in procs):
+            raise SystemExit(f"one of the {n} concurrent processes failed (its output is above)")
+        return [json.loads(out.read_text()) for out in outs]
+
+
+def concurrency_rows(argv: list[str], n: int) -> list[dict[str, Any]]:
+    """Per recipe and variant: step time and tokens/s of one process alone, then of each of ``n`` at once,
+    and the throughput of the ``n`` together over the one (same inputs, same device, one run)."""
+    solo = run_processes(argv, 1)[0]["rows"]
+    together = [r["rows"] for r in run_processes(argv, n)]
+    out = []
+    for i, row in enumerate(solo):
+        mine = [rows[i] for rows in together]
+        total = sum(r["tokens_per_s"] for r in mine)
+        out.append({"recipe": row["recipe"], "variant": row["variant"], "processes": n, "step_s_one": row["step_s"],
+                    "step_s_each": [r["step_s"] for r in mine], "tokens_per_s_one": row["tokens_per_s"],
+                    "tokens_per_s_together": round(total, 1),
+                    "throughput_vs_one": round(total / row["tokens_per_s"], 3)})
+        each = ", ".join(f"{1e3 * r['step_s']:.1f}" for r in mine)
+        print(f"{row['recipe']:<20} {row['variant']:<9} one process {row['step_s'] * 1e3:.1f} ms/step; {n} at once "
+              f"{each} ms/step: throughput x{out[-1]['throughput_vs_one']}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from mtp_lib.models import resolve_device
     from mtp_lib.results import device_name, provenance, to_jsonable
 
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.processes > 1:
+        t0 = time.perf_counter()
+        rows = concurrency_rows(argv, args.processes)
+        device = resolve_device(args.device)
+        result = {"benchmark": "train_step_processes", "settings": {k: str(v) if isinstance(v, Path) else v
+                                                                       for k, v in vars(args).items() if k != "out"},
+                  "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t0), "rows": rows}
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(to_jsonable(result), indent=1))
+        return result
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()

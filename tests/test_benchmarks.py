@@ -265,3 +265,21 @@ def test_speculative_prompts_take_turns_by_task_and_a_stopped_run_says_how_many_
     full = {"translation": 3, "open-ended": 3}
     assert _prompts_text({"settings": settings, "prompts_done": full}) == "3 per task (translation, open-ended)"
     assert _prompts_text({"settings": settings}) == "3 per task (translation, open-ended)"
+
+
+def test_train_step_processes_compare_n_at_once_with_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    bench = _load("train_step")
+    argv = ["--shape", "tiny-llama", "--processes", "3", "--profile", "--out", "x.json", "--steps=2"]
+    assert bench.child_argv(argv, Path("p0.json")) == ["--shape", "tiny-llama", "--steps=2", "--out", "p0.json"]
+    assert bench.child_argv(["--processes=2", "--out=y"], Path("p")) == ["--out", "p"]
+
+    def fake(argv: list[str], n: int) -> list[dict]:
+        rate = [100.0] if n == 1 else [70.0, 60.0, 50.0]
+        return [{"rows": [{"recipe": "r", "variant": "eager", "step_s": 64 / t, "tokens_per_s": t}]} for t in rate]
+
+    monkeypatch.setattr(bench, "run_processes", fake)
+    (row,) = bench.concurrency_rows(argv, 3)
+    assert row["tokens_per_s_together"] == 180.0 and row["throughput_vs_one"] == 1.8
+    assert row["step_s_one"] == 0.64 and row["step_s_each"] == [64 / 70, 64 / 60, 64 / 50]
