@@ -99,6 +99,7 @@ class BudgetSetup:
     save_dir: str = ""
     progress: bool = False  # a unit's start line and progress bar (not in a unit's key)
     compile: bool = False  # decoder layers compiled (train(compile=True): how, not what; recorded in the speed)
+    gpu_processes: int = 1  # units training at once on this GPU (their speed is shared; recorded in the speed)
 
     def __post_init__(self) -> None:
         from . import models as M

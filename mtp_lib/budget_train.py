@@ -177,6 +177,7 @@ def run_unit(lazy: LazyData, unit: Unit) -> dict[str, Any]:
     return {"info": info, "sample_ids": [s.id for s in lazy.eval_set], "hits": hits, "lr": unit.lr,
             "phase_steps": list(config.phase_steps), "first_losses": first, "loss_windows": windows,
             "loss_window": WINDOW, "curve": _curve(result.history, config.phase_steps, setup.effective_batch),
-            "speed": {**_speed(clock, result.model, setup.device), "compiled": setup.compile},
+            "speed": {**_speed(clock, result.model, setup.device), "compiled": setup.compile,
+                      "gpu_processes": setup.gpu_processes},
             "train_seconds": round(train_s, 2),
             "eval_seconds": round(time.perf_counter() - start, 2), **extra}

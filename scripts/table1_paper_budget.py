@@ -19,6 +19,12 @@ from the K-th, in a fixed order; a row of a model whose LR sweep is not stored y
 
     for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python scripts/table1_paper_budget.py --shard $i/4 & done; wait
 
+A training step waits on the host more than on the GPU, so several units can share one GPU:
+``--jobs N`` runs N such shards at once on this machine's GPU (each unit records how many shared it;
+``benchmarks/train_step.py --processes N`` measures what sharing gives):
+
+    python scripts/table1_paper_budget.py --models smollm2-135m --jobs 3
+
 A unit checkpoints every ``--checkpoint-every`` steps under --save-dir; the same command resumes it.
 ``--stop-after MINUTES`` stops cleanly right after a checkpoint once that much time has passed (for
 machines lent by the slot). The commit recorded with each result comes from git, or from
@@ -39,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipes", nargs="+", help="only these rows (LR sweeps of the chosen models always run first)")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     p.add_argument("--shard", default="0/1", help="K/N: only every N-th unit from the K-th (one process per GPU)")
+    p.add_argument("--jobs", type=int, default=1, help="N > 1: N shards at once on this GPU (units share it)")
+    p.add_argument("--gpu-processes", type=int, default=1, help=argparse.SUPPRESS)  # set by --jobs in its shards
     p.add_argument("--list", action="store_true", help="list the units, stored or missing, and compute nothing")
     p.add_argument("--save-dir", default="runs/paper-budget", help="checkpoints (resume); '' for none")
     p.add_argument("--checkpoint-every", type=int, default=250, help="optimizer steps between checkpoints")
@@ -50,6 +58,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def shard_argv(argv: list[str], shard: int, jobs: int) -> list[str]:
+    """``argv`` for shard ``shard`` of ``--jobs jobs``: --jobs replaced by --shard and --gpu-processes."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--jobs":
+            skip = True
+        elif not a.startswith("--jobs="):
+            out.append(a)
+    return out + ["--shard", f"{shard}/{jobs}", "--gpu-processes", str(jobs)]
+
+
+def run_jobs(argv: list[str], jobs: int) -> int:
+    """Run ``jobs`` shards of this script at once (they share this machine's GPU); the worst exit status."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, __file__, *shard_argv(argv, i, jobs)]) for i in range(jobs)]
+    return max(p.wait() for p in procs)
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -58,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     from mtp_lib.profiles import load_profile
     from mtp_lib.strategy_runs import STRATEGIES
 
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.jobs > 1:
+        if args.shard != "0/1" or args.list:
+            raise SystemExit("--jobs runs its own shards: give it without --shard and --list")
+        return run_jobs(argv, args.jobs)
     if (not args.list and load_profile(args.profile).compute == "cuda" and not torch.cuda.is_available()
             and not args.allow_cpu):
         raise SystemExit(f"profile {args.profile!r} is computed on a CUDA GPU and this machine has none "
@@ -67,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     setup.checkpoint_every = args.checkpoint_every  # (not in a unit's key: a checkpoint does not change results)
     setup.progress = not args.no_progress
     setup.compile = args.compile  # (not in a unit's key either: it changes how the steps run, not what they compute)
+    setup.gpu_processes = args.gpu_processes  # (nor this: how many units shared the GPU, for their speed)
     bad = sorted(set(args.models or []) - set(setup.models)) + sorted(set(args.recipes or []) - set(setup.recipes))
     if bad:
         raise SystemExit(f"{bad} are not among the profile's budget_models {setup.models} / rows {setup.recipes}")

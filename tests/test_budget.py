@@ -166,6 +166,7 @@ def test_tiny_units_end_to_end_with_sweep_resume_and_speed(tmp_path, monkeypatch
     assert warm["phase_steps"] == [2, 1] and [p["step"] for p in warm["curve"]] == [1, 2, 3]
     assert [p["sequences"] for p in warm["curve"]] == [2, 4, 6] and len(warm["first_losses"][1]) == 3
     assert warm["speed"]["tokens"] > 0 and warm["speed"]["mfu"] is None and warm["speed"]["compiled"] is False
+    assert warm["speed"]["gpu_processes"] == 1
     again = run_budget(tiny_setup(save_dir=str(tmp_path / "runs")))  # stored now: loaded, nothing trained
     assert not again.missing and all(r.loaded for r in again.rows.values())
     assert R.seed_accuracy_table(again).shape == (2, 2) and len(R.curve_frame(again)) == 4 * 3 * 2
@@ -227,3 +228,11 @@ def test_script_computes_the_chapter_units_of_a_profile_and_lists_them(tmp_path)
     assert all(r["provenance"]["git_commit"] for r in records)
     with pytest.raises(AssertionError, match="--shard"):
         run("--shard", "2/2")
+    # --jobs 2: two shards at once (sharing one device); each unit records that two shared it
+    two = [r for r in setup.recipes if r not in ("heads_only", setup.sweep_recipe)][:2]
+    run("--models", "tiny-llama", "--recipes", *two, "--seeds", "0", "--jobs", "2", "--no-progress")
+    records = [json.loads(r.read_text()) for r in (tmp_path / "tiny").glob("ch03-budget-*.json")]
+    shared = sorted(r["config"]["recipe"] for r in records if r["result"]["speed"].get("gpu_processes") == 2)
+    assert shared == sorted(two), [r["config"] for r in records]
+    with pytest.raises(AssertionError, match="--jobs runs its own shards"):
+        run("--jobs", "2", "--shard", "0/2")
