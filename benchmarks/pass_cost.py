@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from mtp_lib.tiny_models import SHAPES, TINY_MODELS, build_shaped_model
+from mtp_lib.tiny_models import SHAPES, TINY_MODELS, benchmark_model
 
 # greedy, spec2_chain, spec4_chain, spec2_tree's and spec4_tree's shapes, spec4_dyn's
 TREES = ("chain0", "chain1", "chain3", "top10", "tree64", "dyn64")
@@ -95,15 +95,7 @@ def build_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.devi
     """The backbone (random weights in ``--shape``, or ``--model``'s) with ``--heads`` layer heads."""
     from mtp_lib.heads import MTPModel
 
-    if args.model:
-        from mtp_lib.models import load_model
-
-        backbone = load_model(args.model, device=str(device), dtype=dtype).model
-    else:
-        try:
-            backbone = build_shaped_model(args.shape)
-        except ValueError as err:
-            raise SystemExit(f"--shape: {err}") from None
+    backbone = benchmark_model(args.model, args.shape, device, dtype)
     return MTPModel(backbone, n_heads=args.heads).to(device=device, dtype=dtype).eval()
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtp_lib.tiny_models import SHAPES, TINY_MODELS, build_shaped_model
+from mtp_lib.tiny_models import SHAPES, TINY_MODELS, benchmark_model
 
 # Sequence lengths of the paper-budget training pairs (58,381 WEB + KJV pairs, prompt + target) in
 # each tokenizer: the 0th, 5th, ..., 100th percentiles, and the mean share of a sequence before its
@@ -129,7 +129,7 @@ def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namesp
                 profile: bool, compiled: bool = False) -> dict[str, Any]:
     """Train ``name`` for warm-up + timed steps and read the step times off the callback."""
     from mtp_lib.budget_train import _accelerator  # the units' one accelerator per process
-    from mtp_lib.results import device_name, peak_bf16_flops
+    from mtp_lib.results import device_name, mfu
     from mtp_lib.train import recipe, train
     from mtp_lib.train.steps import batch_order
 
@@ -157,15 +157,13 @@ def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namesp
     padded = statistics.mean(len(b) * max(len(s.input_ids) for s in b) for b in per_step)
     step_s = float(np.median(secs))
     n_params = sum(p.numel() for p in result.model.parameters())
-    name_dev = device_name(device)
-    peak = peak_bf16_flops(name_dev) if device.type == "cuda" else None
     rate = tokens / step_s
     return {"recipe": name, "variant": "compiled" if compiled else "eager", "steps": len(secs),
             "step_s": round(step_s, 5),
             "step_s_iqr": [round(float(q), 5) for q in np.percentile(secs, [25, 75])],
             "tokens_per_step": round(tokens, 1), "padded_tokens_per_step": round(padded, 1),
             "tokens_per_s": round(rate, 1), "params": n_params,
-            "mfu": round(6 * n_params * rate / peak, 4) if peak else None,
+            "mfu": mfu(n_params, rate, device_name(device)) if device.type == "cuda" else None,
             "unit_minutes": round(UNIT_STEPS * step_s / 60, 2)}
 
 
@@ -244,15 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
-    if args.model:
-        from mtp_lib.models import load_model
-
-        model = load_model(args.model, device=str(device), dtype=dtype).model
-    else:
-        try:
-            model = build_shaped_model(args.shape).to(device=device, dtype=dtype)
-        except ValueError as err:
-            raise SystemExit(f"--shape: {err}") from None
+    model = benchmark_model(args.model, args.shape, device, dtype)
     vocab = model.get_input_embeddings().weight.shape[0]
     n = (args.warmup + 3 + max(args.steps, 3)) * args.batch
     data = samples(n, vocab, args.lengths, args.seed)

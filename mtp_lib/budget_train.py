@@ -128,7 +128,7 @@ def _losses(history: list[dict[str, Any]]) -> tuple[list[list[float]], list[list
 
 def _speed(clock: StepClock, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
     # tokens/s of training steps; MFU = 6 * N * tokens / seconds / peak (N: the trained network's parameters)
-    from .results import device_name
+    from .results import device_name, mfu
 
     n_params = sum(p.numel() for p in model.parameters())
     name = device_name(device)
@@ -136,7 +136,7 @@ def _speed(clock: StepClock, model: torch.nn.Module, device: torch.device) -> di
     rate = clock.tokens / clock.seconds if clock.seconds > 0 else float("nan")
     return {"device": name, "timed_steps": clock.steps, "step_seconds": round(clock.seconds, 3),
             "tokens": clock.tokens, "tokens_per_s": round(rate, 1), "params": n_params,
-            "peak_flops": peak, "mfu": round(6 * n_params * rate / peak, 4) if peak else None}
+            "peak_flops": peak, "mfu": mfu(n_params, rate, name) if peak else None}
 
 
 def run_unit(lazy: LazyData, unit: Unit) -> dict[str, Any]:

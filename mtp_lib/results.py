@@ -152,6 +152,13 @@ def peak_bf16_flops(device: str) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device), None)
 
 
+def mfu(n_params: int, tokens_per_s: float, device: str) -> float | None:
+    """Model FLOP utilization of training: 6 N tokens/s (forward and backward, N parameters) over the
+    dense bf16 peak of ``device`` (a :func:`device_name`); None where the peak is unknown."""
+    peak = peak_bf16_flops(device)
+    return round(6 * n_params * tokens_per_s / peak, 4) if peak else None
+
+
 def _commit() -> tuple[str | None, bool | None, str | None]:
     """The git commit (and whether the tree had changes) and where it came from: $MTP_GIT_COMMIT when
     it is set (a run on a copy of the checkout passes the commit in; the copy's own git, if it has

@@ -10,7 +10,7 @@ from torch import nn
 
 from mtp_lib.adapters import ADAPTERS
 
-__all__ = ["SHAPES", "TINY_MODELS", "TINY_VOCAB", "build_shaped_model", "build_tiny_model", "byte_tokenizer"]
+__all__ = ["SHAPES", "TINY_MODELS", "TINY_VOCAB", "benchmark_model", "build_shaped_model", "build_tiny_model", "byte_tokenizer"]
 
 TINY_MODELS: dict[str, str] = {"tiny-gpt-neox": "gpt_neox", "tiny-llama": "llama",
                                "tiny-gemma3": "gemma", "tiny-gpt2": "gpt2"}
@@ -116,3 +116,17 @@ def build_shaped_model(shape: str, *, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config).eval()
+
+
+def benchmark_model(model: str | None, shape: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A benchmark's model: ``model``'s real weights (an alias, hub id or folder) if given, else random
+    weights in ``shape`` (see :func:`build_shaped_model`), on ``device`` in ``dtype``. A bad shape
+    exits with what the known ones are."""
+    if model:
+        from .models import load_model
+
+        return load_model(model, device=str(device), dtype=dtype).model
+    try:
+        return build_shaped_model(shape).to(device=device, dtype=dtype)
+    except ValueError as err:
+        raise SystemExit(f"--shape: {err}") from None

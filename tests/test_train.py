@@ -350,6 +350,12 @@ def test_compiled_layers_train_as_eager_ones() -> None:
     layers = [m for m in compiled.model.modules() if type(m).__name__.endswith("DecoderLayer")]
     assert len(layers) == len(model.model.layers) + 1  # backbone's and head 2's
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in layers)
+    import torch._dynamo as dynamo
+
     from mtp_lib.train import compile_layers
 
+    limit = dynamo.config.recompile_limit
     assert compile_layers(compiled.model, get_adapter(model)) == len(layers)
+    assert dynamo.config.recompile_limit == max(limit, 32)
+    compile_layers(compiled.model, get_adapter(model), undo=True)
+    assert dynamo.config.recompile_limit == limit  # dynamo's own limit again

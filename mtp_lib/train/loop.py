@@ -171,6 +171,9 @@ class _Run:
         self.acc.wait_for_everyone()
 
 
+_RECOMPILE_LIMITS: list[int] = []  # dynamo's limits before each compile_layers call, restored by its undo
+
+
 def compile_layers(net: nn.Module, adapter: Any, *, undo: bool = False) -> int:
     """Compile each decoder layer of ``net`` (backbone and layer heads) on its own with torch.compile,
     or (``undo``) return them to eager; the number of layers.
@@ -181,11 +184,15 @@ def compile_layers(net: nn.Module, adapter: Any, *, undo: bool = False) -> int:
     take a dynamic length from the start. Each layer variant gets its own graph: the first layer's
     input needs no gradient and the later ones' do (with LoRA), the heads' layers are called with
     other keyword arguments than the backbone's, and evaluation runs without gradients; dynamo's
-    recompile limit (8 graphs per function, which these variants reach) is raised to 32."""
+    recompile limit (8 graphs per function, which these variants reach) is raised to 32 while the
+    layers are compiled, and put back by ``undo``."""
     import torch._dynamo
 
     if not undo:
+        _RECOMPILE_LIMITS.append(torch._dynamo.config.recompile_limit)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    elif _RECOMPILE_LIMITS:
+        torch._dynamo.config.recompile_limit = _RECOMPILE_LIMITS.pop()
     suffix = adapter.layers_attr.split(".")[-1]
     n = 0
     for name, module in net.named_modules():
