@@ -639,7 +639,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r["identical_to_greedy"] = r["new_token_ids"] == greedy
             r["identical_to_generate"] = r["new_token_ids"] == generated
             r["first_difference_to_greedy"] = first_difference(r["new_token_ids"], greedy)
-        if args.time_limit and time.perf_counter() - t_start > 60 * args.time_limit and i_prompt + 1 < len(prompts):
+        turn_done = (i_prompt + 1) % len(args.tasks) == 0  # stop after a whole turn: as many prompts per task
+        if (args.time_limit and turn_done and time.perf_counter() - t_start > 60 * args.time_limit
+                and i_prompt + 1 < len(prompts)):
             print(f"--time-limit {args.time_limit:g} min passed: stopping after {i_prompt + 1} of {len(prompts)} prompts")
             break
         if args.out and i_prompt + 1 < len(prompts):  # a run cut short keeps the prompts it finished

@@ -283,3 +283,17 @@ def test_train_step_processes_compare_n_at_once_with_one(monkeypatch: pytest.Mon
     (row,) = bench.concurrency_rows(argv, 3)
     assert row["tokens_per_s_together"] == 180.0 and row["throughput_vs_one"] == 1.8
     assert row["step_s_one"] == 0.64 and row["step_s_each"] == [64 / 70, 64 / 60, 64 / 50]
+
+
+def test_speculative_time_limit_stops_after_a_whole_turn_with_a_complete_result(tmp_path: Path) -> None:
+    """A tiny model's quick run whose time limit has passed at the first prompt: it stops after one
+    prompt of each task and writes a complete result that says so."""
+    import json
+
+    bench = _load("speculative")
+    out = tmp_path / "tl.json"
+    bench.main(["--model", "tiny-llama", "--quick", "--n-prompts", "3", "--time-limit", "1e-6", "--methods",
+                "greedy_graph", "spec2_chain", "--train-heads", "2", "--no-progress", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["complete"] is True and result["prompts_done"] == {"translation": 1, "open-ended": 1}
+    assert {r["prompts"] for r in result["rows"] if r["task"] != "all"} == {1}
