@@ -166,8 +166,11 @@ def _stored_runs(setup: SpecSetup, notes: list[str]) -> dict[str, dict[str, Any]
         if not any(run["result"]["model"]["name"] == name for run in runs.values()):
             notes.append(
                 f"No benchmark file for `{name}` matches `{setup.benchmark_glob}` in `data/results/{setup.profile}/`. "
-                f"On a GPU, run `python benchmarks/speculative.py --device cuda --model {name} --save-heads "
-                f"runs/spec-heads-{name} --out data/results/{setup.profile}/benchmark-speculative-{name}.json`.")
+                f"On a GPU, run `MTP_GIT_COMMIT=$(git rev-parse HEAD) python benchmarks/speculative.py --device cuda "
+                f"--model {name} --invariant --head-init copy --n-prompts 20 --repeats 3 --eager-repeats 1 "
+                f"--save-heads runs/spec-heads-{name} "
+                f"--out data/results/{setup.profile}/benchmark-speculative-{name}-invariant.json` "
+                "(position-invariant verification: every row must equal greedy decoding).")
     return dict(sorted(runs.items()))
 
 

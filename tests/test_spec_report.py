@@ -208,6 +208,9 @@ def test_stored_runs_skip_a_run_cut_short(tmp_path, monkeypatch) -> None:
     runs, notes = load_runs(setup)
     assert [r["source"] for r in runs.values()] == ["benchmark-speculative-a.json"]
     assert any("benchmark-speculative-b.json" in n and "1 prompts done" in n for n in notes), notes
+    setup = dataclasses.replace(setup, models=["m", "other"])  # a model without a file: the invariant command
+    _, notes = load_runs(setup)
+    assert any("`other`" in n and "--model other --invariant" in n for n in notes), notes
 
 
 def test_oracle_pairs_compare_top1_drafts_on_the_oracle_prompts_only() -> None:
