@@ -183,7 +183,9 @@ class BudgetSetup:
         return [Unit(name, self.sweep_recipe, self.seeds[name][0], float(lr)) for lr in self.lr_sweep[name]]
 
     def row_units(self, name: str, lr: float) -> list[Unit]:
-        return [Unit(name, rec, seed, lr) for rec in self.recipes for seed in self.seeds[name]]
+        """The model's rows, seed-major: every row's first seed before any row's second (a GPU run cut
+        short leaves whole seeds of the table, not all seeds of a few rows)."""
+        return [Unit(name, rec, seed, lr) for seed in self.seeds[name] for rec in self.recipes]
 
     def describe(self) -> str:
         sequences = self.total_steps * self.effective_batch

@@ -15,7 +15,8 @@ What is stored and what is missing, without computing:
     python scripts/table1_paper_budget.py --profile gpu --list
 
 Units spread over several GPUs of one host, one process per GPU (``--shard K/N``: every N-th unit,
-from the K-th, in a fixed order; a row of a model whose LR sweep is not stored yet waits for it):
+from the K-th, in a fixed order: LR sweeps, then each model's rows seed-major, every row's first seed
+before any second; a row of a model whose LR sweep is not stored yet waits for it):
 
     for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python scripts/table1_paper_budget.py --shard $i/4 & done; wait
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= shard < n_shards:
         raise SystemExit(f"--shard {args.shard}: give K/N with 0 <= K < N")
     sweeps = [u for name in setup.models for u in setup.sweep_units(name)]
-    rows = [(name, rec, seed) for name in setup.models for rec in setup.recipes for seed in setup.seeds[name]]
+    rows = [u[:3] for name in setup.models for u in setup.row_units(name, 0.0)]  # seed-major, as run_budget runs them
 
     def index(unit: Unit) -> int:  # the unit's place in a fixed order: sweeps first, then rows
         return sweeps.index(unit) if unit in sweeps else len(sweeps) + rows.index(unit[:3])

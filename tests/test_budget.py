@@ -143,6 +143,11 @@ def test_gpu_profile_is_the_paper_budget_and_only_names_the_command_without_resu
     assert not runs.rows and runs.lr["gemma3-270m"] is None
     assert len(runs.missing) == len(setup.recipes) * 3 + len(setup.lr_sweep["gemma3-270m"])
     assert "scripts/table1_paper_budget.py --profile gpu" in R.missing_note(runs)
+    # seed-major: a run cut short leaves every row's first seed before any row's second
+    smol = [u for u in runs.missing if u.model == "smollm2-135m"]
+    n = len(setup.recipes)
+    assert [u.seed for u in smol] == [s for s in setup.seeds["smollm2-135m"] for _ in range(n)]
+    assert [u.recipe for u in smol[:n]] == [u.recipe for u in smol[n:2 * n]] == setup.recipes
 
 
 def test_tiny_units_end_to_end_with_sweep_resume_and_speed(tmp_path, monkeypatch) -> None:
