@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .results import CachedResult, cached, config_key, repo_root, results_dir, to_jsonable
+from .results import CachedResult, cached, config_key, repo_root, search_dirs, to_jsonable
 from .strategy_runs import STRATEGIES
 
 __all__ = ["COMMAND", "KIND", "NOT_PUBLISHED", "PARAMETERS", "PUBLISHED_LR", "VERSION", "BudgetRuns",
@@ -213,7 +213,7 @@ def stored(setup: BudgetSetup, unit: Unit) -> CachedResult | None:
     """The stored result of ``unit`` (results folder, then the committed one), None if absent."""
     cfg = to_jsonable(setup.unit_config(unit))
     file = f"{KIND}-{config_key(cfg, VERSION)}.json"
-    for folder in (results_dir(setup.profile), repo_root() / "data" / "results" / setup.profile):
+    for folder in search_dirs(setup.profile):
         if (folder / file).is_file():
             record = json.loads((folder / file).read_text())
             if record.get("config") == cfg:

@@ -39,7 +39,7 @@ from typing import Any
 from .sources import SourceStatus, announce, source_record, source_status
 
 __all__ = ["CachedResult", "MissingResultError", "cached", "config_key", "provenance", "repo_root", "results_dir",
-           "stored_files",
+           "search_dirs", "stored_files",
            "to_jsonable"]
 
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -58,7 +58,7 @@ def results_dir(profile: str) -> Path:
     return (Path(base) if base else repo_root() / "data" / "results") / profile
 
 
-def _search_dirs(profile: str) -> list[Path]:
+def search_dirs(profile: str) -> list[Path]:
     """Where a result is looked for: the results folder, then the committed one if that differs."""
     first, committed = results_dir(profile), repo_root() / "data" / "results" / profile
     return [first] if first.resolve() == committed.resolve() else [first, committed]
@@ -76,7 +76,7 @@ def stored_files(profile: str, pattern: str) -> list[Path]:
     """The files of ``profile`` whose names match ``pattern`` (a glob), one per name: the results
     folder's first, then the committed folder's (see :func:`results_dir`)."""
     found: dict[str, Path] = {}
-    for folder in _search_dirs(profile):
+    for folder in search_dirs(profile):
         for path in sorted(folder.glob(pattern)):
             found.setdefault(path.name, path)
     return list(found.values())
@@ -229,7 +229,7 @@ def cached(name: str, config: Mapping[str, Any], compute: Callable[[], Any], *, 
     cfg = to_jsonable(config)
     key = config_key(cfg, version)
     file = f"{name}-{key}.json"
-    found = [d / file for d in _search_dirs(profile) if (d / file).is_file()]
+    found = [d / file for d in search_dirs(profile) if (d / file).is_file()]
     if found and not recompute:
         stored = json.loads(found[0].read_text())
         if stored.get("config") != cfg or stored.get("version") != version:
@@ -257,5 +257,5 @@ def _refuse_if_no_compute(name: str, cfg: Mapping[str, Any], profile: str, file:
     shown = json.dumps(cfg, sort_keys=True)
     what = (f"recomputing {name} was asked for" if recompute else
             f"result {file} of profile {profile!r} is not stored (looked in "
-            f"{' and '.join(_shown(d) for d in _search_dirs(profile))})")
+            f"{' and '.join(_shown(d) for d in search_dirs(profile))})")
     raise MissingResultError(f"{what}; its configuration: {shown[:300]}{'...' if len(shown) > 300 else ''}. {how}")

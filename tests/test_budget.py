@@ -133,7 +133,11 @@ def test_learning_curves_figure_draws_every_model_and_the_marker() -> None:
 
 
 def test_gpu_profile_is_the_paper_budget_and_only_names_the_command_without_results(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path))
+    from mtp_lib import budget_runs, results
+
+    monkeypatch.setenv("MTP_RESULTS_DIR", str(tmp_path))  # an empty results folder, the committed units hidden
+    for module in (results, budget_runs):
+        monkeypatch.setattr(module, "search_dirs", lambda profile: [results.results_dir(profile)])
     setup = chapter_setup("gpu")
     assert setup.total_steps * setup.effective_batch == 200_000 and setup.effective_batch == 64
     assert setup.lrs["smollm2-135m"] == PUBLISHED_LR["smollm2-135m"][0] / 2
