@@ -214,8 +214,9 @@ def missing_note(runs: BudgetRuns) -> str:
             f"On a GPU, `MTP_GIT_COMMIT=$(git rev-parse HEAD) {cmd}` computes every missing one (LR sweeps first; "
             f"`--models`, `--recipes`, `--seeds` pick some; `--list` shows them all); an interrupted run resumes "
             "from its checkpoint. Faster on one GPU: `--compile` (compiled layers: a step 1.70x "
-            "faster on an H100) and `--jobs 3` (three units at once: 2.3-2.9x the throughput of one; "
-            "`benchmarks/README.md`).")
+            "faster on an H100) and `--jobs 4` (four units at once, one process each, the next unit starting "
+            "as one ends: on an H100 four SmolLM2 units were stored 12 minutes after they started, where one "
+            "joint unit alone takes 6.4 minutes of training steps; `data/README.md`).")
     if waiting:
         text += (f" The rows of {', '.join(waiting)} wait for their LR sweep (the paper's rule needs a published "
                  "pretraining LR, which these models lack).")

@@ -21,8 +21,10 @@ before any second; a row of a model whose LR sweep is not stored yet waits for i
     for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i python scripts/table1_paper_budget.py --shard $i/4 & done; wait
 
 A training step waits on the host more than on the GPU, so several units can share one GPU:
-``--jobs N`` runs N such shards at once on this machine's GPU (each unit records how many shared it;
-``benchmarks/train_step.py --processes N`` measures what sharing gives):
+``--jobs N`` keeps N units training at once on this machine's GPU, one process each (each unit
+records how many shared it; ``benchmarks/train_step.py --processes N`` measures what sharing gives).
+The units are taken in the order above as processes end, so a short unit does not leave its place
+idle, and a model's rows start as soon as its LR sweep is stored:
 
     python scripts/table1_paper_budget.py --models smollm2-135m --jobs 3
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     p.add_argument("--shard", default="0/1", help="K/N: only every N-th unit from the K-th (one process per GPU)")
     p.add_argument("--jobs", type=int, default=1, help="N > 1: N shards at once on this GPU (units share it)")
-    p.add_argument("--gpu-processes", type=int, default=1, help=argparse.SUPPRESS)  # set by --jobs in its shards
+    p.add_argument("--gpu-processes", type=int, default=1, help=argparse.SUPPRESS)  # set by --jobs in its processes
+    p.add_argument("--unit", type=int, default=-1, help=argparse.SUPPRESS)  # set by --jobs: the one unit to compute
     p.add_argument("--list", action="store_true", help="list the units, stored or missing, and compute nothing")
     p.add_argument("--save-dir", default="runs/paper-budget", help="checkpoints (resume); '' for none")
     p.add_argument("--checkpoint-every", type=int, default=250, help="optimizer steps between checkpoints")
@@ -59,25 +63,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def shard_argv(argv: list[str], shard: int, jobs: int) -> list[str]:
-    """``argv`` for shard ``shard`` of ``--jobs jobs``: --jobs replaced by --shard and --gpu-processes."""
+def unit_argv(argv: list[str], unit: int, jobs: int, minutes_left: float | None = None) -> list[str]:
+    """``argv`` for the process of unit ``unit`` under ``--jobs jobs``: --jobs replaced by --unit and
+    --gpu-processes, and --stop-after by the minutes left of the whole run's."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--jobs":
+        elif a in ("--jobs", "--stop-after"):
             skip = True
-        elif not a.startswith("--jobs="):
+        elif a.split("=")[0] not in ("--jobs", "--stop-after"):
             out.append(a)
-    return out + ["--shard", f"{shard}/{jobs}", "--gpu-processes", str(jobs)]
+    left = [] if minutes_left is None else ["--stop-after", f"{max(minutes_left, 1e-3):.4f}"]
+    return out + ["--unit", str(unit), "--gpu-processes", str(jobs), *left]
 
 
-def run_jobs(argv: list[str], jobs: int) -> int:
-    """Run ``jobs`` shards of this script at once (they share this machine's GPU); the worst exit status."""
+def run_jobs(argv: list[str], jobs: int, ready: Callable[[], list[int]], deadline: float | None) -> int:
+    """Keep ``jobs`` processes of this script at once, one per unit (they share this machine's GPU).
+
+    ``ready()`` gives the units that could start now (missing, in the fixed order, a model's rows once
+    its LR sweep is stored); it is asked again whenever a process ends, so units are taken in order as
+    places free up. No unit starts past ``deadline``. Returns the worst exit status."""
     import subprocess
 
-    procs = [subprocess.Popen([sys.executable, __file__, *shard_argv(argv, i, jobs)]) for i in range(jobs)]
-    return max(p.wait() for p in procs)
+    running: dict[int, subprocess.Popen[bytes]] = {}
+    started: set[int] = set()
+    worst = 0
+    while True:
+        free = [i for i in ready() if i not in started] if deadline is None or time.perf_counter() < deadline else []
+        for i in free[:jobs - len(running)]:
+            left = None if deadline is None else (deadline - time.perf_counter()) / 60
+            running[i] = subprocess.Popen([sys.executable, __file__, *unit_argv(argv, i, jobs, left)])
+            started.add(i)
+        if not running:
+            return worst
+        while not (done := [i for i, p in running.items() if p.poll() is not None]):
+            time.sleep(1)
+        for i in done:
+            worst = max(worst, running.pop(i).returncode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,15 +113,13 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.jobs > 1:
-        if args.shard != "0/1" or args.list:
-            raise SystemExit("--jobs runs its own shards: give it without --shard and --list")
-        return run_jobs(argv, args.jobs)
+    if args.jobs > 1 and (args.shard != "0/1" or args.list):
+        raise SystemExit("--jobs runs its own processes: give it without --shard and --list")
     if (not args.list and load_profile(args.profile).compute == "cuda" and not torch.cuda.is_available()
             and not args.allow_cpu):
         raise SystemExit(f"profile {args.profile!r} is computed on a CUDA GPU and this machine has none "
                          "(--allow-cpu computes anyway, slowly)")
-    setup = chapter_setup(args.profile, compute=not args.list, save_dir=args.save_dir)
+    setup = chapter_setup(args.profile, compute=not args.list and args.jobs == 1, save_dir=args.save_dir)
     setup.checkpoint_every = args.checkpoint_every  # (not in a unit's key: a checkpoint does not change results)
     setup.progress = not args.no_progress
     setup.compile = args.compile  # (not in a unit's key either: it changes how the steps run, not what they compute)
@@ -122,9 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         sweep = unit in setup.sweep_units(unit.model)
         if budget_train.DEADLINE and time.perf_counter() > budget_train.DEADLINE[0]:
             return False  # out of time: start no other unit
-        return (index(unit) % n_shards == shard and (args.models is None or unit.model in args.models)
+        return ((index(unit) == args.unit if args.unit >= 0 else index(unit) % n_shards == shard)
+                and (args.models is None or unit.model in args.models)
                 and (sweep or args.recipes is None or unit.recipe in args.recipes)
                 and (sweep or args.seeds is None or unit.seed in args.seeds))
+
+    if args.jobs > 1:  # this process computes nothing: it starts one process per unit, in order
+        def ready() -> list[int]:
+            return [index(u) for u in run_budget(setup).missing if chosen(u)]
+        return run_jobs(argv, args.jobs, ready, budget_train.DEADLINE[0] if budget_train.DEADLINE else None)
 
     start = time.perf_counter()
     try:

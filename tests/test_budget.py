@@ -237,11 +237,49 @@ def test_script_computes_the_chapter_units_of_a_profile_and_lists_them(tmp_path)
     assert all(r["provenance"]["git_commit"] for r in records)
     with pytest.raises(AssertionError, match="--shard"):
         run("--shard", "2/2")
-    # --jobs 2: two shards at once (sharing one device); each unit records that two shared it
+    # --jobs 2: two units at a time, one process each (sharing one device); each unit records that two shared it
     two = [r for r in setup.recipes if r not in ("heads_only", setup.sweep_recipe)][:2]
-    run("--models", "tiny-llama", "--recipes", *two, "--seeds", "0", "--jobs", "2", "--no-progress")
+    out = run("--models", "tiny-llama", "--recipes", *two, "--seeds", "0", "--jobs", "2")
+    started = sorted(line.split(" seed")[0] for line in out.splitlines() if " steps of " in line)
+    assert started == sorted(f"tiny-llama {r}" for r in two), out  # each unit computed once
     records = [json.loads(r.read_text()) for r in (tmp_path / "tiny").glob("ch03-budget-*.json")]
     shared = sorted(r["config"]["recipe"] for r in records if r["result"]["speed"].get("gpu_processes") == 2)
     assert shared == sorted(two), [r["config"] for r in records]
-    with pytest.raises(AssertionError, match="--jobs runs its own shards"):
+    with pytest.raises(AssertionError, match="--jobs runs its own processes"):
         run("--jobs", "2", "--shard", "0/2")
+
+
+def test_jobs_start_a_models_rows_once_its_lr_sweep_is_stored(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "MTP_RESULTS_DIR": str(tmp_path),
+           "MTP_GIT_COMMIT": "0123abc"}
+    cmd = [sys.executable, str(repo / "scripts" / "table1_paper_budget.py"), "--profile", "tiny", "--save-dir", "",
+           "--models", "tiny-llama", "--recipes", "heads_only", "--seeds", "0", "--jobs", "2"]
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    setup = chapter_setup("tiny")
+    started = [line.split(" lr")[0] for line in out.stdout.splitlines() if " steps of " in line]
+    sweep = len(setup.lr_sweep["tiny-llama"])
+    assert sorted(started[:sweep]) == [f"tiny-llama {setup.sweep_recipe} seed 0"] * sweep, out.stdout
+    assert started[sweep:] == ["tiny-llama heads_only seed 0"], out.stdout  # after the sweep, in the same run
+    assert len(list((tmp_path / "tiny").glob("ch03-budget-*.json"))) == sweep + 1
+
+
+def test_jobs_pass_each_process_the_minutes_left_of_the_whole_run() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "table1_paper_budget", Path(__file__).resolve().parents[1] / "scripts" / "table1_paper_budget.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--profile", "gpu", "--jobs", "4", "--stop-after", "9", "--compile", "--jobs=4", "--stop-after=9"]
+    assert script.unit_argv(argv, 7, 4) == ["--profile", "gpu", "--compile", "--unit", "7", "--gpu-processes", "4"]
+    assert script.unit_argv(argv, 0, 4, 2.5)[-2:] == ["--stop-after", "2.5000"]
