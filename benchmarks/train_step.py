@@ -68,9 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward pass")
     p.add_argument("--steps", type=int, default=20, help="timed steps per recipe")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing")
-    p.add_argument("--variants", nargs="+", default=["eager"], choices=["eager", "compiled"],
+    p.add_argument("--variants", nargs="+", default=["eager"], choices=["eager", "compiled", "packed", "compiled-packed"],
                    help="compiled: each decoder layer compiled (train(compile=True)); its warm-up adds 3 steps "
-                        "(the compile and the recompile for a dynamic length)")
+                        "(the compile and the recompile for a dynamic length). packed: several sequences a row "
+                        "(train(pack_rows=--pack-rows)) instead of one padded sequence a row")
+    p.add_argument("--pack-rows", type=int, default=512, help="tokens per row of the packed variants")
     p.add_argument("--profile", action="store_true", help="top kernels of 3 steps per recipe (torch.profiler)")
     p.add_argument("--processes", type=int, default=1,
                    help="N > 1: run the recipes in one process, then in N processes at once on the same GPU "
@@ -126,12 +128,14 @@ class Clock:
 
 
 def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namespace, device: torch.device,
-                profile: bool, compiled: bool = False) -> dict[str, Any]:
+                profile: bool, variant: str = "eager") -> dict[str, Any]:
     """Train ``name`` for warm-up + timed steps and read the step times off the callback."""
     from mtp_lib.budget_train import _accelerator  # the units' one accelerator per process
     from mtp_lib.results import device_name, mfu
-    from mtp_lib.train import recipe, train
+    from mtp_lib.train import pack, recipe, train
     from mtp_lib.train.steps import batch_order
+
+    compiled, pack_rows = "compiled" in variant, args.pack_rows if "packed" in variant else 0
 
     warmup = args.warmup + (3 if compiled else 0)
     n_steps = warmup + (3 if profile else args.steps)
@@ -147,18 +151,20 @@ def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namesp
     clock = Clock(warmup, profiler)
     used = data[:n_steps * args.batch]  # one epoch of n_steps steps
     result = train(model, used, config, progress=False, callback=clock, accelerator=_accelerator(device),
-                   compile=compiled)
+                   compile=compiled, pack_rows=pack_rows)
     if profiler is not None:
         return {"recipe": name, "profile": kernel_lines(profiler)}
     secs = np.diff(clock.times)[warmup - 1:]  # step warmup+1 .. : each from the previous step's end
     order = batch_order(config.seed, 0, 0, len(used)).tolist()  # the loop's own batches (one phase, one epoch)
     per_step = [[used[j] for j in order[i * args.batch:(i + 1) * args.batch]] for i in range(warmup, n_steps)]
     tokens = statistics.mean(sum(len(s.input_ids) for s in b) for b in per_step)
-    padded = statistics.mean(len(b) * max(len(s.input_ids) for s in b) for b in per_step)
+    micro = [[b[i:i + args.micro_batch] for i in range(0, len(b), args.micro_batch)] for b in per_step]
+    padded = statistics.mean(sum(pack(m, 1, pack_rows).input_ids.numel() if pack_rows else
+                                 len(m) * max(len(s.input_ids) for s in m) for m in ms) for ms in micro)
     step_s = float(np.median(secs))
     n_params = sum(p.numel() for p in result.model.parameters())
     rate = tokens / step_s
-    return {"recipe": name, "variant": "compiled" if compiled else "eager", "steps": len(secs),
+    return {"recipe": name, "variant": variant, "steps": len(secs),
             "step_s": round(step_s, 5),
             "step_s_iqr": [round(float(q), 5) for q in np.percentile(secs, [25, 75])],
             "tokens_per_step": round(tokens, 1), "padded_tokens_per_step": round(padded, 1),
@@ -251,14 +257,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, profiles = [], {}
     for name in args.recipes:
         for variant in args.variants:
-            compiled = variant == "compiled"
-            row = time_recipe(model, name, data, args, device, profile=False, compiled=compiled)
+            row = time_recipe(model, name, data, args, device, profile=False, variant=variant)
             rows.append(row)
             print(f"{name:<20} {variant:<9} {row['step_s'] * 1e3:8.1f} ms/step  {row['tokens_per_s']:>10,.0f} tok/s  "
                   f"MFU {row['mfu']}  unit {row['unit_minutes']:.1f} min", flush=True)
             if args.profile:
                 key = f"{name}/{variant}"
-                profiles[key] = time_recipe(model, name, data, args, device, profile=True, compiled=compiled)["profile"]
+                profiles[key] = time_recipe(model, name, data, args, device, profile=True, variant=variant)["profile"]
                 print("\n".join(profiles[key][:8]), flush=True)
     result = {"benchmark": "train_step", "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t0),
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},

@@ -176,11 +176,13 @@ def whs_movement(runs: BudgetRuns) -> pd.DataFrame:
 
 
 def speed_table(runs: BudgetRuns) -> pd.DataFrame:
-    """Training speed per unit: device, compiled layers or eager, how many units shared the GPU, tokens/s
-    of the training steps, MFU, training seconds."""
+    """Training speed per unit: device, compiled layers or eager, how many units shared the GPU, padded or
+    packed batches, tokens/s of the training steps, MFU, training seconds."""
     return pd.DataFrame([{"model": n, "row": STRATEGIES[r], "seed": s, "device": res.value["speed"]["device"],
                           "layers": "compiled" if res.value["speed"].get("compiled") else "eager",
                           "units on the GPU": res.value["speed"].get("gpu_processes", 1),
+                          "batches": (f"packed, rows of {res.value['speed']['pack_rows']}"
+                                      if res.value["speed"].get("pack_rows") else "padded"),
                           "tokens/s": res.value["speed"]["tokens_per_s"], "MFU": res.value["speed"]["mfu"],
                           "train [s]": res.value["train_seconds"]} for (n, r, s), res in runs.rows.items()])
 

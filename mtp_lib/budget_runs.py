@@ -100,6 +100,7 @@ class BudgetSetup:
     progress: bool = False  # a unit's start line and progress bar (not in a unit's key)
     compile: bool = False  # decoder layers compiled (train(compile=True): how, not what; recorded in the speed)
     gpu_processes: int = 1  # units training at once on this GPU (their speed is shared; recorded in the speed)
+    pack_rows: int = 0  # >0: packed rows of this many tokens (train(pack_rows=...): how, not what; recorded)
 
     def __post_init__(self) -> None:
         from . import models as M

@@ -158,7 +158,7 @@ def run_unit(lazy: LazyData, unit: Unit) -> dict[str, Any]:
     start = time.perf_counter()
     result: Any = train(lm.model, lazy.train_set, config, eval_samples=lazy.eval_set,
                         out_dir=folder, progress=setup.progress, accelerator=acc, callback=clock,
-                        compile=setup.compile)
+                        compile=setup.compile, pack_rows=setup.pack_rows)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     extra: dict[str, Any] = {}
@@ -178,6 +178,6 @@ def run_unit(lazy: LazyData, unit: Unit) -> dict[str, Any]:
             "phase_steps": list(config.phase_steps), "first_losses": first, "loss_windows": windows,
             "loss_window": WINDOW, "curve": _curve(result.history, config.phase_steps, setup.effective_batch),
             "speed": {**_speed(clock, result.model, setup.device), "compiled": setup.compile,
-                      "gpu_processes": setup.gpu_processes},
+                      "gpu_processes": setup.gpu_processes, "pack_rows": setup.pack_rows},
             "train_seconds": round(train_s, 2),
             "eval_seconds": round(time.perf_counter() - start, 2), **extra}

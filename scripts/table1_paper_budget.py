@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no start line and progress bar per unit")
     p.add_argument("--compile", action="store_true",
                    help="train with each decoder layer compiled (torch.compile; benchmarks/train_step.py times it)")
+    p.add_argument("--pack", type=int, default=0, metavar="TOKENS",
+                   help="train on rows packed with several sequences, up to TOKENS a row (512 fits every pair), "
+                        "instead of one padded sequence a row (benchmarks/train_step.py --variants ... packed)")
     p.add_argument("--allow-cpu", action="store_true", help="compute a GPU profile's units without a GPU (slow)")
     return p.parse_args(argv)
 
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     setup.progress = not args.no_progress
     setup.compile = args.compile  # (not in a unit's key either: it changes how the steps run, not what they compute)
     setup.gpu_processes = args.gpu_processes  # (nor this: how many units shared the GPU, for their speed)
+    setup.pack_rows = args.pack  # (nor this: the same loss up to rounding, with fewer padding tokens)
     bad = sorted(set(args.models or []) - set(setup.models)) + sorted(set(args.recipes or []) - set(setup.recipes))
     if bad:
         raise SystemExit(f"{bad} are not among the profile's budget_models {setup.models} / rows {setup.recipes}")

@@ -214,8 +214,10 @@ def test_train_step_counts_the_tokens_of_the_batches_the_loop_trained() -> None:
     bench = _load("train_step")
     seed = random.SystemRandom().randrange(1000)
     argv = ["--shape", "tiny-llama", "--device", "cpu", "--recipes", "heads_only", "--steps", "3", "--warmup", "2",
-            "--batch", "4", "--micro-batch", "4", "--seed", str(seed)]
-    row = bench.main(argv)["rows"][0]
+            "--batch", "4", "--micro-batch", "4", "--seed", str(seed), "--variants", "eager", "packed"]
+    row, packed = bench.main(argv)["rows"]
+    assert packed["variant"] == "packed" and packed["tokens_per_step"] == row["tokens_per_step"], seed
+    assert row["tokens_per_step"] <= packed["padded_tokens_per_step"] <= 512, seed  # one row of 64-token multiples
     args = bench.parse_args(argv)
     data = bench.samples((args.warmup + 3 + args.steps) * args.batch, 257, args.lengths, seed)
     n_steps = args.warmup + args.steps

@@ -21,6 +21,7 @@ from mtp_lib.train import (
     evaluate,
     load_trained,
     merge_lora,
+    pack,
     recipe,
     train,
 )
@@ -89,6 +90,73 @@ def test_collate_labels_brute_force() -> None:
                 assert batch.labels[n - 1, b, t] == want, f"head {n}, sample {b}, t {t}, seed {seed}"
     with pytest.raises(ValueError, match="target_start"):
         collate([FakeSample([1, 2, 3], 3)], 1)
+
+
+def test_pack_puts_each_sequence_and_its_labels_in_one_row() -> None:
+    seed = fresh_seed()
+    samples = pattern_samples(seed, 9, min_len=24, max_len=60)
+    padded, packed = collate(samples, n_heads=3), pack(samples, n_heads=3, row_tokens=150)
+    assert packed.attention_mask is None and packed.input_ids.shape[1] <= 150
+    assert packed.input_ids.shape[1] % 64 == 0 or packed.input_ids.shape[1] == 150, seed
+    found = 0
+    for r in range(packed.input_ids.shape[0]):
+        pos = packed.position_ids[r].tolist()
+        starts = [t for t in range(len(pos)) if pos[t] == 0]
+        for a, b in zip(starts, starts[1:] + [len(pos)]):
+            assert pos[a:b] == list(range(b - a)), seed
+            seq = packed.input_ids[r, a:b].tolist()
+            match = [i for i, s in enumerate(samples) if s.input_ids == seq]
+            if not match:  # the row's padding: no targets
+                assert (packed.labels[:, r, a:b] == -100).all() and b == len(pos), seed
+                continue
+            i = match[0]
+            found += 1
+            assert torch.equal(packed.labels[:, r, a:b], padded.labels[:, i, :b - a]), (seed, i)
+    assert found == len(samples), seed
+    total = sum(len(s.input_ids) for s in samples)
+    assert packed.input_ids.numel() < padded.input_ids.numel() and packed.input_ids.numel() >= total
+    with pytest.raises(ValueError, match="does not fit rows"):
+        pack(samples, 3, row_tokens=4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("head_type", ["layer", "medusa"])
+def test_packed_rows_give_the_padded_batch_losses(family: str, head_type: str) -> None:
+    """The same per-head losses from rows of several sequences (attention kept inside each by the
+    position ids) as from one padded sequence a row, in float64; for the NTP objective too."""
+    seed = fresh_seed()
+    model = build_tiny_model(family, seed=seed % 1000).double()
+    mtp = MTPModel(model, n_heads=3, weighted_hidden_states=head_type == "layer", head_type=head_type, seed=seed)
+    samples = pattern_samples(seed, 6, min_len=24, max_len=40)
+    padded, packed = collate(samples, 3), pack(samples, 3, row_tokens=128)
+    assert packed.input_ids.shape[0] < len(samples)  # several sequences share a row
+    for net, objective in [(mtp, "mtp"), (model, "ntp")]:
+        with torch.no_grad():
+            want = _Objective(net, objective)(padded.input_ids, padded.attention_mask, padded.labels[:1]
+                                              if objective == "ntp" else padded.labels)
+            got = _Objective(net, objective)(packed.input_ids, None, packed.labels[:1] if objective == "ntp"
+                                             else packed.labels, packed.position_ids)
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=f"{family} {objective} seed {seed}")  # float32 CE
+
+
+def test_training_on_packed_rows_follows_padded_training() -> None:
+    """``train(pack_rows=...)`` trains to the padded run's losses and weights up to float32 rounding."""
+    seed = fresh_seed()
+    model = build_tiny_model("llama", seed=seed % 1000)
+    samples = pattern_samples(seed, 16, min_len=24, max_len=40)
+    config = small("diff_lr", seed=seed % 1000, max_steps=3)
+    padded = train(model, samples, config, progress=False)
+    packed = train(model, samples, config, progress=False, pack_rows=96)
+    losses = [[e["loss"] for e in r.history if "loss" in e] for r in (padded, packed)]
+    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-4), (losses, seed)
+    initial = MTPModel(model, n_heads=2, seed=config.seed).heads
+    for (n, p), q, p0 in zip(padded.model.heads.named_parameters(), packed.model.heads.parameters(),
+                             initial.parameters()):
+        moved = (p - p0).abs().mean()
+        assert moved > 0 and (p - q).abs().mean() < 0.1 * moved, (n, seed)
+    with pytest.raises(ValueError, match="pack_rows"):
+        train(model, samples, config, progress=False, pack_rows=16)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -35,8 +35,8 @@ samples), anything else is refused with what differs. Samples are any objects wi
 (list of ints) and ``target_start`` (index of the first target token), e.g.
 :class:`mtp_lib.data.Sample`.
 
-The package's modules: ``config`` (the config, recipes, phases), ``batches`` (samples to padded
-batches and labels), ``lora`` (adapters on shared modules, merging), ``objective`` (the trained
+The package's modules: ``config`` (the config, recipes, phases), ``batches`` (samples to padded or
+packed batches and labels), ``lora`` (adapters on shared modules, merging), ``objective`` (the trained
 network and its per-head loss), ``scoring`` (top-k hits, held-out losses), ``steps`` (optimizer,
 schedule, batch order, dropout seeds), ``store`` (checkpoints, fingerprints, saved results),
 ``loop`` (:func:`train`).
@@ -52,7 +52,7 @@ Example (a short CPU run)::
     tuned = train(lm.model, train_set, recipe("ntp_baseline", ...)).model   # a plain HF model
 """
 
-from mtp_lib.train.batches import IGNORE, Batch, TrainSample, collate
+from mtp_lib.train.batches import IGNORE, Batch, TrainSample, collate, pack
 from mtp_lib.train.config import PAPER_LR, RECIPES, TrainConfig, recipe
 from mtp_lib.train.lora import add_lora, merge_lora
 from mtp_lib.train.loop import TrainResult, compile_layers, train
@@ -77,6 +77,7 @@ __all__ = [
     "evaluate",
     "load_trained",
     "merge_lora",
+    "pack",
     "recipe",
     "save_trained",
     "train",

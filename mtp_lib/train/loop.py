@@ -13,7 +13,7 @@ from torch import nn
 
 from mtp_lib.heads import MTPModel
 from mtp_lib.models import eval_mode, get_adapter
-from mtp_lib.train.batches import TrainSample, collate
+from mtp_lib.train.batches import TrainSample, collate, pack
 from mtp_lib.train.config import TrainConfig, phases
 from mtp_lib.train.lora import merge_lora
 from mtp_lib.train.objective import Objective, balance_losses, build_net, trainable_state
@@ -44,8 +44,9 @@ class _Run:
 
     def __init__(self, objective: Objective, samples: Sequence[TrainSample], config: TrainConfig, acc: Any, *,
                  eval_samples: Sequence[TrainSample] | None, ckpt: Path | None, print_progress: bool,
-                 callback: Callable[[dict[str, Any]], None] | None) -> None:
+                 callback: Callable[[dict[str, Any]], None] | None, pack_rows: int = 0) -> None:
         self.objective, self.samples, self.config, self.acc = objective, samples, config, acc
+        self.pack_rows = pack_rows
         self.eval_samples, self.ckpt, self.callback = eval_samples, ckpt, callback
         self.progress = print_progress and acc.is_main_process
         self.phases = phases(config)
@@ -145,11 +146,12 @@ class _Run:
         for micro in range(self.accum):
             index = micro * acc.num_processes + acc.process_index  # this micro-batch's place in the step
             lo = index * config.micro_batch_size
-            batch = collate([self.samples[int(i)] for i in chunk[lo:lo + config.micro_batch_size]],
-                            config.n_heads).to(acc.device)
+            micro_samples = [self.samples[int(i)] for i in chunk[lo:lo + config.micro_batch_size]]
+            batch = (pack(micro_samples, config.n_heads, self.pack_rows) if self.pack_rows
+                     else collate(micro_samples, config.n_heads)).to(acc.device)
             seed_dropout(config.seed, p_idx, step, index, acc.device)
             with acc.no_sync(wrapped) if micro < self.accum - 1 else contextlib.nullcontext():
-                mean, rms, _ = wrapped(batch.input_ids, batch.attention_mask, batch.labels)
+                mean, rms, _ = wrapped(batch.input_ids, batch.attention_mask, batch.labels, batch.position_ids)
                 loss = balance_losses(mean, rms) if phase.balance else mean.sum()
                 acc.backward(loss / self.accum)
             losses += mean.detach() / self.accum
@@ -209,7 +211,8 @@ def compile_layers(net: nn.Module, adapter: Any, *, undo: bool = False) -> int:
 def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig, *,
           eval_samples: Sequence[TrainSample] | None = None, out_dir: str | Path | None = None,
           resume: bool = True, progress: bool = True, accelerator: Any | None = None,
-          callback: Callable[[dict[str, Any]], None] | None = None, compile: bool = False) -> TrainResult:
+          callback: Callable[[dict[str, Any]], None] | None = None, compile: bool = False,
+          pack_rows: int = 0) -> TrainResult:
     """Train ``config``'s recipe on ``model`` (a Hugging Face causal LM, left unchanged).
 
     ``samples`` are the training sequences (loss on their target tokens), ``eval_samples`` optional
@@ -225,9 +228,16 @@ def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig,
     decoder layer compiled (:func:`compile_layers`; how the steps run, not what they compute: the
     result differs from eager training by rounding only), returned to eager afterwards.
     ``accelerator``: an ``accelerate.Accelerator`` to use (default: a new one, bf16 autocast on CUDA).
+    ``pack_rows``: train on micro-batches packed into rows of at most this many tokens
+    (:func:`mtp_lib.train.batches.pack`; several sequences a row, attention kept inside each) instead
+    of one right-padded sequence a row: fewer padding tokens through the network, the same loss up to
+    rounding (how the steps run, like ``compile``; dropout masks fall on other positions). 0: padded.
     """
     if len(samples) == 0:
         raise ValueError("samples is empty: pass the training sequences")
+    if pack_rows and max(len(s.input_ids) for s in samples) > pack_rows:
+        raise ValueError(f"pack_rows={pack_rows} is shorter than the longest sample "
+                         f"({max(len(s.input_ids) for s in samples)} tokens): pass at least that, or 0 (padded)")
     acc = make_accelerator(config, accelerator)
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = [(m, m.training) for m in model.modules()]
@@ -237,7 +247,7 @@ def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig,
     objective = Objective(net, config.objective).to(acc.device)
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     run = _Run(objective, samples, config, acc, eval_samples=eval_samples, ckpt=ckpt, print_progress=progress,
-               callback=callback)
+               callback=callback, pack_rows=pack_rows)
     now = fingerprint(model, samples, config, eval_samples) if ckpt is not None else None
     trained = objective.head_params() + objective.lora_params()
     dtypes = [p.dtype for p in trained]

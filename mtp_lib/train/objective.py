@@ -33,21 +33,24 @@ class Objective(nn.Module):
     def lora_params(self) -> list[nn.Parameter]:
         return lora_params(self.net)
 
-    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Normed final hidden states per head, [n_heads, B, T, H]."""
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Normed final hidden states per head, [n_heads, B, T, H] (packed rows: position ids, no mask)."""
         if self.objective == "mtp":
-            return self.net(input_ids, attention_mask=attention_mask, return_logits=False).states
+            return self.net(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            return_logits=False).states
         base = get_adapter(self.net).base(self.net)
-        return base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[None]
+        return base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False).last_hidden_state[None]
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         if self.objective == "mtp":
             return cast(MTPModel, self.net).unembed_states(states)
         return get_adapter(self.net).logits(self.net, states, normed=True)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        states = self.states(input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        states = self.states(input_ids, attention_mask, position_ids)
         means, rms, counts = [], [], []
         for n in range(labels.shape[0]):
             keep = labels[n] != IGNORE
