@@ -140,6 +140,18 @@ def test_packed_rows_give_the_padded_batch_losses(family: str, head_type: str) -
             torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=f"{family} {objective} seed {seed}")  # float32 CE
 
 
+def assert_trained_alike(model, a, b, config: TrainConfig, seed: int) -> None:
+    """Two runs of ``config`` on ``model`` logged the same losses and moved the heads alike, up to float32
+    rounding. Adam normalizes each gradient entry, so rounding can flip the sign of a near-zero entry's
+    update: how far the weights moved apart is compared with how far training moved them."""
+    losses = [[e["loss"] for e in r.history if "loss" in e] for r in (a, b)]
+    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-4), (losses, seed)
+    initial = MTPModel(model, n_heads=2, seed=config.seed).heads
+    for (n, p), q, p0 in zip(a.model.heads.named_parameters(), b.model.heads.parameters(), initial.parameters()):
+        moved = (p - p0).abs().mean()
+        assert moved > 0 and (p - q).abs().mean() < 0.1 * moved, (n, seed)
+
+
 def test_training_on_packed_rows_follows_padded_training() -> None:
     """``train(pack_rows=...)`` trains to the padded run's losses and weights up to float32 rounding."""
     seed = fresh_seed()
@@ -148,13 +160,7 @@ def test_training_on_packed_rows_follows_padded_training() -> None:
     config = small("diff_lr", seed=seed % 1000, max_steps=3)
     padded = train(model, samples, config, progress=False)
     packed = train(model, samples, config, progress=False, pack_rows=96)
-    losses = [[e["loss"] for e in r.history if "loss" in e] for r in (padded, packed)]
-    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-4), (losses, seed)
-    initial = MTPModel(model, n_heads=2, seed=config.seed).heads
-    for (n, p), q, p0 in zip(padded.model.heads.named_parameters(), packed.model.heads.parameters(),
-                             initial.parameters()):
-        moved = (p - p0).abs().mean()
-        assert moved > 0 and (p - q).abs().mean() < 0.1 * moved, (n, seed)
+    assert_trained_alike(model, padded, packed, config, seed)
     with pytest.raises(ValueError, match="pack_rows"):
         train(model, samples, config, progress=False, pack_rows=16)
 
@@ -406,15 +412,7 @@ def test_compiled_layers_train_as_eager_ones() -> None:
     config = small("diff_lr", seed=seed % 1000, max_steps=2)
     eager = train(model, samples, config, progress=False)
     compiled = train(model, samples, config, progress=False, compile=True)
-    losses = [[e["loss"] for e in r.history if "loss" in e] for r in (eager, compiled)]
-    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-4), (losses, seed)
-    # Adam normalizes each gradient entry, so rounding can flip the sign of a near-zero entry's update:
-    # compare how far the weights moved apart with how far training moved them
-    initial = MTPModel(model, n_heads=2, seed=config.seed).heads
-    for (n, p), q, p0 in zip(eager.model.heads.named_parameters(), compiled.model.heads.parameters(),
-                             initial.parameters()):
-        moved = (p - p0).abs().mean()
-        assert moved > 0 and (p - q).abs().mean() < 0.1 * moved, (n, seed)
+    assert_trained_alike(model, eager, compiled, config, seed)
     layers = [m for m in compiled.model.modules() if type(m).__name__.endswith("DecoderLayer")]
     assert len(layers) == len(model.model.layers) + 1  # backbone's and head 2's
     assert all(getattr(m, "_compiled_call_impl", None) is None for m in layers)
