@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipes", nargs="+", help="only these rows (LR sweeps of the chosen models always run first)")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     p.add_argument("--shard", default="0/1", help="K/N: only every N-th unit from the K-th (one process per GPU)")
-    p.add_argument("--jobs", type=int, default=1, help="N > 1: N shards at once on this GPU (units share it)")
+    p.add_argument("--jobs", type=int, default=1, help="N > 1: N units at once on this GPU, one process each")
     p.add_argument("--gpu-processes", type=int, default=1, help=argparse.SUPPRESS)  # set by --jobs in its processes
     p.add_argument("--unit", type=int, default=-1, help=argparse.SUPPRESS)  # set by --jobs: the one unit to compute
     p.add_argument("--list", action="store_true", help="list the units, stored or missing, and compute nothing")
@@ -152,19 +152,21 @@ def main(argv: list[str] | None = None) -> int:
                 and (sweep or args.recipes is None or unit.recipe in args.recipes)
                 and (sweep or args.seeds is None or unit.seed in args.seeds))
 
-    if args.jobs > 1:  # this process computes nothing: it starts one process per unit, in order
-        def ready() -> list[int]:
-            return [index(u) for u in run_budget(setup).missing if chosen(u)]
-        return run_jobs(argv, args.jobs, ready, budget_train.DEADLINE[0] if budget_train.DEADLINE else None)
+    def ready() -> list[int]:
+        return [index(u) for u in run_budget(setup).missing if chosen(u)]
 
-    start = time.perf_counter()
+    start, status = time.perf_counter(), 0
     try:
-        runs = run_budget(setup, select=chosen)
+        if args.jobs > 1:  # this process computes nothing: it starts one process per unit, in order
+            status = run_jobs(argv, args.jobs, ready, budget_train.DEADLINE[0] if budget_train.DEADLINE else None)
+        runs = run_budget(setup, select=chosen)  # (with --jobs: what is stored now)
     except budget_train.TimeUp as stop:
         print(f"time is up after {time.perf_counter() - start:.0f} s: {stop}")
         return 3
     print(f"profile {args.profile}: {len(runs.rows)} row unit(s) and {len(runs.sweep)} sweep unit(s) stored, "
           f"{len(runs.missing)} missing; {time.perf_counter() - start:.0f} s")
+    if args.unit >= 0:
+        return 0  # one unit of a --jobs run: the run lists them all at its end
     for (name, rec, seed), res in sorted(runs.rows.items()):
         speed = res.value["speed"]
         print(f"  stored  {name:14s} {rec:20s} seed {seed}  lr {res.value['lr']:g}  2nd-token top-{setup.top_k}: "
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, lr in runs.lr.items():
         if lr is None:
             print(f"  {name}: rows wait for the LR sweep on {setup.sweep_recipe} ({setup.lr_sweep.get(name)})")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
