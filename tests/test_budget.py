@@ -128,6 +128,7 @@ def test_learning_curves_figure_draws_every_model_and_the_marker() -> None:
     fig = learning_curves(R.curve_frame(runs), marker_sequences=6, marker_label="old budget")
     assert len(fig.axes) == 4
     assert all(any(line.get_xdata()[0] == 6 for line in ax.lines) for ax in fig.axes)
+    assert fig.axes[-1].xaxis.get_major_formatter()(200_000, 0) == "200k"  # readable ticks at 3,125 x 64
     with pytest.raises(ValueError, match="lacks columns"):
         learning_curves(R.curve_frame(runs).drop(columns="seed"))
 

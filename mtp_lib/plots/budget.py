@@ -20,6 +20,7 @@ def learning_curves(curves: pd.DataFrame, *, marker_sequences: int | None = None
     there (e.g. an earlier, shorter budget), labelled ``marker_label``."""
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import FuncFormatter
 
     require_columns(curves, {"model", "strategy", "seed", "sequences", "head", "accuracy"}, "curves")
     models = list(dict.fromkeys(curves["model"]))
@@ -43,6 +44,7 @@ def learning_curves(curves: pd.DataFrame, *, marker_sequences: int | None = None
             ax.set_ylabel(f"held-out top-{k} accuracy")
     for ax in axes[-1]:
         ax.set_xlabel("training sequences seen")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))  # 200k, not 200000
     n_labels = figure_legend(fig, axes.flat)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * (n_labels > 4) + 0.03 * (n_labels > 8), 1, 1))
     return fig
