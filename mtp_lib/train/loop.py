@@ -235,9 +235,9 @@ def train(model: nn.Module, samples: Sequence[TrainSample], config: TrainConfig,
     """
     if len(samples) == 0:
         raise ValueError("samples is empty: pass the training sequences")
-    if pack_rows and max(len(s.input_ids) for s in samples) > pack_rows:
-        raise ValueError(f"pack_rows={pack_rows} is shorter than the longest sample "
-                         f"({max(len(s.input_ids) for s in samples)} tokens): pass at least that, or 0 (padded)")
+    if pack_rows and (longest := max(len(s.input_ids) for s in samples)) > pack_rows:
+        raise ValueError(f"pack_rows={pack_rows} is shorter than the longest sample ({longest} tokens): pass at "
+                         "least that, or 0 (padded)")
     acc = make_accelerator(config, accelerator)
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = [(m, m.training) for m in model.modules()]
