@@ -98,7 +98,7 @@ def test_pack_puts_each_sequence_and_its_labels_in_one_row() -> None:
     padded, packed = collate(samples, n_heads=3), pack(samples, n_heads=3, row_tokens=150)
     assert packed.attention_mask is None and packed.input_ids.shape[1] <= 150
     assert packed.input_ids.shape[1] % 64 == 0 or packed.input_ids.shape[1] == 150, seed
-    found = 0
+    found, used = 0, [0] * packed.input_ids.shape[0]  # tokens of sequences per row
     for r in range(packed.input_ids.shape[0]):
         pos = packed.position_ids[r].tolist()
         starts = [t for t in range(len(pos)) if pos[t] == 0]
@@ -111,10 +111,15 @@ def test_pack_puts_each_sequence_and_its_labels_in_one_row() -> None:
                 continue
             i = match[0]
             found += 1
+            used[r] += b - a
             assert torch.equal(packed.labels[:, r, a:b], padded.labels[:, i, :b - a]), (seed, i)
     assert found == len(samples), seed
-    total = sum(len(s.input_ids) for s in samples)
-    assert packed.input_ids.numel() < padded.input_ids.numel() and packed.input_ids.numel() >= total
+    # First fit leaves no two rows that would fit in one: the first sequence of the later row did
+    # not fit the earlier one, which has only grown since. (Fewer tokens than padding is not promised:
+    # rows rounded up to 64, or to row_tokens, can exceed a batch of similar lengths.)
+    assert sum(used) == sum(len(s.input_ids) for s in samples), seed
+    assert all(used[i] + used[j] > 150 for i in range(len(used)) for j in range(i)), (seed, used)
+    assert packed.input_ids.shape[1] == min(150, -(-max(used) // 64) * 64), (seed, used)
     with pytest.raises(ValueError, match="does not fit rows"):
         pack(samples, 3, row_tokens=4)
 
