@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtp_lib.cli import drop_options
 from mtp_lib.tiny_models import SHAPES, TINY_MODELS, benchmark_model
 
 # Sequence lengths of the paper-budget training pairs (58,381 WEB + KJV pairs, prompt + target) in
@@ -186,15 +187,7 @@ def kernel_lines(profiler: Any) -> list[str]:
 
 def child_argv(argv: list[str], out: Path) -> list[str]:
     """``argv`` for one of the concurrent processes: no --processes, --profile or --out of its own."""
-    keep, skip = [], 0
-    for a in argv:
-        if skip:
-            skip -= 1
-        elif a in ("--processes", "--out"):
-            skip = 1
-        elif a.split("=")[0] not in ("--processes", "--out", "--profile"):
-            keep.append(a)
-    return keep + ["--out", str(out)]
+    return drop_options(argv, valued=("--processes", "--out"), flags=("--profile",)) + ["--out", str(out)]
 
 
 def run_processes(argv: list[str], n: int) -> list[dict[str, Any]]:

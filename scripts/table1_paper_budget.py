@@ -41,6 +41,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from mtp_lib.cli import drop_options
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,15 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def unit_argv(argv: list[str], unit: int, jobs: int, minutes_left: float | None = None) -> list[str]:
     """``argv`` for the process of unit ``unit`` under ``--jobs jobs``: --jobs replaced by --unit and
     --gpu-processes, and --stop-after by the minutes left of the whole run's."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--jobs", "--stop-after"):
-            skip = True
-        elif a.split("=")[0] not in ("--jobs", "--stop-after"):
-            out.append(a)
     left = [] if minutes_left is None else ["--stop-after", f"{max(minutes_left, 1e-3):.4f}"]
+    out = drop_options(argv, valued=("--jobs", "--stop-after"))
     return out + ["--unit", str(unit), "--gpu-processes", str(jobs), *left]
 
 
