@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import statistics
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from loaders import load_file
 
 
 def _load(name: str) -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file(f"benchmarks/{name}.py", f"bench_{name}")
 
 
 def test_device_idle_charges_gaps_to_the_host_range_open_at_launch() -> None:

@@ -273,14 +273,9 @@ def test_jobs_start_a_models_rows_once_its_lr_sweep_is_stored(tmp_path) -> None:
 
 
 def test_jobs_pass_each_process_the_minutes_left_of_the_whole_run() -> None:
-    import importlib.util
-    from pathlib import Path
+    from loaders import load_file
 
-    spec = importlib.util.spec_from_file_location(
-        "table1_paper_budget", Path(__file__).resolve().parents[1] / "scripts" / "table1_paper_budget.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_file("scripts/table1_paper_budget.py", "table1_paper_budget")
     argv = ["--profile", "gpu", "--jobs", "4", "--stop-after", "9", "--compile", "--jobs=4", "--stop-after=9"]
     assert script.unit_argv(argv, 7, 4) == ["--profile", "gpu", "--compile", "--unit", "7", "--gpu-processes", "4"]
     assert script.unit_argv(argv, 0, 4, 2.5)[-2:] == ["--stop-after", "2.5000"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import random
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mtp_lib import data
+from loaders import load_file
 from mtp_lib.models import byte_tokenizer
 from seeds import fresh_seed
 
@@ -24,10 +24,7 @@ BROWN_FILE = REPO / "data" / "open_ended" / "brown-passages.jsonl.gz"
 @pytest.fixture(scope="module")
 def build_data():
     """scripts/build_data.py as a module (its helpers need no network and no pysword)."""
-    spec = importlib.util.spec_from_file_location("build_data", REPO / "scripts" / "build_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("scripts/build_data.py", "build_data")
 
 
 @pytest.fixture(scope="module")
