@@ -133,7 +133,8 @@ def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namesp
     """Train ``name`` for warm-up + timed steps and read the step times off the callback."""
     from mtp_lib.budget_train import _accelerator  # the units' one accelerator per process
     from mtp_lib.results import device_name, mfu
-    from mtp_lib.train import pack, recipe, train
+    from mtp_lib.train import recipe, train
+    from mtp_lib.train.batches import make_batch
     from mtp_lib.train.steps import batch_order
 
     compiled, pack_rows = "compiled" in variant, args.pack_rows if "packed" in variant else 0
@@ -160,8 +161,7 @@ def time_recipe(model: Any, name: str, data: list[Sample], args: argparse.Namesp
     per_step = [[used[j] for j in order[i * args.batch:(i + 1) * args.batch]] for i in range(warmup, n_steps)]
     tokens = statistics.mean(sum(len(s.input_ids) for s in b) for b in per_step)
     micro = [[b[i:i + args.micro_batch] for i in range(0, len(b), args.micro_batch)] for b in per_step]
-    padded = statistics.mean(sum(pack(m, 1, pack_rows).input_ids.numel() if pack_rows else
-                                 len(m) * max(len(s.input_ids) for s in m) for m in ms) for ms in micro)
+    padded = statistics.mean(sum(make_batch(m, 1, pack_rows).input_ids.numel() for m in ms) for ms in micro)
     step_s = float(np.median(secs))
     n_params = sum(p.numel() for p in result.model.parameters())
     rate = tokens / step_s

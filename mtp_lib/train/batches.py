@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["IGNORE", "Batch", "TrainSample", "collate", "pack"]
+__all__ = ["IGNORE", "Batch", "TrainSample", "collate", "make_batch", "pack"]
 
 IGNORE = -100
 
@@ -116,3 +116,8 @@ def pack(samples: Sequence[TrainSample], n_heads: int, row_tokens: int, pad_id: 
             at += lengths[b]
         pos[r, at:] = torch.arange(T - at)
     return Batch(ids, None, labels, pos)
+
+
+def make_batch(samples: Sequence[TrainSample], n_heads: int, pack_rows: int = 0) -> Batch:
+    """The batch training runs on: :func:`pack`'s rows of ``pack_rows`` tokens, or (0) :func:`collate`'s."""
+    return pack(samples, n_heads, pack_rows) if pack_rows else collate(samples, n_heads)

@@ -13,7 +13,7 @@ from torch import nn
 
 from mtp_lib.heads import MTPModel
 from mtp_lib.models import eval_mode, get_adapter
-from mtp_lib.train.batches import TrainSample, collate, pack
+from mtp_lib.train.batches import TrainSample, make_batch
 from mtp_lib.train.config import TrainConfig, phases
 from mtp_lib.train.lora import merge_lora
 from mtp_lib.train.objective import Objective, balance_losses, build_net, trainable_state
@@ -146,9 +146,8 @@ class _Run:
         for micro in range(self.accum):
             index = micro * acc.num_processes + acc.process_index  # this micro-batch's place in the step
             lo = index * config.micro_batch_size
-            micro_samples = [self.samples[int(i)] for i in chunk[lo:lo + config.micro_batch_size]]
-            batch = (pack(micro_samples, config.n_heads, self.pack_rows) if self.pack_rows
-                     else collate(micro_samples, config.n_heads)).to(acc.device)
+            batch = make_batch([self.samples[int(i)] for i in chunk[lo:lo + config.micro_batch_size]],
+                               config.n_heads, self.pack_rows).to(acc.device)
             seed_dropout(config.seed, p_idx, step, index, acc.device)
             with acc.no_sync(wrapped) if micro < self.accum - 1 else contextlib.nullcontext():
                 mean, rms, _ = wrapped(batch.input_ids, batch.attention_mask, batch.labels, batch.position_ids)
