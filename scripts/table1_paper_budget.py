@@ -28,6 +28,12 @@ idle, and a model's rows start as soon as its LR sweep is stored:
 
     python scripts/table1_paper_budget.py --models smollm2-135m --jobs 3
 
+On a host of several GPUs, ``--gpus G`` (or ``all``) keeps ``--jobs`` units on each of G GPUs from one
+queue: each new process goes to the GPU running the fewest (``CUDA_VISIBLE_DEVICES``), so the LR
+sweeps start first everywhere and every GPU takes the next unit as soon as one of its own ends:
+
+    python scripts/table1_paper_budget.py --gpus all --jobs 3 --compile --pack 512
+
 A unit checkpoints every ``--checkpoint-every`` steps under --save-dir; the same command resumes it.
 ``--stop-after MINUTES`` stops cleanly right after a checkpoint once that much time has passed (for
 machines lent by the slot). The commit recorded with each result comes from git, or from
@@ -37,9 +43,11 @@ $MTP_GIT_COMMIT on a machine without the history.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from mtp_lib.cli import drop_options
 
@@ -51,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipes", nargs="+", help="only these rows (LR sweeps of the chosen models always run first)")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     p.add_argument("--shard", default="0/1", help="K/N: only every N-th unit from the K-th (one process per GPU)")
-    p.add_argument("--jobs", type=int, default=1, help="N > 1: N units at once on this GPU, one process each")
+    p.add_argument("--jobs", type=int, default=1, help="N > 1: N units at once on each GPU, one process each")
+    p.add_argument("--gpus", default="1", metavar="G",
+                   help="G > 1 or 'all': --jobs units on each of G GPUs of this host, from one queue")
     p.add_argument("--gpu-processes", type=int, default=1, help=argparse.SUPPRESS)  # set by --jobs in its processes
     p.add_argument("--unit", type=int, default=-1, help=argparse.SUPPRESS)  # set by --jobs: the one unit to compute
     p.add_argument("--list", action="store_true", help="list the units, stored or missing, and compute nothing")
@@ -72,33 +82,62 @@ def unit_argv(argv: list[str], unit: int, jobs: int, minutes_left: float | None 
     """``argv`` for the process of unit ``unit`` under ``--jobs jobs``: --jobs replaced by --unit and
     --gpu-processes, and --stop-after by the minutes left of the whole run's."""
     left = [] if minutes_left is None else ["--stop-after", f"{max(minutes_left, 1e-3):.4f}"]
-    out = drop_options(argv, valued=("--jobs", "--stop-after"))
+    out = drop_options(argv, valued=("--jobs", "--gpus", "--stop-after"))
     return out + ["--unit", str(unit), "--gpu-processes", str(jobs), *left]
 
 
-def run_jobs(argv: list[str], jobs: int, ready: Callable[[], list[int]], deadline: float | None) -> int:
-    """Keep ``jobs`` processes of this script at once, one per unit (they share this machine's GPU).
+def pick_gpu(gpus: list[str], busy: list[str]) -> str:
+    """The GPU of ``gpus`` with the fewest of the running processes' GPUs ``busy`` (the first on ties)."""
+    return min(gpus, key=busy.count)
+
+
+def visible_gpus(count: str, available: int, visible: str | None) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` value of each of the ``--gpus count`` GPUs to use: the first ``count``
+    (or all) of the ``available`` ones, named as this process sees them (``visible``: its own
+    ``CUDA_VISIBLE_DEVICES``, if set)."""
+    names = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(available)]
+    names = names[:available]
+    n = len(names) if count == "all" else int(count) if count.isdigit() else 0
+    if n < 1 or n > len(names):
+        raise SystemExit(f"--gpus {count}: give 'all' or a count from 1 to the {len(names)} GPU(s) this machine "
+                         "shows (nvidia-smi lists them; CUDA_VISIBLE_DEVICES narrows them)")
+    return names[:n]
+
+
+def run_jobs(argv: list[str], jobs: int, ready: Callable[[], list[int]], deadline: float | None,
+             gpus: list[str] | None = None, launch: Callable[..., Any] | None = None) -> int:
+    """Keep ``jobs`` processes of this script at once on each GPU, one per unit.
 
     ``ready()`` gives the units that could start now (missing, in the fixed order, a model's rows once
     its LR sweep is stored); it is asked again whenever a process ends, so units are taken in order as
-    places free up. No unit starts past ``deadline``. Returns the worst exit status."""
+    places free up. With ``gpus`` (their ``CUDA_VISIBLE_DEVICES`` values) each process is started on
+    the one running the fewest (:func:`pick_gpu`); without, they share this machine's GPU. No unit
+    starts past ``deadline``. ``launch(cmd, env=...)`` starts a process (``subprocess.Popen``).
+    Returns the worst exit status."""
+    import os
     import subprocess
 
-    running: dict[int, subprocess.Popen[bytes]] = {}
+    launch = subprocess.Popen if launch is None else launch
+    slots = jobs * (len(gpus) if gpus else 1)
+    running: dict[int, tuple[Any, Any]] = {}  # unit -> (process, its GPU)
     started: set[int] = set()
     worst = 0
     while True:
         free = [i for i in ready() if i not in started] if deadline is None or time.perf_counter() < deadline else []
-        for i in free[:jobs - len(running)]:
+        for i in free[:slots - len(running)]:
             left = None if deadline is None else (deadline - time.perf_counter()) / 60
-            running[i] = subprocess.Popen([sys.executable, __file__, *unit_argv(argv, i, jobs, left)])
+            gpu = pick_gpu(gpus, [g for _, g in running.values()]) if gpus else None
+            env = dict(os.environ) if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+            running[i] = (launch([sys.executable, __file__, *unit_argv(argv, i, jobs, left)], env=env), gpu)
             started.add(i)
+            if gpu is not None:
+                print(f"unit {i} started on GPU {gpu}", flush=True)
         if not running:
             return worst
-        while not (done := [i for i, p in running.items() if p.poll() is not None]):
+        while not (done := [i for i, (p, _) in running.items() if p.poll() is not None]):
             time.sleep(1)
         for i in done:
-            worst = max(worst, running.pop(i).returncode)
+            worst = max(worst, running.pop(i)[0].returncode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,13 +150,16 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.jobs > 1 and (args.shard != "0/1" or args.list):
-        raise SystemExit("--jobs runs its own processes: give it without --shard and --list")
+    queue = args.jobs > 1 or args.gpus != "1"
+    if queue and (args.shard != "0/1" or args.list):
+        raise SystemExit("--jobs and --gpus run their own processes: give them without --shard and --list")
     if (not args.list and load_profile(args.profile).compute == "cuda" and not torch.cuda.is_available()
             and not args.allow_cpu):
         raise SystemExit(f"profile {args.profile!r} is computed on a CUDA GPU and this machine has none "
                          "(--allow-cpu computes anyway, slowly)")
-    setup = chapter_setup(args.profile, compute=not args.list and args.jobs == 1, save_dir=args.save_dir)
+    gpus = None if args.gpus == "1" else visible_gpus(args.gpus, torch.cuda.device_count(),
+                                                       os.environ.get("CUDA_VISIBLE_DEVICES"))
+    setup = chapter_setup(args.profile, compute=not args.list and not queue, save_dir=args.save_dir)
     setup.checkpoint_every = args.checkpoint_every  # (not in a unit's key: a checkpoint does not change results)
     setup.progress = not args.no_progress
     setup.compile = args.compile  # (not in a unit's key either: it changes how the steps run, not what they compute)
@@ -152,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start, status = time.perf_counter(), 0
     try:
-        if args.jobs > 1:  # this process computes nothing: it starts one process per unit, in order
-            status = run_jobs(argv, args.jobs, ready, budget_train.DEADLINE[0] if budget_train.DEADLINE else None)
+        if queue:  # this process computes nothing: it starts one process per unit, in order
+            status = run_jobs(argv, args.jobs, ready, budget_train.DEADLINE[0] if budget_train.DEADLINE else None,
+                              gpus)
         runs = run_budget(setup, select=chosen)  # (with --jobs: what is stored now)
     except budget_train.TimeUp as stop:
         print(f"time is up after {time.perf_counter() - start:.0f} s: {stop}")

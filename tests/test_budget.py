@@ -246,7 +246,7 @@ def test_script_computes_the_chapter_units_of_a_profile_and_lists_them(tmp_path)
     records = [json.loads(r.read_text()) for r in (tmp_path / "tiny").glob("ch03-budget-*.json")]
     shared = sorted(r["config"]["recipe"] for r in records if r["result"]["speed"].get("gpu_processes") == 2)
     assert shared == sorted(two), [r["config"] for r in records]
-    with pytest.raises(AssertionError, match="--jobs runs its own processes"):
+    with pytest.raises(AssertionError, match="--jobs and --gpus run their own processes"):
         run("--jobs", "2", "--shard", "0/2")
 
 
@@ -279,3 +279,45 @@ def test_jobs_pass_each_process_the_minutes_left_of_the_whole_run() -> None:
     argv = ["--profile", "gpu", "--jobs", "4", "--stop-after", "9", "--compile", "--jobs=4", "--stop-after=9"]
     assert script.unit_argv(argv, 7, 4) == ["--profile", "gpu", "--compile", "--unit", "7", "--gpu-processes", "4"]
     assert script.unit_argv(argv, 0, 4, 2.5)[-2:] == ["--stop-after", "2.5000"]
+
+
+def test_gpus_spread_the_queue_over_the_gpus_least_busy_first(monkeypatch) -> None:
+    from loaders import load_file
+
+    script = load_file("scripts/table1_paper_budget.py", "table1_paper_budget")
+    assert script.visible_gpus("all", 4, None) == ["0", "1", "2", "3"]
+    assert script.visible_gpus("2", 4, "5,7,9") == ["5", "7"]  # named as this process sees them
+    for bad in ("5", "0", "two"):
+        with pytest.raises(SystemExit, match="--gpus"):
+            script.visible_gpus(bad, 4, None)
+    assert script.pick_gpu(["0", "1", "2"], ["0", "1", "0"]) == "2"
+    assert script.pick_gpu(["0", "1"], ["1"]) == "0"
+
+    class Fake:  # a unit's process: it ends after `ticks` polls
+        def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+            self.unit, self.gpu = int(cmd[cmd.index("--unit") + 1]), env["CUDA_VISIBLE_DEVICES"]
+            self.per_gpu = int(cmd[cmd.index("--gpu-processes") + 1])
+            self.ticks, self.returncode, self.argv = 1 + self.unit % 3, 0, cmd
+            self.beside = sum(f.gpu == self.gpu and f.ticks > 0 for f in launched)  # running on its GPU
+            launched.append(self)
+
+        def poll(self) -> int | None:
+            self.ticks -= 1
+            return None if self.ticks > 0 else 0
+
+    launched: list[Fake] = []
+    monkeypatch.setattr(script.time, "sleep", lambda s: None)
+    todo = list(range(7))
+
+    def ready() -> list[int]:
+        running = {f.unit for f in launched if f.ticks > 0}
+        done = {f.unit for f in launched if f.ticks <= 0}
+        return [i for i in todo if i not in done and i not in running] + sorted(running)
+
+    argv = ["--profile", "gpu", "--jobs", "2", "--gpus", "all"]
+    assert script.run_jobs(argv, 2, ready, None, ["3", "4"], launch=Fake) == 0
+    assert sorted(f.unit for f in launched) == todo  # each unit once
+    assert [f.gpu for f in launched[:4]].count("3") == 2 and all(f.per_gpu == 2 for f in launched)
+    assert all("--gpus" not in f.argv and "--jobs" not in f.argv for f in launched)
+    assert max(f.beside for f in launched) == 1  # never more than --jobs on one GPU at once, and both used
+    assert {f.gpu for f in launched} == {"3", "4"}
