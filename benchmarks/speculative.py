@@ -82,6 +82,9 @@ from typing import Any
 
 import torch
 
+from mtp_lib.spec_summary import (EAGER_ROWS, GREEDY_ROWS, first_difference, merge_runs, prompts_done,
+                                  summarize)
+
 Runner = Callable[[torch.Tensor], Any]
 
 
@@ -308,14 +311,6 @@ def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None,
 # Timing
 
 
-def prompts_done(records: list[dict[str, Any]]) -> dict[str, int]:
-    """Prompts run per task (fewer than --n-prompts where --time-limit stopped the run)."""
-    done: dict[str, set[str]] = {}
-    for r in records:
-        done.setdefault(r["task"], set()).add(r["prompt"])
-    return {task: len(ids) for task, ids in done.items()}
-
-
 def matmul_dtype(dtype: str, tf32: bool) -> str:
     """The run's dtype label; with ``tf32`` (float32 models only) switch float32 matmuls to TF32 first."""
     if not tf32:
@@ -340,72 +335,6 @@ def portable(value: Any) -> Any:
     return value
 
 
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-GREEDY_ROWS = ("generate", "generate_compiled", "greedy_graph", "greedy_invariant")  # one token per pass
-EAGER_ROWS = ("generate", "prompt_lookup")  # transformers without static cache or graphs
-
-
-def step_split(rs: list[dict[str, Any]]) -> dict[str, float]:
-    """Host milliseconds per verification step spent drafting, verifying and accepting, pooled over
-    ``rs`` (records of one decoder row), and per prompt in its prefill; empty for transformers rows."""
-    timed = [r for r in rs if r.get("step_seconds")]
-    steps = sum(len(r["accepted_lengths"]) - 1 for r in timed)
-    if not timed or steps == 0:
-        return {}
-    out = {f"{part}_ms": 1e3 * sum(r["step_seconds"][part] for r in timed) / steps
-           for part in ("draft", "verify", "accept")}
-    out["prefill_ms"] = 1e3 * sum(r["step_seconds"]["prefill"] for r in timed) / len(timed)
-    return out
-
-
-def add_fastest_greedy(rows: list[dict[str, Any]]) -> None:
-    """Give every timed row of a task ``fastest_greedy`` (the greedy row with the most tokens/s on the
-    task) and ``speedup_vs_fastest_greedy`` (its speedup over that row, from ``speedup_vs_<row>``)."""
-    for task in {r["task"] for r in rows}:
-        mine = [r for r in rows if r["task"] == task]
-        greedy = [r for r in mine if r["method"] in GREEDY_ROWS and r["timed"]]
-        if not greedy:
-            continue
-        best = max(greedy, key=lambda r: r["tokens_per_s"])["method"]
-        for r in mine:
-            if f"speedup_vs_{best}" in r:
-                r["fastest_greedy"] = best
-                r["speedup_vs_fastest_greedy"] = r[f"speedup_vs_{best}"]
-
-
-def summarize(records: list[dict[str, Any]], baselines: list[str]) -> list[dict[str, Any]]:
-    """Per task and method: mean tokens/s, speedups over baselines and the fastest greedy row (same
-    prompts), tau, identity checks, the host time per step."""
-    rows = []
-    for task in sorted({r["task"] for r in records}) + ["all"]:
-        mine = [r for r in records if task in ("all", r["task"])]
-        for method in dict.fromkeys(r["method"] for r in mine):
-            rs = [r for r in mine if r["method"] == method]
-            steps = [a for r in rs for a in r["accepted_lengths"][1:]]
-            row = {"task": task, "method": method, "prompts": len(rs), "timed": rs[0]["timed"],
-                   "new_tokens": sum(r["new_tokens"] for r in rs),
-                   "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rs),
-                   "total_tokens_per_s": sum(r["new_tokens"] for r in rs) / sum(r["seconds"] for r in rs),
-                   "tau": sum(steps) / len(steps) if steps else None,
-                   "identical_to_greedy": sum(r["identical_to_greedy"] for r in rs) / len(rs),
-                   "identical_to_generate": sum(r["identical_to_generate"] for r in rs) / len(rs),
-                   **step_split(rs)}
-            for base in baselines:
-                ids = {r["prompt"] for r in rs}
-                bs = [r for r in mine if r["method"] == base and r["prompt"] in ids]
-                if bs and len(bs) == len(rs) and row["timed"]:
-                    row[f"speedup_vs_{base}"] = row["tokens_per_s"] / statistics.mean(r["tokens_per_s"] for r in bs)
-            rows.append(row)
-    add_fastest_greedy(rows)
-    return rows
-
-
 def print_table(rows: list[dict[str, Any]]) -> None:
     cols = ["task", "method", "prompts", "tokens_per_s", "tau", "speedup_vs_greedy_graph", "fastest_greedy",
             "speedup_vs_fastest_greedy", "identical_to_greedy", "verify_ms", "draft_ms", "accept_ms"]
@@ -418,55 +347,201 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(cells))
 
 
-# settings that may differ between the parts of one merged run
-PART_SETTINGS = ("tasks", "out", "merge", "no_progress")
+# --------------------------------------------------------------------------------------------------
+# The rows
 
 
-def merge_runs(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from runs of the same setup on disjoint tasks (``--tasks`` each): the records pooled
-    and summarized anew, so each task's rows are its own run's and the ``all`` rows pool the parts.
-    Refuses parts of another model, dtype, device or setting, or two parts with the same task."""
-    first = parts[0]
-    same = {k: v for k, v in first["settings"].items() if k not in PART_SETTINGS}
-    seen: set[str] = set()
-    for i, part in enumerate(parts):
-        settings = {k: v for k, v in part["settings"].items() if k not in PART_SETTINGS}
-        diff = sorted(k for k in same.keys() | settings.keys() if same.get(k) != settings.get(k))
-        device = part["provenance"].get("device")
-        if diff or device != first["provenance"].get("device") or part["model"] != first["model"]:
-            raise ValueError(f"part {i} is not of the same setup as part 0 (settings {diff}, device {device!r} vs "
-                             f"{first['provenance'].get('device')!r}): merge only parts of one run split by --tasks")
-        tasks = {r["task"] for r in part["per_prompt"]}
-        if tasks & seen:
-            raise ValueError(f"part {i} repeats the task(s) {sorted(tasks & seen)}: each part must have its own tasks")
-        seen |= tasks
-    records = [r for part in parts for r in part["per_prompt"]]
-    methods = dict.fromkeys(r["method"] for r in records)
-    out = dict(first)
-    out.update(rows=summarize(records, [m for m in GREEDY_ROWS if m in methods]), per_prompt=records,
-               complete=all(p.get("complete", True) for p in parts),
-               settings={**first["settings"], "tasks": sorted(seen), "merged_from": len(parts)},
-               provenance={**first["provenance"], "parts": [p["provenance"] for p in parts]})
-    return out
+def verifier_of(heads: dict[int, Any], model: Any, keep_head1: bool) -> tuple[Any, Any]:
+    """(the MTPModel whose head 1 verifies, the model ``generate`` runs): the model itself unless
+    ``keep_head1`` kept a trained head 1, which ``generate`` then runs where it can."""
+    from mtp_lib.decode import next_token_model
+    from mtp_lib.heads import MTPModel
+
+    if keep_head1 and len(heads) > 1:
+        raise SystemExit("--keep-head1 with several head variants would give each its own greedy output: "
+                         "pass one variant (--train-heads N or one --heads folder)")
+    if not heads:
+        return MTPModel(model, n_heads=1), model
+    verifier = next(iter(heads.values()))  # unless keep_head1, every head 1 is now the model's last layer
+    if not keep_head1:
+        return verifier, model
+    try:
+        return verifier, next_token_model(verifier, model)
+    except ValueError as err:
+        print(f"note: `generate` runs the original model, not head 1 ({err})")
+        return verifier, model
+
+
+def chosen_rows(args: argparse.Namespace, heads: dict[int, Any]) -> set[str] | None:
+    """The rows --methods asks for (None: all), checked against the rows this run can have."""
+    if not args.methods:
+        return None
+    known = {"generate", "generate_compiled", "prompt_lookup", "greedy_graph", "greedy_invariant", "oracle2"} | {
+        f"spec{n}_{kind}" for n in heads for kind in ("chain", "tree", "dyn", "pld")}
+    wanted = set(args.methods)
+    if wanted - known:
+        raise SystemExit(f"--methods: unknown rows {sorted(wanted - known)}; available: {sorted(known)}")
+    if "greedy_invariant" in wanted and not args.invariant:
+        raise SystemExit("--methods greedy_invariant needs --invariant")
+    return wanted
+
+
+@dataclasses.dataclass
+class Rows:
+    """What a run times: name -> (run(ids) -> GenerateOutput, timed), with the calibrated trees, the
+    heads' rank acceptance they came from, the width of every invariant pass and the greedy row that
+    every output must equal."""
+    methods: dict[str, tuple[Runner, bool]]
+    trees: dict[str, list[list[int]]]
+    acceptance: dict[str, list[list[float]]]
+    width: int
+    reference: str
+
+
+def speculative_rows(heads: dict[int, Any], want: Callable[[str], bool], greedy: Runner, calib: list[Any],
+                     args: argparse.Namespace, rows: Rows, device: torch.device) -> dict[str, tuple[Any, Any]]:
+    """name -> (heads, tree) of each speculative row wanted. Trees are calibrated on ``greedy``'s outputs
+    of the ``calib`` training prompts (what verification accepts); they and the rank acceptance they
+    came from go into ``rows``."""
+    from mtp_lib.decode import DynamicTree, Tree, rank_acceptance
+
+    specs: dict[str, tuple[Any, Any]] = {}
+    calib_outs = None
+    for n, mtp in sorted(heads.items()):
+        nodes = args.tree_nodes[0] if n == 2 else args.tree_nodes[1]
+        for kind in ("chain", "pld"):
+            if want(f"spec{n}_{kind}"):
+                specs[f"spec{n}_{kind}"] = (mtp, Tree.chain(n - 1))
+        if want(f"spec{n}_tree"):
+            if calib_outs is None:
+                calib_outs = [greedy(torch.tensor([s.input_ids[:s.target_start]], device=device)) for s in calib]
+            probs = rank_acceptance(mtp, calib_outs, k=10)
+            rows.acceptance[f"heads-{n}"] = probs.tolist()
+            tree = Tree.from_rank_probs(probs, nodes)
+            rows.trees[f"spec{n}_tree"] = [list(c) for c in tree.choices]
+            specs[f"spec{n}_tree"] = (mtp, tree)
+        if want(f"spec{n}_dyn"):
+            specs[f"spec{n}_dyn"] = (mtp, DynamicTree(nodes, n - 1))
+    return specs
+
+
+def build_rows(loaded: Any, heads: dict[int, Any], args: argparse.Namespace, calib: list[Any],
+               max_prompt: int) -> Rows:
+    """Every row of the run (see the module's docstring), each a closure over its decoder."""
+    from mtp_lib.decode import MarginalOracleDrafter, PromptLookupDrafter, SpeculativeDecoder, Tree, hf_generate
+    from mtp_lib.decode_compiled import CompiledGenerate
+    from mtp_lib.heads import MTPModel
+
+    model, eos, budget, graphs = loaded.model, loaded.tokenizer.eos_token_id, args.max_new_tokens, not args.no_graphs
+    verifier, hf_model = verifier_of(heads, model, args.keep_head1)
+    wanted = chosen_rows(args, heads)
+    reference = "greedy_invariant" if args.invariant else "greedy_graph"  # what every output must equal
+
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted or name in ("generate", "greedy_graph", reference)
+
+    def decoder(mtp: Any, tree: Any, invariant: bool = False, drafter: Any = None) -> Runner:
+        width = rows.width if invariant else tree.size  # invariant: one width and cache length for all rows
+        dec = SpeculativeDecoder(mtp, tree=tree, max_length=max_prompt + budget + width + 1, cuda_graphs=graphs,
+                                 invariant=invariant, width=width if invariant else None, compile_step=args.compile)
+        return lambda ids: dec.generate(ids, budget, eos_token_id=eos, drafter=drafter)
+
+    methods: dict[str, tuple[Runner, bool]] = {}
+    methods["generate"] = (lambda ids: hf_generate(hf_model, ids, budget, eos_token_id=eos), True)
+    if want("generate_compiled"):
+        compiled = CompiledGenerate(hf_model, max_prompt + budget)
+        methods["generate_compiled"] = (lambda ids: compiled.generate(ids, budget, eos_token_id=eos), True)
+    if want("prompt_lookup"):
+        methods["prompt_lookup"] = (lambda ids: hf_generate(hf_model, ids, budget, eos_token_id=eos,
+                                                            prompt_lookup_num_tokens=args.prompt_lookup), True)
+    rows = Rows(methods, {}, {}, 1, reference)
+    methods["greedy_graph"] = (decoder(verifier, Tree.chain(0)), True)
+    specs = speculative_rows(heads, want, methods["greedy_graph"][0], calib, args, rows, loaded.device)
+    rows.width = max([tree.size for _, tree in specs.values()] + [1])  # of every invariant pass
+    if args.invariant:
+        methods["greedy_invariant"] = (decoder(verifier, Tree.chain(0), True), True)
+    for name, (mtp, tree) in specs.items():
+        drafter: Any = PromptLookupDrafter() if name.endswith("_pld") else None
+        methods[name] = (decoder(mtp, tree, args.invariant, drafter), True)
+    if want("oracle2"):
+        oracle_mtp = MTPModel(model, n_heads=2, head_type="medusa")  # head 1 is the model itself
+        oracle_dec = SpeculativeDecoder(oracle_mtp, tree=Tree.chain(1), max_length=max_prompt + budget + 3,
+                                        cuda_graphs=False)
+        oracle = MarginalOracleDrafter(model, top_p=args.oracle_top_p)
+        methods["oracle2"] = (lambda ids: oracle_dec.generate(ids, budget, eos_token_id=eos, drafter=oracle), False)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def time_prompt(prompt: Prompt, rows: Rows, args: argparse.Namespace, device: torch.device,
+                n_oracle: dict[str, int]) -> list[dict[str, Any]]:
+    """One record per row for ``prompt``: the mean wall time of its repeats (device synchronized), its
+    output, and whether that output equals the reference greedy row's and ``generate``'s. Untimed rows
+    (the oracle) run on the first --oracle-prompts prompts of each task only (counted in ``n_oracle``)."""
+    records, outs = [], {}
+    for name, (run, timed) in rows.methods.items():
+        if not timed:
+            if n_oracle.get(prompt.task, 0) >= args.oracle_prompts:
+                continue
+            n_oracle[prompt.task] = n_oracle.get(prompt.task, 0) + 1
+        n = args.eager_repeats if name in EAGER_ROWS and args.eager_repeats is not None else args.repeats
+        seconds = []
+        for _ in range(n if timed else 1):
+            sync(device)
+            t0 = time.perf_counter()
+            out = run(prompt.ids)
+            sync(device)
+            seconds.append(time.perf_counter() - t0)
+        outs[name] = out
+        secs = statistics.mean(seconds)
+        records.append({"task": prompt.task, "prompt": prompt.id, "method": name, "timed": timed,
+                        "prompt_tokens": int(prompt.ids.shape[1]), "new_tokens": out.new_tokens,
+                        "seconds": secs, "tokens_per_s": out.new_tokens / secs, "repeats": len(seconds),
+                        "accepted_lengths": out.accepted_lengths, "n_forward": out.n_forward,
+                        "stopped_by_eos": out.stopped_by_eos, "new_token_ids": out.new_token_ids,
+                        "step_seconds": out.step_seconds})
+    greedy, generated = outs[rows.reference].new_token_ids, outs["generate"].new_token_ids
+    for r in records:
+        r["identical_to_greedy"] = r["new_token_ids"] == greedy
+        r["identical_to_generate"] = r["new_token_ids"] == generated
+        r["first_difference_to_greedy"] = first_difference(r["new_token_ids"], greedy)
+    return records
+
+
+def result_of(args: argparse.Namespace, loaded: Any, dtype: str, heads: dict[int, Any],
+              training: dict[int, dict[str, Any]], rows: Rows, records: list[dict[str, Any]], done: bool,
+              t_start: float) -> dict[str, Any]:
+    """The run's JSON: settings, provenance, heads and their training, trees, the summary rows and every
+    per-prompt record; ``complete`` False until the last prompt."""
+    from mtp_lib.results import provenance
+
+    device = loaded.device
+    return {
+        "benchmark": "speculative", "complete": done,
+        "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t_start),
+        "model": loaded.info(), "dtype": dtype,
+        "settings": {k: portable(v) for k, v in vars(args).items()},
+        "cuda_graphs": not args.no_graphs and device.type == "cuda", "eos_token_id": loaded.tokenizer.eos_token_id,
+        "invariant": args.invariant, "invariant_width": rows.width if args.invariant else None,
+        "greedy_reference": rows.reference, "prompts_done": prompts_done(records),
+        "heads": {str(n): mtp.options() for n, mtp in heads.items()},
+        "training": {str(n): t for n, t in training.items()}, "trees": rows.trees,
+        "rank_acceptance": rows.acceptance,
+        "rows": summarize(records, [m for m in GREEDY_ROWS if m in rows.methods]),
+        "per_prompt": records,
+        "note": ("quick smoke run: tiny budget on CPU, ratios only" if args.quick else
+                 "tokens_per_s = mean over prompts of new tokens / wall time; speedups are ratios of those means"),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from mtp_lib.decode import (
-        DynamicTree,
-        MarginalOracleDrafter,
-        PromptLookupDrafter,
-        SpeculativeDecoder,
-        Tree,
-        hf_generate,
-        next_token_model,
-        rank_acceptance,
-    )
-    from mtp_lib.decode_compiled import CompiledGenerate
-    from mtp_lib.heads import MTPModel
     from mtp_lib.models import load_model
-    from mtp_lib.results import provenance, to_jsonable
+    from mtp_lib.results import to_jsonable
 
     args = parse_args(argv)
     if args.merge:
@@ -480,107 +555,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    model, tok, device = loaded.model, loaded.tokenizer, loaded.device
+    tok, device = loaded.tokenizer, loaded.device
     dtype = matmul_dtype(loaded.info()["dtype"], args.tf32)
-    eos = tok.eos_token_id
     prompts = eval_prompts(tok, args, device)
     print(f"{loaded.name} on {device} ({dtype}): {len(prompts)} prompts, "
-          f"max {args.max_new_tokens} new tokens, eos {eos}")
-
+          f"max {args.max_new_tokens} new tokens, eos {tok.eos_token_id}")
     training: dict[int, dict[str, Any]] = {}
-    heads = get_heads(loaded, args, eos, training)
-    graphs = not args.no_graphs
-    budget = args.max_new_tokens
-    calib = [s for s in train_prompts(tok, args, max(args.calib_prompts, 4))[:args.calib_prompts]]
+    heads = get_heads(loaded, args, tok.eos_token_id, training)
+    calib = train_prompts(tok, args, max(args.calib_prompts, 4))[:args.calib_prompts]
     max_prompt = max([p.ids.shape[1] for p in prompts] + [s.target_start for s in calib])
+    rows = build_rows(loaded, heads, args, calib, max_prompt)
 
-    # -- the rows ------------------------------------------------------------------------------
-    if args.keep_head1 and len(heads) > 1:
-        raise SystemExit("--keep-head1 with several head variants would give each its own greedy output: "
-                         "pass one variant (--train-heads N or one --heads folder)")
-    if heads and not args.keep_head1:
-        verifier_mtp = next(iter(heads.values()))  # every head 1 is now the model's last layer
-        hf_model = model
-    elif heads:
-        verifier_mtp = next(iter(heads.values()))
-        try:
-            hf_model = next_token_model(verifier_mtp, model)
-        except ValueError as err:
-            print(f"note: `generate` runs the original model, not head 1 ({err})")
-            hf_model = model
-    else:
-        verifier_mtp, hf_model = MTPModel(model, n_heads=1), model
-    wanted = set(args.methods) if args.methods else None
-    known = {"generate", "generate_compiled", "prompt_lookup", "greedy_graph", "greedy_invariant", "oracle2"} | {
-        f"spec{n}_{kind}" for n in heads for kind in ("chain", "tree", "dyn", "pld")}
-    if wanted is not None and wanted - known:
-        raise SystemExit(f"--methods: unknown rows {sorted(wanted - known)}; available: {sorted(known)}")
-    if wanted is not None and "greedy_invariant" in wanted and not args.invariant:
-        raise SystemExit("--methods greedy_invariant needs --invariant")
-
-    reference = "greedy_invariant" if args.invariant else "greedy_graph"  # what every output must equal
-
-    def want(name: str) -> bool:
-        return wanted is None or name in wanted or name in ("generate", "greedy_graph", reference)
-
-    def decoder(mtp: Any, tree: Any, invariant: bool = False, drafter: Any = None) -> Runner:
-        if invariant:  # one width and one cache length for all, so that their outputs can be identical
-            dec = SpeculativeDecoder(mtp, tree=tree, max_length=max_prompt + budget + width + 1, cuda_graphs=graphs,
-                                     invariant=True, width=width, compile_step=args.compile)
-        else:
-            dec = SpeculativeDecoder(mtp, tree=tree, max_length=max_prompt + budget + tree.size + 1,
-                                     cuda_graphs=graphs, compile_step=args.compile)
-        return lambda ids: dec.generate(ids, budget, eos_token_id=eos, drafter=drafter)
-
-    methods: dict[str, tuple[Runner, bool]] = {}  # name -> (run(ids) -> GenerateOutput, timed)
-    methods["generate"] = (lambda ids: hf_generate(hf_model, ids, budget, eos_token_id=eos), True)
-    if want("generate_compiled"):
-        compiled = CompiledGenerate(hf_model, max_prompt + budget)
-        methods["generate_compiled"] = (lambda ids: compiled.generate(ids, budget, eos_token_id=eos), True)
-    if want("prompt_lookup"):
-        methods["prompt_lookup"] = (lambda ids: hf_generate(hf_model, ids, budget, eos_token_id=eos,
-                                                            prompt_lookup_num_tokens=args.prompt_lookup), True)
-    methods["greedy_graph"] = (decoder(verifier_mtp, Tree.chain(0)), True)
-    trees: dict[str, list[list[int]]] = {}
-    acceptance: dict[str, list[list[float]]] = {}
-    specs: dict[str, tuple[Any, Any]] = {}  # speculative rows: name -> (heads, tree)
-    calib_outs = None
-    for n, mtp in sorted(heads.items()):
-        if want(f"spec{n}_chain"):
-            specs[f"spec{n}_chain"] = (mtp, Tree.chain(n - 1))
-        if want(f"spec{n}_pld"):
-            specs[f"spec{n}_pld"] = (mtp, Tree.chain(n - 1))
-        if want(f"spec{n}_tree"):
-            if calib_outs is None:  # greedy outputs of training prompts: what verification accepts
-                greedy = methods["greedy_graph"][0]
-                calib_outs = [greedy(torch.tensor([s.input_ids[:s.target_start]], device=device)) for s in calib]
-            probs = rank_acceptance(mtp, calib_outs, k=10)
-            acceptance[f"heads-{n}"] = probs.tolist()
-            tree = Tree.from_rank_probs(probs, args.tree_nodes[0] if n == 2 else args.tree_nodes[1])
-            trees[f"spec{n}_tree"] = [list(c) for c in tree.choices]
-            specs[f"spec{n}_tree"] = (mtp, tree)
-        if want(f"spec{n}_dyn"):
-            specs[f"spec{n}_dyn"] = (mtp, DynamicTree(args.tree_nodes[0] if n == 2 else args.tree_nodes[1], n - 1))
-    width = max([tree.size for _, tree in specs.values()] + [1])  # of every invariant pass
-    if args.invariant:
-        methods["greedy_invariant"] = (decoder(verifier_mtp, Tree.chain(0), True), True)
-    for name, (mtp, tree) in specs.items():
-        drafter: Any = PromptLookupDrafter() if name.endswith("_pld") else None
-        methods[name] = (decoder(mtp, tree, args.invariant, drafter), True)
-    if want("oracle2"):
-        oracle_mtp = MTPModel(model, n_heads=2, head_type="medusa")  # head 1 is the model itself
-        oracle_dec = SpeculativeDecoder(oracle_mtp, tree=Tree.chain(1), max_length=max_prompt + budget + 3,
-                                        cuda_graphs=False)
-        drafter = MarginalOracleDrafter(model, top_p=args.oracle_top_p)
-        methods["oracle2"] = (lambda ids: oracle_dec.generate(ids, budget, eos_token_id=eos, drafter=drafter), False)
-
-    def repeats(name: str) -> int:
-        return args.eager_repeats if name in EAGER_ROWS and args.eager_repeats is not None else args.repeats
-
-    # -- warm-up, then every prompt through every method, in turn ------------------------------
     warm = torch.tensor([calib[0].input_ids[:calib[0].target_start]], device=device)
-    print(f"[{time.perf_counter() - t_start:.0f} s] warm-up, then {len(prompts)} prompts x {len(methods)} methods")
-    for name, (run, timed) in methods.items():
+    print(f"[{time.perf_counter() - t_start:.0f} s] warm-up, then {len(prompts)} prompts x {len(rows.methods)} methods")
+    for run, timed in rows.methods.values():
         if timed:
             for _ in range(2 if device.type == "cuda" else 1):
                 run(warm)
@@ -589,22 +577,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_oracle: dict[str, int] = {}
 
     def write(done: bool) -> dict[str, Any]:
-        """The result of the prompts so far, written to --out; ``complete`` False until the last."""
-        result = {
-            "benchmark": "speculative", "complete": done,
-            "provenance": provenance(device=device, wall_time_s=time.perf_counter() - t_start),
-            "model": loaded.info(), "dtype": dtype,
-            "settings": {k: portable(v) for k, v in vars(args).items()},
-            "cuda_graphs": graphs and device.type == "cuda", "eos_token_id": eos,
-            "invariant": args.invariant, "invariant_width": width if args.invariant else None,
-            "greedy_reference": reference, "prompts_done": prompts_done(records),
-            "heads": {str(n): mtp.options() for n, mtp in heads.items()},
-            "training": {str(n): t for n, t in training.items()}, "trees": trees,
-            "rank_acceptance": acceptance, "rows": summarize(records, [m for m in GREEDY_ROWS if m in methods]),
-            "per_prompt": records,
-            "note": ("quick smoke run: tiny budget on CPU, ratios only" if args.quick else
-                     "tokens_per_s = mean over prompts of new tokens / wall time; speedups are ratios of those means"),
-        }
+        result = result_of(args, loaded, dtype, heads, training, rows, records, done, t_start)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(to_jsonable(result), indent=1))
@@ -613,32 +586,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
 
     for i_prompt, prompt in enumerate(tqdm(prompts, desc="prompts", disable=args.no_progress)):
-        outs: dict[str, Any] = {}
-        for name, (run, timed) in methods.items():
-            if not timed:
-                if n_oracle.get(prompt.task, 0) >= args.oracle_prompts:
-                    continue
-                n_oracle[prompt.task] = n_oracle.get(prompt.task, 0) + 1
-            seconds = []
-            for _ in range(repeats(name) if timed else 1):
-                sync(device)
-                t0 = time.perf_counter()
-                out = run(prompt.ids)
-                sync(device)
-                seconds.append(time.perf_counter() - t0)
-            outs[name] = out
-            secs = statistics.mean(seconds)
-            records.append({"task": prompt.task, "prompt": prompt.id, "method": name, "timed": timed,
-                            "prompt_tokens": int(prompt.ids.shape[1]), "new_tokens": out.new_tokens,
-                            "seconds": secs, "tokens_per_s": out.new_tokens / secs, "repeats": len(seconds),
-                            "accepted_lengths": out.accepted_lengths, "n_forward": out.n_forward,
-                            "stopped_by_eos": out.stopped_by_eos, "new_token_ids": out.new_token_ids,
-                            "step_seconds": out.step_seconds})
-        greedy, generated = outs[reference].new_token_ids, outs["generate"].new_token_ids
-        for r in records[-len(outs):]:
-            r["identical_to_greedy"] = r["new_token_ids"] == greedy
-            r["identical_to_generate"] = r["new_token_ids"] == generated
-            r["first_difference_to_greedy"] = first_difference(r["new_token_ids"], greedy)
+        records += time_prompt(prompt, rows, args, device, n_oracle)
         turn_done = (i_prompt + 1) % len(args.tasks) == 0  # stop after a whole turn: as many prompts per task
         if (args.time_limit and turn_done and time.perf_counter() - t_start > 60 * args.time_limit
                 and i_prompt + 1 < len(prompts)):
@@ -646,7 +594,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             break
         if args.out and i_prompt + 1 < len(prompts):  # a run cut short keeps the prompts it finished
             write(done=False)
-
     result = write(done=True)
     print_table(result["rows"])
     return result

@@ -59,7 +59,7 @@ def test_kernel_totals_sum_each_kernel_with_its_whole_name() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# benchmarks/speculative.py: the fastest greedy row and the host time per step
+# benchmarks/speculative.py's rows (mtp_lib.spec_summary): the fastest greedy row, the host time per step
 
 
 def _spec_records(rng: random.Random, methods: list[str], tasks: list[str], n: int) -> list[dict]:
@@ -83,15 +83,15 @@ def test_speculative_summary_reports_the_fastest_greedy_row_and_the_step_split()
 
     seed = fresh_seed()
     rng = random.Random(seed)
-    bench = _load("speculative")
+    from mtp_lib import spec_summary as summary
     methods = ["generate", "generate_compiled", "greedy_graph", "greedy_invariant", "spec4_tree"]
     records = _spec_records(rng, methods, ["translation", "open-ended"], 3)
-    baselines = [m for m in bench.GREEDY_ROWS if m in methods]
-    rows = bench.summarize(records, baselines)
+    baselines = [m for m in summary.GREEDY_ROWS if m in methods]
+    rows = summary.summarize(records, baselines)
     for task in ("translation", "open-ended", "all"):
         mine = [r for r in records if task in ("all", r["task"])]
         speed = {m: statistics.mean(r["tokens_per_s"] for r in mine if r["method"] == m) for m in methods}
-        fastest = max(bench.GREEDY_ROWS, key=lambda m: speed[m])
+        fastest = max(summary.GREEDY_ROWS, key=lambda m: speed[m])
         for m in methods:
             row = next(r for r in rows if r["task"] == task and r["method"] == m)
             msg = f"{task} {m}, seed {seed}"
@@ -117,7 +117,7 @@ def test_speculative_merge_pools_parts_split_by_task_and_refuses_unlike_parts() 
 
     seed = fresh_seed()
     rng = random.Random(seed)
-    bench = _load("speculative")
+    from mtp_lib import spec_summary as summary
     methods = ["generate", "greedy_graph", "spec2_chain"]
     whole = _spec_records(rng, methods, ["translation", "open-ended"], 4)
     parts = []
@@ -125,9 +125,9 @@ def test_speculative_merge_pools_parts_split_by_task_and_refuses_unlike_parts() 
         recs = [r for r in whole if r["task"] == task]
         parts.append({"settings": {"model": "m", "repeats": 3, "tasks": [task], "out": f"{task}.json", "merge": None},
                       "provenance": {"device": "NVIDIA H100"}, "model": {"name": "m"}, "per_prompt": recs,
-                      "rows": bench.summarize(recs, ["generate", "greedy_graph"])})
-    merged = bench.merge_runs(parts)
-    assert merged["rows"] == bench.summarize(whole, ["generate", "greedy_graph"]), seed
+                      "rows": summary.summarize(recs, ["generate", "greedy_graph"])})
+    merged = summary.merge_runs(parts)
+    assert merged["rows"] == summary.summarize(whole, ["generate", "greedy_graph"]), seed
     for part in parts:
         task = part["settings"]["tasks"][0]
         mine = [r for r in merged["rows"] if r["task"] == task]
@@ -137,13 +137,13 @@ def test_speculative_merge_pools_parts_split_by_task_and_refuses_unlike_parts() 
     other = copy.deepcopy(parts[1])
     other["settings"]["repeats"] = 1
     with pytest.raises(ValueError, match="repeats"):
-        bench.merge_runs([parts[0], other])
+        summary.merge_runs([parts[0], other])
     other = copy.deepcopy(parts[1])
     other["provenance"]["device"] = "NVIDIA H200"
     with pytest.raises(ValueError, match="H200"):
-        bench.merge_runs([parts[0], other])
+        summary.merge_runs([parts[0], other])
     with pytest.raises(ValueError, match="translation"):
-        bench.merge_runs([parts[0], parts[0]])
+        summary.merge_runs([parts[0], parts[0]])
 
 
 def test_speculative_settings_hold_no_machine_path() -> None:
