@@ -140,13 +140,31 @@ def run_jobs(argv: list[str], jobs: int, ready: Callable[[], list[int]], deadlin
             worst = max(worst, running.pop(i)[0].returncode)
 
 
+def print_units(runs: Any, setup: Any) -> None:
+    """A line per stored unit (its 2nd-token accuracy and speed) and per missing one."""
+    import torch
+
+    from mtp_lib.strategy_runs import STRATEGIES
+
+    for (name, rec, seed), res in sorted(runs.rows.items()):
+        speed = res.value["speed"]
+        print(f"  stored  {name:14s} {rec:20s} seed {seed}  lr {res.value['lr']:g}  2nd-token top-{setup.top_k}: "
+              f"{torch.tensor(res.value['hits'], dtype=torch.float)[:, 1].mean():.3f}  {speed['tokens_per_s']:,.0f} "
+              f"tokens/s on {speed['device']}  ({res.path.name})")
+    for unit in runs.missing:
+        print(f"  missing {unit.model:14s} {unit.recipe:20s} seed {unit.seed}  lr {unit.lr:g}  "
+              f"({STRATEGIES[unit.recipe]})")
+    for name, lr in runs.lr.items():
+        if lr is None:
+            print(f"  {name}: rows wait for the LR sweep on {setup.sweep_recipe} ({setup.lr_sweep.get(name)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mtp_lib import budget_train
     from mtp_lib.budget_runs import Unit, chapter_setup, run_budget
     from mtp_lib.profiles import load_profile
-    from mtp_lib.strategy_runs import STRATEGIES
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -205,17 +223,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(runs.missing)} missing; {time.perf_counter() - start:.0f} s")
     if args.unit >= 0:
         return 0  # one unit of a --jobs run: the run lists them all at its end
-    for (name, rec, seed), res in sorted(runs.rows.items()):
-        speed = res.value["speed"]
-        print(f"  stored  {name:14s} {rec:20s} seed {seed}  lr {res.value['lr']:g}  2nd-token top-{setup.top_k}: "
-              f"{torch.tensor(res.value['hits'], dtype=torch.float)[:, 1].mean():.3f}  {speed['tokens_per_s']:,.0f} "
-              f"tokens/s on {speed['device']}  ({res.path.name})")
-    for unit in runs.missing:
-        print(f"  missing {unit.model:14s} {unit.recipe:20s} seed {unit.seed}  lr {unit.lr:g}  "
-              f"({STRATEGIES[unit.recipe]})")
-    for name, lr in runs.lr.items():
-        if lr is None:
-            print(f"  {name}: rows wait for the LR sweep on {setup.sweep_recipe} ({setup.lr_sweep.get(name)})")
+    print_units(runs, setup)
     return status
 
 
