@@ -218,7 +218,8 @@ def missing_note(runs: BudgetRuns) -> str:
             "from its checkpoint. Faster on one GPU: `--compile` (compiled layers: a step 1.70x "
             "faster on an H100) and `--jobs 4` (four units at once, one process each, the next unit starting "
             "as one ends: on an H100 four SmolLM2 units were stored 12 minutes after they started, where one "
-            "joint unit alone takes 6.4 minutes of training steps; `data/README.md`).")
+            "joint unit alone takes 6.4 minutes of training steps; `data/README.md`); on a host of several "
+            "GPUs, `--gpus all` keeps `--jobs` units on each from one queue.")
     if waiting:
         text += (f" The rows of {', '.join(waiting)} wait for their LR sweep (the paper's rule needs a published "
                  "pretraining LR, which these models lack).")
