@@ -346,3 +346,21 @@ def test_speculative_open_ended_training_prompts_from_the_brown_files_hold_no_ev
     default = [s for s in bench.train_prompts(tok, args, 64) if s.task == "open-ended"]
     evaluated = {t.id for t in data.load_open_ended()[:20]}
     assert len(default) == 16 and not {s.id.split("@")[0] for s in default} & evaluated
+
+
+def test_marginal_benchmark_runs_whole_on_a_tiny_model_and_agrees_with_naive(tmp_path: Path) -> None:
+    """benchmarks/marginal.py end to end on the CPU: packed and flex rows on the same positions, every
+    candidate of the naive baseline run (no extrapolation), the marginals compared."""
+    import json
+
+    bench = _load("marginal")
+    out = tmp_path / "m.json"
+    assert bench.main(["--quick", "--model", "tiny-llama", "--attention", "packed,flex", "--configs", "256x64",
+                       "--naive-candidates", "0", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["method"], r.get("attention")) for r in result["rows"]] == [
+        ("marginalize", "packed"), ("marginalize", "flex"), ("naive", None)]
+    assert result["rows"][1]["max_abs_prob_diff_vs_first"] < 1e-5
+    assert not result["rows"][2]["extrapolated"] and result["naive_vs_marginalize_max_abs_prob_diff"] < 1e-5
+    assert result["settings"]["positions"] == [46, 47] and result["nucleus"]["min"] >= 1
+    assert result["speedup_vs_naive"] > 0 and result["provenance"]["source"]["files"]
