@@ -177,9 +177,22 @@ def _convert_offline(spec: OfflineModel, target: Path, progress: Callable[[str],
         _without_bpe_cleanup(tokenizer).save_pretrained(out)
         (out / "mtp_source.json").write_text(json.dumps({
             **dataclasses.asdict(spec), "conversion_version": _CONVERSION_VERSION}, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
+        _publish(out, target)
+
+
+def _publish(out: Path, target: Path) -> None:
+    """Move a finished conversion ``out`` to ``target`` in one rename. Processes that start together
+    (several training units on a fresh machine) each convert: the first rename wins and the others
+    keep it, so no process deletes a folder that another is loading. A folder at ``target`` without
+    ``mtp_source.json`` (not a finished conversion) is replaced."""
+    marker = "mtp_source.json"
+    if target.exists() and not (target / marker).is_file():
+        shutil.rmtree(target)
+    try:
         os.replace(out, target)
+    except OSError:  # a non-empty folder is there: another process's finished conversion
+        if not (target / marker).is_file():
+            raise
 
 
 def _offline_folder(spec: OfflineModel, progress: Callable[[str], None]) -> Path:

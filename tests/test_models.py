@@ -184,3 +184,32 @@ def test_gemma_offline_alias_has_a_working_tokenizer() -> None:
     assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
     assert lm.info()["layers"] == 18 and lm.vocab_size == 262144
     _assert_knows_english(lm)
+
+
+def test_a_conversion_finished_second_keeps_the_first_and_deletes_nothing_in_use(tmp_path) -> None:
+    """Units started together on a fresh machine each convert the GGUF: the first rename wins, a later
+    one leaves that folder (which another process may be loading) as it is."""
+    from pathlib import Path
+
+    from mtp_lib.offline_models import _publish
+
+    def finished(name: str, text: str) -> Path:
+        out = tmp_path / name
+        out.mkdir()
+        (out / "mtp_source.json").write_text(text)
+        (out / "model.safetensors").write_text(text)
+        return out
+
+    target = tmp_path / "models" / "m-v1"
+    target.parent.mkdir()
+    _publish(finished("a", "first"), target)
+    assert (target / "model.safetensors").read_text() == "first" and not (tmp_path / "a").exists()
+    held = (target / "model.safetensors").open()  # a process loading it
+    _publish(finished("b", "second"), target)
+    assert held.read() == "first" and (target / "model.safetensors").read_text() == "first"
+    held.close()
+    partial = tmp_path / "models" / "m-v2"  # a folder that is no finished conversion is replaced
+    partial.mkdir()
+    (partial / "junk").write_text("x")
+    _publish(finished("c", "third"), partial)
+    assert sorted(p.name for p in partial.iterdir()) == ["model.safetensors", "mtp_source.json"]
