@@ -208,7 +208,7 @@ def brown_passages(document: str, min_words: int = 150) -> list[str]:
     out, group, words = [], [], 0
     for para in document.split("\n\n"):
         group.append(re.sub(r'" ([^"]*?) "', r'"\1"', para.strip()))
-        words += len(para.split())
+        words += len(group[-1].split())
         if words >= min_words:
             out.append(" ".join(group))
             group, words = [], 0

@@ -114,7 +114,6 @@ def run_jobs(argv: list[str], jobs: int, ready: Callable[[], list[int]], deadlin
     the one running the fewest (:func:`pick_gpu`); without, they share this machine's GPU. No unit
     starts past ``deadline``. ``launch(cmd, env=...)`` starts a process (``subprocess.Popen``).
     Returns the worst exit status."""
-    import os
     import subprocess
 
     launch = subprocess.Popen if launch is None else launch
