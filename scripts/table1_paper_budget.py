@@ -46,7 +46,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mtp_lib.cli import drop_options
@@ -104,6 +104,14 @@ def visible_gpus(count: str, available: int, visible: str | None) -> list[str]:
     return names[:n]
 
 
+def child_threads(slots: int, cpus: int, environ: Mapping[str, str]) -> dict[str, str]:
+    """Each of ``slots`` processes' share of the host's ``cpus``: torch's CPU threads and Inductor's
+    compile workers (by default each process takes every core for both: 32 processes of 128 cores
+    would run 1,024 compile workers at once). A variable already set is left as it is."""
+    share = str(max(1, cpus // slots))
+    return {k: share for k in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS") if k not in environ}
+
+
 def run_jobs(argv: list[str], jobs: int, ready: Callable[[], list[int]], deadline: float | None,
              gpus: list[str] | None = None, launch: Callable[..., Any] | None = None) -> int:
     """Keep ``jobs`` processes of this script at once on each GPU, one per unit.
@@ -118,6 +126,7 @@ def run_jobs(argv: list[str], jobs: int, ready: Callable[[], list[int]], deadlin
 
     launch = subprocess.Popen if launch is None else launch
     slots = jobs * (len(gpus) if gpus else 1)
+    base = {**os.environ, **child_threads(slots, os.cpu_count() or 1, os.environ)}
     running: dict[int, tuple[Any, Any]] = {}  # unit -> (process, its GPU)
     started: set[int] = set()
     worst = 0
@@ -126,7 +135,7 @@ def run_jobs(argv: list[str], jobs: int, ready: Callable[[], list[int]], deadlin
         for i in free[:slots - len(running)]:
             left = None if deadline is None else (deadline - time.perf_counter()) / 60
             gpu = pick_gpu(gpus, [g for _, g in running.values()]) if gpus else None
-            env = dict(os.environ) if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+            env = base if gpu is None else {**base, "CUDA_VISIBLE_DEVICES": gpu}
             running[i] = (launch([sys.executable, __file__, *unit_argv(argv, i, jobs, left)], env=env), gpu)
             started.add(i)
             if gpu is not None:

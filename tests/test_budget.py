@@ -282,6 +282,8 @@ def test_jobs_pass_each_process_the_minutes_left_of_the_whole_run() -> None:
 
 
 def test_gpus_spread_the_queue_over_the_gpus_least_busy_first(monkeypatch) -> None:
+    import os
+
     from loaders import load_file
 
     script = load_file("scripts/table1_paper_budget.py", "table1_paper_budget")
@@ -295,7 +297,7 @@ def test_gpus_spread_the_queue_over_the_gpus_least_busy_first(monkeypatch) -> No
 
     class Fake:  # a unit's process: it ends after `ticks` polls
         def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
-            self.unit, self.gpu = int(cmd[cmd.index("--unit") + 1]), env["CUDA_VISIBLE_DEVICES"]
+            self.unit, self.gpu, self.env = int(cmd[cmd.index("--unit") + 1]), env["CUDA_VISIBLE_DEVICES"], env
             self.per_gpu = int(cmd[cmd.index("--gpu-processes") + 1])
             self.ticks, self.returncode, self.argv = 1 + self.unit % 3, 0, cmd
             self.beside = sum(f.gpu == self.gpu and f.ticks > 0 for f in launched)  # running on its GPU
@@ -321,3 +323,8 @@ def test_gpus_spread_the_queue_over_the_gpus_least_busy_first(monkeypatch) -> No
     assert all("--gpus" not in f.argv and "--jobs" not in f.argv for f in launched)
     assert max(f.beside for f in launched) == 1  # never more than --jobs on one GPU at once, and both used
     assert {f.gpu for f in launched} == {"3", "4"}
+    # each of the 4 processes gets its share of the cores for torch's threads and Inductor's workers
+    assert script.child_threads(4, 128, {}) == {"OMP_NUM_THREADS": "32", "TORCHINDUCTOR_COMPILE_THREADS": "32"}
+    assert script.child_threads(32, 16, {"OMP_NUM_THREADS": "2"}) == {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    share = script.child_threads(4, script.os.cpu_count() or 1, {})
+    assert all(f.env.get(k) == os.environ.get(k, v) for f in launched for k, v in share.items())
