@@ -258,43 +258,6 @@ def train_prompts(tokenizer: Any, args: argparse.Namespace, n: int) -> list[Any]
     return samples
 
 
-@torch.no_grad()
-def greedy_targets(model: Any, samples: list[Any], n_tokens: int, eos: int | None, batch: int,
-                   progress: bool) -> list[Any]:
-    """Self-distillation: each sample's target replaced by the model's greedy continuation of its prompt
-    (batched transformers ``generate`` with left padding: fast, and exactness does not matter here)."""
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    pad = eos if eos is not None else 0
-    out = []
-    for i in tqdm(range(0, len(samples), batch), desc="greedy targets", disable=not progress):
-        chunk = samples[i:i + batch]
-        prompts = [s.input_ids[:s.target_start] for s in chunk]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n_tokens, min_new_tokens=1,
-                             eos_token_id=eos, pad_token_id=pad)
-        for s, p, row in zip(chunk, prompts, gen[:, width:].tolist()):
-            if eos is not None and eos in row:
-                row = row[:row.index(eos) + 1]
-            out.append(dataclasses.replace(s, input_ids=list(p) + row, target_start=len(p)))
-    return out
-
-
-def reset_head1(mtp: Any, model: Any) -> None:
-    """Make head 1 the model's own last layer again (layer heads without WHS; Medusa's head 1 already is)."""
-    if mtp.head_type == "medusa":
-        return
-    if mtp.weighted_hidden_states:
-        raise SystemExit("--keep-head1 is needed with weighted hidden states (head 1 reads all layers)")
-    adapter = mtp.adapter
-    last = adapter.layers(model)[-1]
-    head_layer = getattr(mtp.heads[0].body, adapter.layers_attr)[0]
-    head_layer.load_state_dict(last.state_dict())
-
-
 TRAINING_RECORD = "benchmark-training.json"  # beside heads saved by --save-heads
 
 
@@ -302,7 +265,8 @@ def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None,
               training: dict[int, dict[str, Any]]) -> dict[int, Any]:
     """n_heads -> trained MTPModel (loaded from --heads / --save-heads, or trained now). What was trained
     here is recorded in ``training`` (config, seconds, steps, first and last loss per head)."""
-    from mtp_lib.train import load_trained, recipe, train
+    from mtp_lib.self_distill import greedy_targets, model_as_verifier, train_draft_heads
+    from mtp_lib.train import load_trained
 
     model, tok = loaded.model, loaded.tokenizer
     heads: dict[int, Any] = {}
@@ -322,35 +286,23 @@ def get_heads(loaded: Any, args: argparse.Namespace, eos: int | None,
         if data is None:
             data = train_prompts(tok, args, args.train_prompts)
             if args.train_targets == "greedy":
-                batch = args.distill_batch or (128 if model.device.type == "cuda" else 8)
                 t0 = time.perf_counter()
-                data = greedy_targets(model, data, args.distill_tokens, eos, batch, not args.no_progress)
+                data = greedy_targets(model, data, args.distill_tokens, eos_token_id=eos, batch=args.distill_batch,
+                                      progress=not args.no_progress)
                 distill_seconds = time.perf_counter() - t0
-        micro = min(args.batch, 16 if model.device.type == "cuda" else 4)
-        batch = max(micro, min(args.batch - args.batch % micro, (len(data) // micro) * micro))
-        extra = {"head_init": args.head_init} if args.head_init != "random" else {}
-        config = recipe(args.recipe, n_heads=n, lr=args.lr, epochs=args.epochs, seed=args.seed,
-                        effective_batch_size=batch, micro_batch_size=micro,
-                        checkpoint_every=200 if folder is not None else 0, **extra)
         print(f"training {n} heads ({args.recipe}, head init {args.head_init}, {len(data)} sequences, "
               f"{args.epochs} epoch(s), lr {args.lr})")
-        t0 = time.perf_counter()
-        result = train(model, data, config, out_dir=folder, progress=not args.no_progress)
-        steps = [h for h in result.history if "loss" in h]
-        training[n] = {"config": config.to_dict(), "sequences": len(data), "seconds": time.perf_counter() - t0,
-                       "distill_seconds": distill_seconds, "steps": len(steps),
-                       "first_loss": steps[0]["loss"] if steps else None,
-                       "last_loss": steps[-1]["loss"] if steps else None}
+        heads[n], record = train_draft_heads(model, data, n, recipe=args.recipe, head_init=args.head_init, lr=args.lr,
+                                             epochs=args.epochs, batch=args.batch, seed=args.seed, out_dir=folder,
+                                             keep_head1=True, progress=not args.no_progress)
+        training[n] = {**record, "distill_seconds": distill_seconds}
         if folder is not None:
             (folder / TRAINING_RECORD).write_text(json.dumps(training[n], indent=1))
-        heads[n] = result.model
-    for mtp in heads.values():
-        mtp.eval()
-        if not args.keep_head1:
-            if any("lora_" in name for name, _ in mtp.backbone.named_parameters()):
-                raise SystemExit("these heads come with a LoRA-adapted backbone (a joint recipe): the verifier "
-                                 "is not the model; pass --keep-head1 and one variant")
-            reset_head1(mtp, model)
+    for n, mtp in heads.items():
+        try:
+            heads[n] = mtp.eval() if args.keep_head1 else model_as_verifier(mtp, model)
+        except ValueError as err:
+            raise SystemExit(f"{err} (or pass --keep-head1 and one variant: verify against the trained head 1)")
     return heads
 
 
