@@ -238,12 +238,13 @@ def brown_train_texts(tokenizer: Any, downloads: Path | None, n_tokens: int, see
 
 
 def train_prompts(tokenizer: Any, args: argparse.Namespace, n: int) -> list[Any]:
-    """Training samples: translation train pairs and open-ended texts not used for evaluation (cut at
-    several points; ``--open-train``), as mtp_lib.data.Sample (prompt = input_ids[:target_start])."""
+    """Training samples: translation train pairs and, a quarter, open-ended texts not used for evaluation
+    (cut at several points; ``--open-train``), as mtp_lib.data.Sample (prompt = input_ids[:target_start]).
+    They do not depend on ``--tasks``: the parts of a run split by task train the same heads."""
     from mtp_lib.data import Sample, load_open_ended, open_ended_samples, translation_samples
 
     cuts = [32, 64, 96, 128, 160]
-    n_open = n // 4 if "open-ended" in args.tasks else 0
+    n_open = n // 4
     if args.open_train == "brown" and n_open:  # each passage once, the cut taking turns
         texts = brown_train_texts(tokenizer, args.downloads, 400, args.seed)
         picks = [(texts[i], cuts[i % len(cuts)]) for i in range(min(n_open, len(texts)))]

@@ -342,6 +342,8 @@ def test_speculative_open_ended_training_prompts_from_the_brown_files_hold_no_ev
     assert {s.text[0] for s in opened} == {"p", "q"}  # both files (shuffled)
     assert all("Held" not in s.text for s in opened)
     assert [s.target_start for s in opened] == [32, 64, 96, 128, 160] * 3 + [32]
+    args.tasks = ["translation"]  # a run split by task trains its heads on the same prompts
+    assert bench.train_prompts(tok, args, 64) == samples
     args.open_train = "passages"
     default = [s for s in bench.train_prompts(tok, args, 64) if s.task == "open-ended"]
     evaluated = {t.id for t in data.load_open_ended()[:20]}
