@@ -41,7 +41,7 @@ float32 matmuls run on the tensor cores in TF32: plain float32 kernels made tree
 (``pass_cost.py``, H100: a 65-node step 6.77 ms in float32, 5.63 ms in TF32, against 5.18 / 4.75 ms for
 a 2-token chain); the run's dtype then reads ``float32-tf32``.
 
-Heads: trained here with mtp_lib.train (the ``heads_only`` recipe by default) on the model's own
+Heads: trained here with mtp_lib.self_distill (the ``heads_only`` recipe by default) on the model's own
 greedy continuations of training prompts (self-distillation: acceptance is agreement with greedy
 decoding, not with reference translations), or loaded with ``--heads DIR ...`` (folders written by
 mtp_lib.train / scripts/train_heads.py). Unless ``--keep-head1``, head 1 is reset to the model's last
