@@ -2,7 +2,7 @@
 
 Speculative decoding accepts a drafted token when it is the model's own greedy choice, so heads that
 draft for a model should learn what that model says, not what a reference text says
-(self-distillation, as Medusa-2 and EAGLE do):
+(self-distillation, as in Medusa-2's training):
 
     from mtp_lib.self_distill import greedy_targets, train_draft_heads
 
